@@ -1,0 +1,1 @@
+"""Storage: the DuckDB catalog and FAISS indexes. Knows numpy and Arrow, never torch models."""

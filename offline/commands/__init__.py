@@ -1,0 +1,1 @@
+"""One module per `embsum` subcommand; each exposes a click command named `command`."""
