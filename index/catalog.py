@@ -228,3 +228,24 @@ class RunRecord:
 
     def add(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
+
+
+# -- hashes shared by every stage (ingest, summarize, precompute, refresh) ----------------------
+def _sha1(parts: list[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(("" if p is None else str(p)).encode("utf-8"))
+        h.update(b"\x1f")
+    return h.hexdigest()
+
+
+def content_hash(title: str | None, description: str | None, category: str | None = None) -> str:
+    """What an item's embedding depends on: a changed text changes the hash, nothing else does."""
+    return _sha1([title or "", description or "", category or ""])
+
+
+def history_hash(item_ids: list[str]) -> str:
+    """What a user's summary and UPE depend on: the ordered list of positive item ids."""
+    return _sha1(list(item_ids))
