@@ -92,6 +92,17 @@ SCHEMA = [
 ]
 
 
+# The item columns a source provides (content_hash, source, updated_at are derived).
+ITEM_COLUMNS = ("item_id", "title", "description", "category")
+
+
+def _column(table: pa.Table, name: str, type_: pa.DataType) -> pa.Array:
+    """`table[name]` cast to the catalog's type, or all NULL where the source has no such column."""
+    if name not in table.column_names:
+        return pa.nulls(table.num_rows, type_)
+    return table.column(name).combine_chunks().cast(type_)
+
+
 class CatalogError(Exception):
     """A catalog problem worth one clear line to the user (no traceback)."""
 
@@ -106,6 +117,7 @@ class Catalog:
     def __init__(self, path: str | Path, read_only: bool = False):
         self.path = str(path)
         self.read_only = read_only
+        self._tx_depth = 0
         if read_only and not Path(self.path).exists():
             raise CatalogError(f"catalog {self.path} does not exist (run `embsum ingest` first)")
         try:
@@ -137,14 +149,27 @@ class Catalog:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """One atomic unit of work: committed whole or rolled back whole."""
+        """One atomic unit of work: committed whole or rolled back whole.
+
+        Re-entrant: a nested call joins the outer transaction, so helpers such as
+        `upsert_items` are atomic on their own and also compose into one batch transaction."""
+        if self._tx_depth:
+            self._tx_depth += 1
+            try:
+                yield self.con
+            finally:
+                self._tx_depth -= 1
+            return
         self.con.execute("BEGIN TRANSACTION")
+        self._tx_depth = 1
         try:
             yield self.con
         except BaseException:
+            self._tx_depth = 0
             self.con.execute("ROLLBACK")
             raise
         else:
+            self._tx_depth = 0
             self.con.execute("COMMIT")
 
     # -- generic helpers ---------------------------------------------------------------------
@@ -210,12 +235,191 @@ class Catalog:
             "reason": pa.array([r["reason"] for r in rejects], pa.string()),
             "created_at": pa.array([now()] * len(rejects), pa.timestamp("us")),
         })
-        self.con.register("_rejects_in", table)
-        try:
+        with self._registered("_rejects_in", table):
             self.con.execute("INSERT INTO rejects SELECT * FROM _rejects_in")
-        finally:
-            self.con.unregister("_rejects_in")
         return len(rejects)
+
+    def clear_rejects(self, source: str) -> int:
+        """Forget the rejects recorded for `source` (a file path): an ingest calls this before
+        it reads the file again, so rejects always describe the latest ingest of each file and a
+        re-run after a killed run leaves exactly one copy of each (idempotent re-ingest)."""
+        n = int(self.scalar("SELECT count(*) FROM rejects WHERE source = ?", [source]))
+        if n:
+            self.con.execute("DELETE FROM rejects WHERE source = ?", [source])
+        return n
+
+    @contextlib.contextmanager
+    def _registered(self, name: str, table: pa.Table) -> Iterator[str]:
+        """An Arrow table visible to SQL as `name` for the duration of the block."""
+        self.con.register(name, table)
+        try:
+            yield name
+        finally:
+            self.con.unregister(name)
+
+    def _ids_table(self, ids) -> pa.Table:
+        return pa.table({"id": pa.array(list(dict.fromkeys(ids)), pa.string())})
+
+    # -- items -----------------------------------------------------------------------------------
+    def upsert_items(self, table: pa.Table, source: str | None = None) -> dict[str, int]:
+        """Insert new items, update those whose text changed, leave the others untouched (their
+        `updated_at` stays). `table`: `item_id`, `title`, `description`, optional `category`;
+        ids must be unique within the table. Returns counts `new`, `updated`, `unchanged`."""
+        n = table.num_rows
+        cols = {c: (table.column(c).to_pylist() if c in table.column_names else [None] * n)
+                for c in ITEM_COLUMNS}
+        stamp = now()
+        incoming = pa.table({
+            **{c: pa.array(cols[c], pa.string()) for c in ITEM_COLUMNS},
+            "content_hash": pa.array(
+                [content_hash(t, d, c) for t, d, c in zip(cols["title"], cols["description"], cols["category"])],
+                pa.string()),
+            "source": pa.array([source] * n, pa.string()),
+            "updated_at": pa.array([stamp] * n, pa.timestamp("us")),
+        })
+        names = ", ".join(incoming.column_names)
+        with self.transaction(), self._registered("_items_in", incoming):
+            new, changed = self.con.execute(
+                "SELECT count(*) FILTER (WHERE i.item_id IS NULL),"
+                "       count(*) FILTER (WHERE i.content_hash <> n.content_hash)"
+                " FROM _items_in n LEFT JOIN items i USING (item_id)").fetchone()
+            updates = ", ".join(f"{c} = excluded.{c}" for c in incoming.column_names[1:])
+            self.con.execute(
+                f"INSERT INTO items ({names}) SELECT {names} FROM _items_in"
+                f" ON CONFLICT (item_id) DO UPDATE SET {updates}"
+                " WHERE items.content_hash <> excluded.content_hash")
+        return {"new": int(new), "updated": int(changed), "unchanged": n - int(new) - int(changed)}
+
+    def items(self, item_ids=None) -> pa.Table:
+        """Items in `item_id` order (all, or those of `item_ids` that exist): columns
+        item_id, title, description, category, content_hash."""
+        cols = "i.item_id, i.title, i.description, i.category, i.content_hash"
+        if item_ids is None:
+            return self.arrow(f"SELECT {cols} FROM items i ORDER BY i.item_id")
+        with self._registered("_item_ids", self._ids_table(item_ids)):
+            return self.arrow(f"SELECT {cols} FROM items i SEMI JOIN _item_ids q ON q.id = i.item_id"
+                              " ORDER BY i.item_id")
+
+    def iter_items(self, chunk_size: int = 10_000) -> Iterator[pa.Table]:
+        """All items in `item_id` order, `chunk_size` at a time (keyset pages: stable across
+        calls, so a resumable job can restart after the last id it finished)."""
+        last = None
+        while True:
+            where, params = ("WHERE item_id > ?", [last]) if last is not None else ("", [])
+            chunk = self.arrow(
+                "SELECT item_id, title, description, category, content_hash FROM items"
+                f" {where} ORDER BY item_id LIMIT {int(chunk_size)}", params)
+            if chunk.num_rows == 0:
+                return
+            yield chunk
+            last = chunk.column("item_id")[-1].as_py()
+
+    def existing_items(self, item_ids) -> set[str]:
+        """The subset of `item_ids` present in `items` (interaction ingest rejects the rest)."""
+        with self._registered("_item_ids", self._ids_table(item_ids)):
+            rows = self.con.execute("SELECT q.id FROM _item_ids q SEMI JOIN items i ON i.item_id = q.id").fetchall()
+        return {r[0] for r in rows}
+
+    # -- interactions and users --------------------------------------------------------------------
+    def upsert_interactions(self, table: pa.Table, source: str | None = None,
+                            replace_users: bool = False) -> dict[str, int]:
+        """Load interactions (`user_id`, `item_id`, `position`, optional `ts`, `label`) and keep
+        `users.history_hash` current for every user in `table`.
+
+        replace_users=False (event logs: MIND behaviors, rating files): rows are added, or their
+        ts/label updated; nothing is deleted. replace_users=True (snapshot sources whose record
+        is a user's whole history, Goodreads users.jsonl): a user whose stored rows differ from
+        the given ones gets exactly the given rows; an identical user is not touched.
+        Returns counts `new`, `updated`, `unchanged` (rows) and `users_changed`."""
+        n = table.num_rows
+        incoming = pa.table({
+            "user_id": _column(table, "user_id", pa.string()),
+            "item_id": _column(table, "item_id", pa.string()),
+            "position": _column(table, "position", pa.int32()),
+            "ts": _column(table, "ts", pa.timestamp("us")),
+            "label": _column(table, "label", pa.int16()),
+            "source": pa.array([source] * n, pa.string()),
+        })
+        key = "user_id, position, item_id"
+        facts = "user_id, item_id, position, ts, label"
+        with self.transaction(), self._registered("_inter_in", incoming):
+            # One row per key (a MIND user's history repeats on each of its impressions).
+            self.con.execute(f"CREATE OR REPLACE TEMP TABLE _inter AS SELECT DISTINCT ON ({key}) * "
+                             f"FROM _inter_in ORDER BY {key}, ts NULLS FIRST")
+            new, changed = self.con.execute(
+                "SELECT count(*) FILTER (WHERE i.user_id IS NULL),"
+                "       count(*) FILTER (WHERE i.user_id IS NOT NULL AND"
+                "         (i.ts IS DISTINCT FROM n.ts OR i.label IS DISTINCT FROM n.label))"
+                f" FROM _inter n LEFT JOIN interactions i USING ({key})").fetchone()
+            if replace_users:
+                self.con.execute(
+                    "CREATE OR REPLACE TEMP TABLE _changed AS SELECT DISTINCT user_id FROM ("
+                    f" (SELECT {facts} FROM _inter EXCEPT"
+                    f"  SELECT {facts} FROM interactions WHERE user_id IN (SELECT user_id FROM _inter))"
+                    " UNION ALL"
+                    f" (SELECT {facts} FROM interactions WHERE user_id IN (SELECT user_id FROM _inter)"
+                    f"  EXCEPT SELECT {facts} FROM _inter))")
+                self.con.execute("DELETE FROM interactions WHERE user_id IN (SELECT user_id FROM _changed)")
+                self.con.execute(f"INSERT INTO interactions ({facts}, source) SELECT {facts}, source"
+                                 " FROM _inter WHERE user_id IN (SELECT user_id FROM _changed)")
+                self.con.execute("DROP TABLE _changed")
+            else:
+                self.con.execute(
+                    f"INSERT INTO interactions ({facts}, source) SELECT {facts}, source FROM _inter"
+                    f" ON CONFLICT ({key}) DO UPDATE SET ts = excluded.ts, label = excluded.label,"
+                    " source = excluded.source"
+                    " WHERE interactions.ts IS DISTINCT FROM excluded.ts"
+                    "    OR interactions.label IS DISTINCT FROM excluded.label")
+            total = int(self.scalar("SELECT count(*) FROM _inter"))
+            users = [r[0] for r in self.con.execute("SELECT DISTINCT user_id FROM _inter").fetchall()]
+            self.con.execute("DROP TABLE _inter")
+            users_changed = self.refresh_users(users, source)
+        return {"new": int(new), "updated": int(changed), "unchanged": total - int(new) - int(changed),
+                "users_changed": users_changed}
+
+    def refresh_users(self, user_ids, source: str | None = None) -> int:
+        """Set `users.history_hash = history_hash(histories()[user])` for these users (adding
+        missing users); only users whose hash changed get a new `updated_at`. Returns that count."""
+        hashes = {u: history_hash(h) for u, h in self.histories(user_ids).items()}
+        incoming = pa.table({
+            "user_id": pa.array(list(hashes), pa.string()),
+            "history_hash": pa.array(list(hashes.values()), pa.string()),
+            "source": pa.array([source] * len(hashes), pa.string()),
+            "updated_at": pa.array([now()] * len(hashes), pa.timestamp("us")),
+        })
+        with self.transaction(), self._registered("_users_in", incoming):
+            changed = self.scalar(
+                "SELECT count(*) FROM _users_in n LEFT JOIN users u USING (user_id)"
+                " WHERE u.history_hash IS DISTINCT FROM n.history_hash")
+            self.con.execute(
+                "INSERT INTO users SELECT * FROM _users_in ON CONFLICT (user_id) DO UPDATE SET"
+                " history_hash = excluded.history_hash, source = excluded.source, updated_at = excluded.updated_at"
+                " WHERE users.history_hash IS DISTINCT FROM excluded.history_hash")
+        return int(changed)
+
+    def histories(self, user_ids=None) -> dict[str, list[str]]:
+        """user_id -> the user's positive items (label NULL or 1), oldest first: ordered by ts
+        (rows without a time, such as history lists, come first), then position. Every known
+        user (in `users` or `interactions`) has an entry, possibly an empty list; with
+        `user_ids`, only those of them that are known."""
+        sql = (
+            "WITH known AS (SELECT user_id FROM users UNION SELECT user_id FROM interactions)"
+            " SELECT k.user_id, list(i.item_id ORDER BY i.ts NULLS FIRST, i.position, i.item_id)"
+            "   FILTER (WHERE i.item_id IS NOT NULL)"
+            " FROM known k LEFT JOIN interactions i"
+            "   ON i.user_id = k.user_id AND (i.label IS NULL OR i.label = 1)"
+            " {where} GROUP BY k.user_id ORDER BY k.user_id")
+        if user_ids is None:
+            rows = self.con.execute(sql.format(where="")).fetchall()
+        else:
+            with self._registered("_user_ids", self._ids_table(user_ids)):
+                rows = self.con.execute(
+                    sql.format(where="WHERE k.user_id IN (SELECT id FROM _user_ids)")).fetchall()
+        return {u: list(items or []) for u, items in rows}
+
+    def users(self) -> pa.Table:
+        """Columns user_id, history_hash, in user_id order."""
+        return self.arrow("SELECT user_id, history_hash FROM users ORDER BY user_id")
 
 
 class RunRecord:

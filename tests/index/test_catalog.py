@@ -1,0 +1,115 @@
+"""Catalog upserts and the read API the model jobs code against (docs/ARCHITECTURE.md)."""
+
+import datetime as dt
+
+import pyarrow as pa
+import pytest
+
+from index.catalog import Catalog, content_hash, history_hash
+
+
+@pytest.fixture
+def cat(db_file):
+    with Catalog(db_file) as c:
+        yield c
+
+
+def _items(ids, titles, descriptions):
+    return pa.table({"item_id": ids, "title": titles, "description": descriptions})
+
+
+def _updated_at(cat):
+    return dict(cat.con.execute("SELECT item_id, updated_at FROM items").fetchall())
+
+
+def test_item_upsert_touches_only_changed_rows(cat):
+    assert cat.upsert_items(_items(["a", "b", "c"], ["A", "B", "C"], ["x", "y", None])) == \
+        {"new": 3, "updated": 0, "unchanged": 0}
+    before = _updated_at(cat)
+    assert cat.upsert_items(_items(["a", "b", "c"], ["A", "B", "C"], ["x", "y", None])) == \
+        {"new": 0, "updated": 0, "unchanged": 3}
+    assert _updated_at(cat) == before
+    counts = cat.upsert_items(_items(["a", "b", "d"], ["A", "B", "D"], ["x", "changed", "z"]))
+    assert counts == {"new": 1, "updated": 1, "unchanged": 1}
+    after = _updated_at(cat)
+    assert after["a"] == before["a"] and after["c"] == before["c"] and after["b"] > before["b"]
+    items = cat.items().to_pylist()
+    assert [r["item_id"] for r in items] == ["a", "b", "c", "d"]
+    assert items[1]["content_hash"] == content_hash("B", "changed") != content_hash("B", "y")
+
+
+def test_items_filter_iter_items_and_existing(cat):
+    cat.upsert_items(_items([f"i{k:02d}" for k in range(7)], ["t"] * 7, [str(k) for k in range(7)]))
+    assert cat.items(["i03", "nope"]).column("item_id").to_pylist() == ["i03"]
+    chunks = list(cat.iter_items(3))
+    assert [c.num_rows for c in chunks] == [3, 3, 1]
+    assert [i for c in chunks for i in c.column("item_id").to_pylist()] == [f"i{k:02d}" for k in range(7)]
+    assert set(cat.items().column_names) == {"item_id", "title", "description", "category", "content_hash"}
+    assert cat.existing_items(["i01", "zz"]) == {"i01"}
+
+
+def _assert_users_match_histories(cat):
+    hist = cat.histories()
+    users = cat.users().to_pydict()
+    assert set(users["user_id"]) == set(hist)
+    for user, h in zip(users["user_id"], users["history_hash"]):
+        assert h == history_hash(hist[user])
+
+
+def test_snapshot_interactions_replace_changed_users_only(cat):
+    rows = pa.table({"user_id": ["u1", "u1", "u2"], "item_id": ["a", "b", "c"], "position": [0, 1, 0]})
+    assert cat.upsert_interactions(rows, replace_users=True)["users_changed"] == 2
+    stamp = dict(cat.con.execute("SELECT user_id, updated_at FROM users").fetchall())
+    again = cat.upsert_interactions(rows, replace_users=True)
+    assert again == {"new": 0, "updated": 0, "unchanged": 3, "users_changed": 0}
+    assert dict(cat.con.execute("SELECT user_id, updated_at FROM users").fetchall()) == stamp
+    # u1's history is now [b, a] (the old rows go); u2 is not in the batch and stays.
+    cat.upsert_interactions(pa.table({"user_id": ["u1", "u1"], "item_id": ["b", "a"], "position": [0, 1]}),
+                            replace_users=True)
+    assert cat.histories() == {"u1": ["b", "a"], "u2": ["c"]}
+    assert cat.count("interactions") == 3
+    _assert_users_match_histories(cat)
+
+
+def test_event_interactions_order_by_time_and_labels(cat):
+    t = dt.datetime(2020, 1, 1)
+    rows = pa.table({
+        "user_id": ["u", "u", "u", "u", "u"],
+        "item_id": ["h", "late", "early", "skipped", "h"],
+        "position": [0, 1, 2, 3, 0],  # the history row repeats, as on every MIND impression
+        "ts": [None, t + dt.timedelta(hours=2), t, t, None],
+        "label": [1, 1, 1, 0, 1],
+    })
+    assert cat.upsert_interactions(rows)["new"] == 4
+    assert cat.histories() == {"u": ["h", "early", "late"]}
+    assert cat.upsert_interactions(rows)["unchanged"] == 4
+    # A label change is an update, and changes the user's history hash.
+    flipped = rows.set_column(4, "label", pa.array([1, 1, 1, 1, 1], pa.int64()))
+    counts = cat.upsert_interactions(flipped)
+    assert counts["updated"] == 1 and counts["users_changed"] == 1
+    assert cat.histories(["u", "unknown"]) == {"u": ["h", "early", "skipped", "late"]}
+    _assert_users_match_histories(cat)
+
+
+def test_user_with_only_negatives_has_empty_history(cat):
+    cat.upsert_interactions(pa.table({"user_id": ["u"], "item_id": ["x"], "position": [0], "label": [0]}))
+    assert cat.histories() == {"u": []}
+    _assert_users_match_histories(cat)
+
+
+def test_transaction_is_reentrant_and_rolls_back_whole(cat):
+    with pytest.raises(RuntimeError):
+        with cat.transaction():
+            cat.upsert_items(_items(["a"], ["A"], ["x"]))  # joins the outer transaction
+            raise RuntimeError("boom")
+    assert cat.count("items") == 0
+    with cat.transaction():
+        cat.upsert_items(_items(["a"], ["A"], ["x"]))
+    assert cat.count("items") == 1
+
+
+def test_clear_rejects_per_source(cat):
+    cat.add_rejects([{"line": 2, "raw": "x", "reason": "empty_text"}], None, "f1")
+    cat.add_rejects([{"line": 3, "raw": "y", "reason": "missing_id"}], None, "f2")
+    assert cat.clear_rejects("f1") == 1
+    assert cat.arrow("SELECT source FROM rejects").column(0).to_pylist() == ["f2"]
