@@ -1,0 +1,179 @@
+"""DPO over recommender scores, and the negatives it is trained against (RoDPO).
+
+The loss compares how far the policy moved the chosen item w and the rejected item l away from
+the reference (the SFT model):
+
+    loss = -log sigmoid(beta * ((s(w) - s_ref(w)) - (s(l) - s_ref(l))))
+
+At the start policy == reference, every margin is 0 and the loss is exactly log 2.
+
+Negatives (`strategy`):
+- `rodpo`: sampled from the policy's current top-K items for the user, positives excluded,
+  uniformly (temperature 0) or from softmax(score / temperature). The hardest negative is often
+  a false negative (an item the user would have liked but never saw); sampling from a pool
+  makes the signal robust to those.
+- `hard`: the deterministic top-1 of the same pool (the baseline RoDPO argues against).
+- `random`: uniform over the catalog, positives excluded.
+
+The pool is computed by a caller-supplied `pool_fn` from precomputed item embeddings (a matmul
+over an item bank, or a FAISS search in the offline layer: this module knows neither) and is
+reused for `refresh` steps before it is recomputed: no forward pass over the catalog per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+STRATEGIES = ("rodpo", "hard", "random")
+
+# pool_fn(rows) -> (candidate item indices [b, c], their scores [b, c]), best first, for the
+# batch rows that need a new pool. c should be at least K + the rows' number of positives.
+PoolFn = Callable[[list[int], int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def dpo_loss(
+    policy_w: torch.Tensor,
+    policy_l: torch.Tensor,
+    ref_w: torch.Tensor,
+    ref_l: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Mean DPO loss over the batch; every argument is a [B] score tensor."""
+    margin = (policy_w - ref_w) - (policy_l - ref_l)
+    return -F.logsigmoid(beta * margin).mean()
+
+
+@torch.no_grad()
+def dpo_stats(policy_w, policy_l, ref_w, ref_l) -> dict[str, float]:
+    """What to log: how often the policy prefers w over l by more than the reference does."""
+    margin = (policy_w - ref_w) - (policy_l - ref_l)
+    return {
+        "reward_acc": float((margin > 0).float().mean()),
+        "margin": float(margin.mean()),
+        "policy_gap": float((policy_w - policy_l).mean()),
+    }
+
+
+def topk_excluding(
+    cand_idx: torch.Tensor, cand_scores: torch.Tensor, positives: Sequence[Sequence[int]], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop each row's positives from its best-first candidates and keep the first k.
+
+    Raises ValueError when a row has fewer than k candidates left (the pool_fn returned too few).
+    """
+    out_idx, out_scores = [], []
+    for row, pos in enumerate(positives):
+        pos_t = torch.as_tensor(list(pos), dtype=cand_idx.dtype, device=cand_idx.device)
+        keep = ~torch.isin(cand_idx[row], pos_t)
+        idx, sc = cand_idx[row][keep][:k], cand_scores[row][keep][:k]
+        if idx.numel() < k:
+            raise ValueError(f"only {idx.numel()} candidates left after excluding positives, need {k}")
+        out_idx.append(idx)
+        out_scores.append(sc)
+    return torch.stack(out_idx), torch.stack(out_scores)
+
+
+def scores_to_candidates(scores: torch.Tensor, positives: Sequence[Sequence[int]], k: int):
+    """Best-first candidates from a full score matrix [b, I], enough to survive the exclusion."""
+    extra = max((len(p) for p in positives), default=0)
+    c = min(scores.shape[1], k + extra)
+    top = torch.topk(scores, c, dim=1)
+    return top.indices, top.values
+
+
+@dataclass
+class _Pool:
+    items: torch.Tensor  # [K] item indices, best first
+    scores: torch.Tensor  # [K] the policy's scores when the pool was built
+    step: int
+
+
+class NegativeSampler:
+    """Picks one rejected item per example; keeps each user's top-K pool for `refresh` steps."""
+
+    def __init__(
+        self,
+        strategy: str = "rodpo",
+        num_items: int = 0,
+        pool_size: int = 50,
+        refresh: int = 50,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown negative strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if num_items < 2:
+            raise ValueError(f"need at least 2 items to sample negatives, got {num_items}")
+        if pool_size < 1 or refresh < 1 or temperature < 0:
+            raise ValueError("pool_size and refresh must be >= 1 and temperature >= 0")
+        self.strategy = strategy
+        self.num_items = num_items
+        self.pool_size = min(pool_size, num_items - 1)
+        self.refresh = refresh
+        self.temperature = temperature
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pools: dict[Hashable, _Pool] = {}
+        self.refreshed = 0  # pools (re)built so far, for logging
+
+    def stale(self, key: Hashable, step: int) -> bool:
+        pool = self.pools.get(key)
+        return pool is None or step - pool.step >= self.refresh
+
+    def sample(
+        self,
+        keys: Sequence[Hashable],
+        positives: Sequence[Sequence[int]],
+        step: int,
+        pool_fn: PoolFn | None = None,
+    ) -> torch.Tensor:
+        """keys: one per example (the user); positives: item indices never to pick for that row."""
+        if self.strategy == "random":
+            return self._uniform(positives)
+        if pool_fn is None:
+            raise ValueError(f"strategy {self.strategy!r} needs a pool_fn (top-K from the item embeddings)")
+        rows = [i for i, key in enumerate(keys) if self.stale(key, step)]
+        if rows:
+            cand_idx, cand_scores = pool_fn(rows, self.pool_size)
+            idx, sc = topk_excluding(cand_idx.cpu(), cand_scores.float().cpu(),
+                                     [positives[i] for i in rows], self.pool_size)
+            for j, row in enumerate(rows):
+                self.pools[keys[row]] = _Pool(idx[j], sc[j], step)
+            self.refreshed += len(rows)
+        picks = []
+        for key, pos in zip(keys, positives):
+            pool = self.pools[key]
+            picks.append(self._pick(pool, set(pos)))
+        return torch.tensor(picks, dtype=torch.long)
+
+    def _pick(self, pool: _Pool, positives: set[int]) -> int:
+        # The pool excluded the positives known when it was built; a user seen again with a longer
+        # history may have a new one inside, so mask again.
+        allowed = torch.tensor([int(i) not in positives for i in pool.items])
+        if not allowed.any():
+            return int(self._uniform([list(positives)])[0])
+        if self.strategy == "hard":
+            return int(pool.items[allowed][0])
+        if self.temperature == 0:
+            weights = allowed.float()
+        else:
+            logits = pool.scores / self.temperature
+            weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=0)
+        return int(pool.items[torch.multinomial(weights, 1, generator=self.generator)])
+
+    def _uniform(self, positives: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Uniform over the catalog minus each row's positives (rejection sampling: positives are few)."""
+        out = []
+        for pos in positives:
+            pos = set(pos)
+            if len(pos) >= self.num_items:
+                raise ValueError("a user has every catalog item as a positive: no negative to sample")
+            while True:
+                i = int(torch.randint(self.num_items, (1,), generator=self.generator))
+                if i not in pos:
+                    out.append(i)
+                    break
+        return torch.tensor(out, dtype=torch.long)

@@ -1,0 +1,91 @@
+"""DPO loss and the RoDPO / hard / random negative samplers."""
+
+import math
+
+import pytest
+import torch
+
+from embsum.dpo import NegativeSampler, dpo_loss, dpo_stats, scores_to_candidates, topk_excluding
+
+
+def test_dpo_loss_is_log_two_when_policy_equals_reference():
+    s_w, s_l = torch.randn(8), torch.randn(8)
+    assert dpo_loss(s_w, s_l, s_w.clone(), s_l.clone(), beta=0.5).item() == pytest.approx(math.log(2))
+
+
+def test_dpo_loss_matches_the_formula_and_falls_when_w_rises():
+    pw, pl, rw, rl = (torch.tensor([v]) for v in (2.0, 0.5, 1.0, 1.0))
+    beta = 0.3
+    expected = -math.log(1 / (1 + math.exp(-beta * ((2.0 - 1.0) - (0.5 - 1.0)))))
+    assert dpo_loss(pw, pl, rw, rl, beta).item() == pytest.approx(expected)
+    assert dpo_loss(pw, pl, rw, rl, beta) < math.log(2)
+    assert dpo_stats(pw, pl, rw, rl)["reward_acc"] == 1.0
+
+
+def test_topk_pool_excludes_positives():
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0, 4.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    positives = [[0, 2], [5]]
+    cand, cand_s = scores_to_candidates(scores, positives, k=3)
+    idx, sc = topk_excluding(cand, cand_s, positives, k=3)
+    assert idx.tolist() == [[1, 3, 4], [4, 3, 2]]
+    assert sc.tolist() == [[8.0, 6.0, 5.0], [5.0, 4.0, 3.0]]
+
+
+def _pool_fn(scores):
+    calls = []
+
+    def fn(rows, k):
+        calls.append(list(rows))
+        return scores_to_candidates(scores[rows], [[]] * len(rows), k + 2)
+
+    return fn, calls
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.5])
+def test_rodpo_samples_only_from_the_pool_and_never_a_positive(temperature):
+    scores = torch.arange(20, dtype=torch.float).flip(0).repeat(2, 1)  # item 0 best
+    fn, _ = _pool_fn(scores)
+    sampler = NegativeSampler("rodpo", num_items=20, pool_size=5, refresh=100, temperature=temperature)
+    positives = [[0, 1], [3]]
+    counts = torch.zeros(2, 20)
+    for step in range(300):
+        picks = sampler.sample(["a", "b"], positives, step, fn)
+        assert picks[0].item() in {2, 3, 4, 5, 6} and picks[1].item() in {0, 1, 2, 4, 5}
+        counts[0, picks[0]] += 1
+        counts[1, picks[1]] += 1
+    if temperature == 0:  # uniform over the pool: every member gets picked
+        assert (counts[0, [2, 3, 4, 5, 6]] > 20).all() and (counts[1, [0, 1, 2, 4, 5]] > 20).all()
+    else:  # softmax(score / T): the better-scored members are picked more often
+        assert counts[0, 2] > counts[0, 4] > counts[0, 6]
+
+
+def test_hard_is_the_deterministic_top1_and_pools_refresh_every_n_steps():
+    scores = torch.arange(10, dtype=torch.float).repeat(1, 1)  # item 9 best
+    fn, calls = _pool_fn(scores)
+    sampler = NegativeSampler("hard", num_items=10, pool_size=3, refresh=3)
+    picks = [sampler.sample(["u"], [[9]], step, fn).item() for step in range(7)]
+    assert picks == [8] * 7
+    assert len(calls) == 3  # steps 0, 3, 6
+
+
+def test_a_new_positive_inside_a_cached_pool_is_masked():
+    scores = torch.arange(10, dtype=torch.float).repeat(1, 1)
+    fn, _ = _pool_fn(scores)
+    sampler = NegativeSampler("hard", num_items=10, pool_size=3, refresh=100)
+    assert sampler.sample(["u"], [[9]], 0, fn).item() == 8
+    assert sampler.sample(["u"], [[9, 8]], 1, fn).item() == 7
+
+
+def test_random_is_uniform_over_the_catalog_minus_positives():
+    sampler = NegativeSampler("random", num_items=6, seed=3)
+    counts = torch.zeros(6)
+    for _ in range(300):
+        counts[sampler.sample(["u"], [[0, 5]], 0).item()] += 1
+    assert counts[0] == 0 and counts[5] == 0 and (counts[1:5] > 40).all()
+
+
+def test_bad_strategy_and_missing_pool_fn():
+    with pytest.raises(ValueError, match="unknown negative strategy"):
+        NegativeSampler("hardest", num_items=5)
+    with pytest.raises(ValueError, match="needs a pool_fn"):
+        NegativeSampler("rodpo", num_items=5).sample(["u"], [[0]], 0)
