@@ -5,7 +5,14 @@ import torch
 from torch import nn
 from transformers import BartConfig, BartModel, BertConfig, BertModel, T5Config, T5EncoderModel
 
-from embsum.lora import LoraSettings, add_lora, load_adapters, merge_adapters, save_adapters, target_modules_for
+from embsum.lora import (
+    LoraSettings,
+    add_lora,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
+    target_modules_for,
+)
 
 
 def tiny_bert():

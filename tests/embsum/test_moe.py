@@ -38,7 +38,7 @@ def test_each_vector_uses_only_its_top_k_experts():
         moe.router.weight.normal_()
     x = torch.randn(10, 8)
     y, _ = moe(x)
-    probs, gates, top_i = moe.route(x)
+    _probs, gates, top_i = moe.route(x)
     for row in range(10):
         e = int(top_i[row, 0])
         expected = x[row] + torch.nn.functional.gelu(x[row] @ moe.w_in[e] + moe.b_in[e]) @ moe.w_out[e] + moe.b_out[e]
@@ -77,7 +77,7 @@ def test_router_statistics_and_gradients_reach_every_part():
     assert moe.expert_shares() == [0.0] * 4
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_experts=0), dict(top_k=5), dict(hidden=-1), dict(dropout=1.0)])
+@pytest.mark.parametrize("kwargs", [{"num_experts": 0}, {"top_k": 5}, {"hidden": -1}, {"dropout": 1.0}])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError):
         MoEConfig(**kwargs)
