@@ -130,7 +130,7 @@ class Catalog:
             self._migrate()
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def __enter__(self) -> "Catalog":
+    def __enter__(self) -> Catalog:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -206,7 +206,7 @@ class Catalog:
             )
 
     @contextlib.contextmanager
-    def run(self, kind: str, args: dict | None = None) -> Iterator["RunRecord"]:
+    def run(self, kind: str, args: dict | None = None) -> Iterator[RunRecord]:
         """Record a job in `runs`: 'running' now, then 'ok' or 'failed' (with the error)."""
         record = RunRecord(self.start_run(kind, args))
         try:
@@ -235,7 +235,7 @@ class Catalog:
             "reason": pa.array([r["reason"] for r in rejects], pa.string()),
             "created_at": pa.array([now()] * len(rejects), pa.timestamp("us")),
         })
-        with self._registered("_rejects_in", table):
+        with self.registered("_rejects_in", table):
             self.con.execute("INSERT INTO rejects SELECT * FROM _rejects_in")
         return len(rejects)
 
@@ -249,7 +249,7 @@ class Catalog:
         return n
 
     @contextlib.contextmanager
-    def _registered(self, name: str, table: pa.Table) -> Iterator[str]:
+    def registered(self, name: str, table: pa.Table) -> Iterator[str]:
         """An Arrow table visible to SQL as `name` for the duration of the block."""
         self.con.register(name, table)
         try:
@@ -278,7 +278,7 @@ class Catalog:
             "updated_at": pa.array([stamp] * n, pa.timestamp("us")),
         })
         names = ", ".join(incoming.column_names)
-        with self.transaction(), self._registered("_items_in", incoming):
+        with self.transaction(), self.registered("_items_in", incoming):
             new, changed = self.con.execute(
                 "SELECT count(*) FILTER (WHERE i.item_id IS NULL),"
                 "       count(*) FILTER (WHERE i.content_hash <> n.content_hash)"
@@ -296,7 +296,7 @@ class Catalog:
         cols = "i.item_id, i.title, i.description, i.category, i.content_hash"
         if item_ids is None:
             return self.arrow(f"SELECT {cols} FROM items i ORDER BY i.item_id")
-        with self._registered("_item_ids", self._ids_table(item_ids)):
+        with self.registered("_item_ids", self._ids_table(item_ids)):
             return self.arrow(f"SELECT {cols} FROM items i SEMI JOIN _item_ids q ON q.id = i.item_id"
                               " ORDER BY i.item_id")
 
@@ -316,7 +316,7 @@ class Catalog:
 
     def existing_items(self, item_ids) -> set[str]:
         """The subset of `item_ids` present in `items` (interaction ingest rejects the rest)."""
-        with self._registered("_item_ids", self._ids_table(item_ids)):
+        with self.registered("_item_ids", self._ids_table(item_ids)):
             rows = self.con.execute("SELECT q.id FROM _item_ids q SEMI JOIN items i ON i.item_id = q.id").fetchall()
         return {r[0] for r in rows}
 
@@ -342,7 +342,7 @@ class Catalog:
         })
         key = "user_id, position, item_id"
         facts = "user_id, item_id, position, ts, label"
-        with self.transaction(), self._registered("_inter_in", incoming):
+        with self.transaction(), self.registered("_inter_in", incoming):
             # One row per key (a MIND user's history repeats on each of its impressions).
             self.con.execute(f"CREATE OR REPLACE TEMP TABLE _inter AS SELECT DISTINCT ON ({key}) * "
                              f"FROM _inter_in ORDER BY {key}, ts NULLS FIRST")
@@ -387,7 +387,7 @@ class Catalog:
             "source": pa.array([source] * len(hashes), pa.string()),
             "updated_at": pa.array([now()] * len(hashes), pa.timestamp("us")),
         })
-        with self.transaction(), self._registered("_users_in", incoming):
+        with self.transaction(), self.registered("_users_in", incoming):
             changed = self.scalar(
                 "SELECT count(*) FROM _users_in n LEFT JOIN users u USING (user_id)"
                 " WHERE u.history_hash IS DISTINCT FROM n.history_hash")
@@ -412,14 +412,18 @@ class Catalog:
         if user_ids is None:
             rows = self.con.execute(sql.format(where="")).fetchall()
         else:
-            with self._registered("_user_ids", self._ids_table(user_ids)):
+            with self.registered("_user_ids", self._ids_table(user_ids)):
                 rows = self.con.execute(
                     sql.format(where="WHERE k.user_id IN (SELECT id FROM _user_ids)")).fetchall()
         return {u: list(items or []) for u, items in rows}
 
-    def users(self) -> pa.Table:
-        """Columns user_id, history_hash, in user_id order."""
-        return self.arrow("SELECT user_id, history_hash FROM users ORDER BY user_id")
+    def users(self, user_ids=None) -> pa.Table:
+        """Columns user_id, history_hash, in user_id order (all, or those of `user_ids` that exist)."""
+        if user_ids is None:
+            return self.arrow("SELECT user_id, history_hash FROM users ORDER BY user_id")
+        with self.registered("_user_ids", self._ids_table(user_ids)):
+            return self.arrow("SELECT user_id, history_hash FROM users"
+                              " WHERE user_id IN (SELECT id FROM _user_ids) ORDER BY user_id")
 
 
 class RunRecord:

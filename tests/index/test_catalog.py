@@ -98,10 +98,9 @@ def test_user_with_only_negatives_has_empty_history(cat):
 
 
 def test_transaction_is_reentrant_and_rolls_back_whole(cat):
-    with pytest.raises(RuntimeError):
-        with cat.transaction():
-            cat.upsert_items(_items(["a"], ["A"], ["x"]))  # joins the outer transaction
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), cat.transaction():
+        cat.upsert_items(_items(["a"], ["A"], ["x"]))  # joins the outer transaction
+        raise RuntimeError("boom")
     assert cat.count("items") == 0
     with cat.transaction():
         cat.upsert_items(_items(["a"], ["A"], ["x"]))
