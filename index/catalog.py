@@ -178,8 +178,10 @@ class Catalog:
         return self.con.sql(sql, params=params or None).to_arrow_table()
 
     def scalar(self, sql: str, params: list | None = None):
-        row = self.con.execute(sql, params or []).fetchone()
-        return None if row is None else row[0]
+        # fetchall, not fetchone: DuckDB keeps a half-read result open and refuses the next
+        # register()/execute() on this connection until it is drained.
+        rows = self.con.execute(sql, params or []).fetchall()
+        return rows[0][0] if rows else None
 
     def count(self, table: str) -> int:
         return int(self.scalar(f"SELECT count(*) FROM {table}"))
@@ -282,7 +284,7 @@ class Catalog:
             new, changed = self.con.execute(
                 "SELECT count(*) FILTER (WHERE i.item_id IS NULL),"
                 "       count(*) FILTER (WHERE i.content_hash <> n.content_hash)"
-                " FROM _items_in n LEFT JOIN items i USING (item_id)").fetchone()
+                " FROM _items_in n LEFT JOIN items i USING (item_id)").fetchall()[0]
             updates = ", ".join(f"{c} = excluded.{c}" for c in incoming.column_names[1:])
             self.con.execute(
                 f"INSERT INTO items ({names}) SELECT {names} FROM _items_in"
@@ -350,7 +352,7 @@ class Catalog:
                 "SELECT count(*) FILTER (WHERE i.user_id IS NULL),"
                 "       count(*) FILTER (WHERE i.user_id IS NOT NULL AND"
                 "         (i.ts IS DISTINCT FROM n.ts OR i.label IS DISTINCT FROM n.label))"
-                f" FROM _inter n LEFT JOIN interactions i USING ({key})").fetchone()
+                f" FROM _inter n LEFT JOIN interactions i USING ({key})").fetchall()[0]
             if replace_users:
                 self.con.execute(
                     "CREATE OR REPLACE TEMP TABLE _changed AS SELECT DISTINCT user_id FROM ("
