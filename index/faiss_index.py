@@ -1,0 +1,394 @@
+"""FAISS first-stage retrieval over the stored CPE vectors (plain functions over numpy, in the
+style of faiss.contrib), plus building and incrementally updating on-disk snapshots.
+
+Two ways to put an item in the index (`mode`):
+- "multi": all n CPE vectors, FAISS id = row * n + code, mapped back to the row by `// n`.
+  A poly-score is a convex combination of the dot products gamma_i . lambda_j (softmax
+  weights), so it never exceeds the best of them: searching each UPE vector over every CPE
+  vector gives an upper bound for every unretrieved item, which the re-rank uses to certify
+  an exact top-N (offline/scoring.py).
+- "pooled": one vector per item, the mean of its n CPE vectors, id = row. n times smaller and
+  faster, no such bound.
+The factory string follows the size: exact ("IDMap2,Flat") below `flat_threshold` vectors,
+IVF above (nlist ~ 4 sqrt(N), a power of two). Inner product throughout (the score is a dot).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from index import failpoints
+from index.snapshot import INDEX_FILE, ITEMS_FILE, VECTOR_FILES, Snapshot, Staging, write_items_table
+
+log = logging.getLogger(__name__)
+
+MODES = ("multi", "pooled")
+
+
+@dataclass
+class IndexConfig:
+    """How the FAISS index is built and searched."""
+
+    mode: str = field(default="multi", metadata={"help": "multi: all n CPE vectors per item; pooled: their mean."})
+    factory: str | None = field(default=None, metadata={
+        "help": "FAISS factory string; default chosen by size (IDMap2,Flat below flat_threshold, IVF above)."})
+    flat_threshold: int = field(default=250_000, metadata={
+        "help": "Below this many vectors the index is exact (Flat); above, IVF."})
+    nprobe: int | None = field(default=None, metadata={"help": "IVF lists searched per query (default nlist/8, >= 16)."})
+    max_drift: float = field(default=0.2, metadata={
+        "help": "Rebuild instead of updating when changed+added+removed items since the last full build "
+                "exceed this fraction of the index."})
+    train_size: int = field(default=200_000, metadata={"help": "Vectors sampled to train an IVF quantizer."})
+    chunk_size: int = field(default=8192, metadata={"help": "Items read from the catalog per chunk while building."})
+    keep: int = field(default=3, metadata={"help": "Versions kept on disk (readers may still hold older ones)."})
+    gpu: bool = field(default=True, metadata={"help": "Use GPUs when faiss has them (faiss-gpu)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the IVF training sample."})
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.flat_threshold < 1 or self.train_size < 1 or self.chunk_size < 1 or self.keep < 1:
+            raise ValueError("flat_threshold, train_size, chunk_size and keep must be positive")
+        if not 0.0 <= self.max_drift <= 1.0:
+            raise ValueError(f"max_drift must be in [0, 1], got {self.max_drift}")
+        if self.nprobe is not None and self.nprobe < 1:
+            raise ValueError("nprobe must be positive")
+
+
+# -- primitives ----------------------------------------------------------------------------------
+def choose_factory(n_vectors: int, flat_threshold: int = 250_000) -> str:
+    if n_vectors < flat_threshold:
+        return "IDMap2,Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n_vectors)))
+    return f"IVF{min(max(nlist, 64), 65536)},Flat"
+
+
+def is_ivf(factory: str) -> bool:
+    return factory.startswith("IVF") or ",IVF" in factory
+
+
+def default_nprobe(factory: str) -> int:
+    if not is_ivf(factory):
+        return 1
+    nlist = int("".join(ch for ch in factory.split("IVF", 1)[1].split(",")[0] if ch.isdigit()) or 1)
+    return min(nlist, max(16, nlist // 8))
+
+
+def item_vectors(cpe: np.ndarray, mode: str) -> np.ndarray:
+    """[N, n, d] -> the vectors FAISS holds: [N*n, d] (multi) or [N, d] (pooled)."""
+    if mode == "pooled":
+        return np.ascontiguousarray(cpe.mean(axis=1), dtype=np.float32)
+    return np.ascontiguousarray(cpe.reshape(-1, cpe.shape[-1]), dtype=np.float32)
+
+
+def vector_ids(rows: np.ndarray, n: int, mode: str) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.int64)
+    if mode == "pooled":
+        return rows
+    return (rows[:, None] * n + np.arange(n, dtype=np.int64)[None, :]).reshape(-1)
+
+
+def rows_of(ids: np.ndarray, n: int, mode: str) -> np.ndarray:
+    """FAISS ids -> item rows (-1, FAISS's "no result", stays -1)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if mode == "pooled":
+        return ids
+    return np.where(ids >= 0, ids // n, -1)
+
+
+def new_index(d: int, factory: str):
+    import faiss
+
+    return faiss.index_factory(int(d), factory, faiss.METRIC_INNER_PRODUCT)
+
+
+def set_nprobe(index, nprobe: int) -> None:
+    import faiss
+
+    try:
+        faiss.extract_index_ivf(index).nprobe = int(nprobe)
+    except RuntimeError:
+        pass  # not an IVF index
+
+
+def to_gpu(index):
+    """All GPUs when faiss has them; the CPU index otherwise (or if this index type cannot move)."""
+    import faiss
+
+    if faiss.get_num_gpus() <= 0 or not hasattr(faiss, "index_cpu_to_all_gpus"):
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except (RuntimeError, AttributeError) as err:
+        log.warning("FAISS index stays on CPU: %s", err)
+        return index
+
+
+def to_cpu(index):
+    import faiss
+
+    if hasattr(faiss, "index_gpu_to_cpu") and faiss.get_num_gpus() > 0:
+        try:
+            return faiss.index_gpu_to_cpu(index)
+        except (RuntimeError, AttributeError):
+            return index
+    return index
+
+
+def add(index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+
+
+def remove(index, ids: np.ndarray) -> int:
+    import faiss
+
+    if not len(ids):
+        return 0
+    return int(index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64))))
+
+
+def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product: (scores [Q, k], ids [Q, k]); missing results are id -1."""
+    k = max(1, min(int(k), int(index.ntotal))) if index.ntotal else 1
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def contents(index) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) held by an IDMap2 or IVF index, sorted by id: compares two indexes."""
+    import faiss
+
+    if isinstance(index, faiss.IndexIDMap2) or hasattr(index, "id_map"):
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        vecs = index.index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), np.float32)
+    else:
+        ivf = faiss.extract_index_ivf(index)
+        ivf.make_direct_map()
+        invlists = ivf.invlists
+        ids = np.concatenate([faiss.rev_swig_ptr(invlists.get_ids(lst), invlists.list_size(lst)).copy()
+                              for lst in range(ivf.nlist)]) if ivf.ntotal else np.zeros(0, np.int64)
+        vecs = np.stack([ivf.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, ivf.d), np.float32)
+    order = np.argsort(ids)
+    return ids[order], vecs[order]
+
+
+# -- snapshots: full build and incremental update -----------------------------------------------
+@dataclass
+class Blocks:
+    """Where a build reads the current item vectors: `iterate()` yields index.embeddings.Block
+    chunks in id order (`count` of them in all); `fetch(ids)` one Block for given ids
+    (incremental update)."""
+
+    n: int
+    d: int
+    count: int
+    iterate: Callable[[], Iterable]
+    fetch: Callable[[list[str]], object]
+
+
+def _items_table(ids, hashes, live) -> pa.Table:
+    return pa.table({"item_id": pa.array(ids, pa.string()), "content_hash": pa.array(hashes, pa.string()),
+                     "live": pa.array(live, pa.bool_())})
+
+
+def _train_and_fill(index, cpe: np.ndarray, rows: np.ndarray, cfg: IndexConfig, n: int) -> None:
+    """Train (IVF) on a random sample of the memory-mapped vectors, then add them chunk by chunk."""
+    if not index.is_trained:
+        rng = np.random.default_rng(cfg.seed)
+        per_item = 1 if cfg.mode == "pooled" else n
+        take = min(len(rows), max(1, cfg.train_size // per_item))
+        sample = np.sort(rng.choice(rows, take, replace=False))
+        index.train(item_vectors(np.asarray(cpe[sample]), cfg.mode))
+    for start in range(0, len(rows), cfg.chunk_size):
+        part = rows[start:start + cfg.chunk_size]
+        add(index, item_vectors(np.asarray(cpe[part]), cfg.mode), vector_ids(part, n, cfg.mode))
+
+
+def build(root, model_hash: str, blocks: Blocks, cfg: IndexConfig, run_id: str | None = None) -> tuple[str, dict]:
+    """A new version from every current item vector of the model; returns (version, manifest)."""
+    from numpy.lib.format import open_memmap
+
+    if blocks.count < 1:
+        raise ValueError(f"no item vectors for model {model_hash[:12]}: run `embsum precompute` first")
+    t0 = time.perf_counter()
+    staging = Staging(root, model_hash)
+    try:
+        # Pass 1: stream the catalog into the version's .npy files (memory stays one chunk).
+        total = blocks.count
+        ids, hashes = [], []
+        arrays = [open_memmap(staging.file(f), mode="w+", dtype=np.float32, shape=(total, blocks.n, blocks.d))
+                  for f in VECTOR_FILES]
+        for blk in blocks.iterate():
+            if len(ids) + len(blk) > total:
+                raise RuntimeError("the catalog's item vectors changed while the index was being built")
+            for arr, col in zip(arrays, ("cpe", "cpe_prime")):
+                arr[len(ids):len(ids) + len(blk)] = blk.vectors[col]
+            ids += blk.ids
+            hashes += blk.hashes
+        if len(ids) != total:
+            raise RuntimeError("the catalog's item vectors changed while the index was being built")
+        for arr in arrays:
+            arr.flush()
+        del arrays
+        failpoints.hit("index.build.vectors_written")
+        n_vectors = total * (1 if cfg.mode == "pooled" else blocks.n)
+        factory = cfg.factory or choose_factory(n_vectors, cfg.flat_threshold)
+        index = new_index(blocks.d, factory)
+        if cfg.gpu:
+            index = to_gpu(index)
+        cpe = np.load(staging.file(VECTOR_FILES[0]), mmap_mode="r")
+        _train_and_fill(index, cpe, np.arange(total, dtype=np.int64), cfg, blocks.n)
+        del cpe
+        index = to_cpu(index)
+        nprobe = cfg.nprobe or default_nprobe(factory)
+        set_nprobe(index, nprobe)
+        _write_index(index, staging)
+        write_items_table(staging.file(ITEMS_FILE), _items_table(ids, hashes, [True] * total))
+        manifest = {
+            "mode": cfg.mode, "factory": factory, "metric": "inner_product", "nprobe": nprobe,
+            "n": blocks.n, "d": blocks.d, "n_items": total, "n_rows": total, "n_vectors": int(index.ntotal),
+            "build": "full", "changed_since_build": 0, "items_at_build": total,
+            "build_seconds": round(time.perf_counter() - t0, 3), "built_at": _stamp(), "run_id": run_id,
+            "faiss_version": _faiss_version(),
+        }
+        version = staging.commit(manifest, keep=cfg.keep)
+    except BaseException:
+        staging.abort()
+        raise
+    log.info("index %s: %d items, %d vectors, %s (full build, %.1fs)", version, total, manifest["n_vectors"],
+             factory, manifest["build_seconds"])
+    return version, manifest
+
+
+@dataclass
+class Diff:
+    """What changed between a snapshot and the catalog's current item vectors."""
+
+    new: list[str]
+    changed: list[str]
+    removed: list[str]
+
+    @property
+    def size(self) -> int:
+        return len(self.new) + len(self.changed) + len(self.removed)
+
+
+def diff(snap: Snapshot, current: pa.Table) -> Diff:
+    """`current`: item_id, content_hash of every item vector that should be in the index."""
+    held = {i: h for i, h, live in zip(snap.items.column("item_id").to_pylist(),
+                                        snap.items.column("content_hash").to_pylist(),
+                                        snap.items.column("live").to_pylist()) if live}
+    want = dict(zip(current.column("item_id").to_pylist(), current.column("content_hash").to_pylist()))
+    new = [i for i in want if i not in held]
+    changed = [i for i, h in want.items() if i in held and held[i] != h]
+    removed = [i for i in held if i not in want]
+    return Diff(new, changed, removed)
+
+
+def needs_rebuild(snap: Snapshot, d: Diff, n_current: int, cfg: IndexConfig) -> str | None:
+    """Why an incremental update would be the wrong call (None: update in place)."""
+    m = snap.manifest
+    if m.get("mode") != cfg.mode:
+        return f"mode {m.get('mode')} -> {cfg.mode}"
+    per_item = 1 if cfg.mode == "pooled" else m["n"]
+    wanted = cfg.factory or choose_factory(n_current * per_item, cfg.flat_threshold)
+    if wanted != m["factory"] and (cfg.factory or is_ivf(wanted) != is_ivf(m["factory"])):
+        return f"factory {m['factory']} -> {wanted}"
+    drift = (m.get("changed_since_build", 0) + d.size) / max(1, m.get("items_at_build", 1))
+    if drift > cfg.max_drift:
+        return f"drift {drift:.1%} > {cfg.max_drift:.0%} since the last full build"
+    return None
+
+
+def update(root, snap: Snapshot, d: Diff, blocks: Blocks, cfg: IndexConfig,
+           run_id: str | None = None) -> tuple[str, dict]:
+    """A new version = `snap` with changed items' vectors replaced, new items appended and
+    removed items' vectors dropped (their rows stay as tombstones until the next full build)."""
+    import faiss
+    from numpy.lib.format import open_memmap
+
+    t0 = time.perf_counter()
+    m = snap.manifest
+    n, dim, mode = m["n"], m["d"], m["mode"]
+    ids = snap.items.column("item_id").to_pylist()
+    hashes = snap.items.column("content_hash").to_pylist()
+    live = snap.items.column("live").to_pylist()
+    row_of = snap.row_of()
+    fresh = blocks.fetch(d.changed + d.new)
+    pos = {item: i for i, item in enumerate(fresh.ids)}
+    missing = [i for i in d.changed + d.new if i not in pos]
+    if missing:
+        raise RuntimeError(f"{len(missing)} item vectors vanished during the index update (e.g. {missing[0]})")
+    staging = Staging(root, snap.model_hash)
+    try:
+        index = faiss.clone_index(snap.index) if not _on_gpu(snap.index) else faiss.clone_index(to_cpu(snap.index))
+        gone_rows = np.array([row_of[i] for i in d.changed + d.removed], dtype=np.int64)
+        remove(index, vector_ids(gone_rows, n, mode))
+        for i in d.removed:
+            live[row_of[i]] = False
+        new_rows = np.arange(len(ids), len(ids) + len(d.new), dtype=np.int64)
+        ids += d.new
+        hashes += [None] * len(d.new)
+        live += [True] * len(d.new)
+        put_rows = np.concatenate([np.array([row_of[i] for i in d.changed], dtype=np.int64), new_rows])
+        take = np.array([pos[i] for i in d.changed + d.new], dtype=np.int64)
+        for r, t in zip(put_rows, take):
+            hashes[r] = fresh.hashes[t]
+        total = len(ids)
+        for f, col, old in zip(VECTOR_FILES, ("cpe", "cpe_prime"), (snap.cpe, snap.cpe_prime)):
+            arr = open_memmap(staging.file(f), mode="w+", dtype=np.float32, shape=(total, n, dim))
+            for start in range(0, old.shape[0], cfg.chunk_size):
+                stop = min(start + cfg.chunk_size, old.shape[0])
+                arr[start:stop] = old[start:stop]
+            if len(put_rows):
+                arr[put_rows] = fresh.vectors[col][take]
+            arr.flush()
+            del arr
+        add(index, item_vectors(fresh.vectors["cpe"][take], mode), vector_ids(put_rows, n, mode))
+        failpoints.hit("index.update.vectors_written")
+        _write_index(index, staging)
+        write_items_table(staging.file(ITEMS_FILE), _items_table(ids, hashes, live))
+        manifest = {
+            **{k: m[k] for k in ("mode", "factory", "metric", "nprobe", "n", "d", "items_at_build")},
+            "n_items": int(sum(live)), "n_rows": total, "n_vectors": int(index.ntotal), "build": "update",
+            "base_version": snap.version, "changed_since_build": int(m.get("changed_since_build", 0) + d.size),
+            "added": len(d.new), "replaced": len(d.changed), "removed": len(d.removed),
+            "build_seconds": round(time.perf_counter() - t0, 3), "built_at": _stamp(), "run_id": run_id,
+            "faiss_version": _faiss_version(),
+        }
+        version = staging.commit(manifest, keep=cfg.keep)
+    except BaseException:
+        staging.abort()
+        raise
+    log.info("index %s: +%d new, %d replaced, -%d removed (update of %s, %.1fs)", version, len(d.new),
+             len(d.changed), len(d.removed), snap.version, manifest["build_seconds"])
+    return version, manifest
+
+
+def _on_gpu(index) -> bool:
+    return "Gpu" in type(index).__name__
+
+
+def _write_index(index, staging: Staging) -> None:
+    import faiss
+
+    faiss.write_index(to_cpu(index), str(staging.file(INDEX_FILE)))
+
+
+def _stamp() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _faiss_version() -> str:
+    import faiss
+
+    return getattr(faiss, "__version__", "unknown")

@@ -1,0 +1,94 @@
+"""Embedding tables: exact Arrow round trip, keyed by (id, model, content/history hash)."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from index import embeddings as E
+from index.catalog import Catalog, CatalogError
+
+N, n, d = 40, 3, 8
+H1, H2 = "a" * 40, "b" * 40
+
+
+@pytest.fixture
+def cat(db_file):
+    with Catalog(db_file) as c:
+        c.upsert_items(pa.table({"item_id": [f"i{k:03d}" for k in range(N)],
+                                 "title": [f"title {k}" for k in range(N)], "description": ["d"] * N}))
+        yield c
+
+
+def _vectors(seed, rows=N, codes=n):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((rows, codes, d)).astype(np.float32)
+
+
+def _write_all(cat, model_hash, seed=0):
+    keys = cat.items().select(["item_id", "content_hash"])
+    sp = E.ensure_space(cat, model_hash, E.ITEM, n, d)
+    cpe, cpe_prime = _vectors(seed), _vectors(seed + 1)
+    with cat.transaction():
+        E.write_items(cat, sp, keys["item_id"].to_pylist(), keys["content_hash"].to_pylist(), cpe, cpe_prime)
+    return cpe, cpe_prime
+
+
+def test_arrow_round_trip_is_exact(cat):
+    cpe, cpe_prime = _write_all(cat, H1)
+    block = E.read(cat, H1, E.ITEM)
+    assert block.ids == [f"i{k:03d}" for k in range(N)]
+    assert np.array_equal(block.vectors["cpe"], cpe) and np.array_equal(block.vectors["cpe_prime"], cpe_prime)
+    # DuckDB FLOAT[d][n] is n arrays of d floats: the numpy shape [n, d].
+    assert f"FLOAT[{d}][{n}]" in str(cat.con.execute(f"DESCRIBE {E.table_name('item', n, d)}").fetchall())
+
+
+def test_models_never_mix_and_rewrites_replace(cat):
+    cpe1, _ = _write_all(cat, H1, seed=0)
+    cpe2, _ = _write_all(cat, H2, seed=10)
+    assert np.array_equal(E.read(cat, H1, E.ITEM).vectors["cpe"], cpe1)
+    assert np.array_equal(E.read(cat, H2, E.ITEM).vectors["cpe"], cpe2)
+    _write_all(cat, H1, seed=20)  # a re-encode replaces, never duplicates
+    assert E.count(cat, H1, E.ITEM) == N and E.count(cat, H2, E.ITEM) == N
+    assert E.read(cat, "c" * 40, E.ITEM) is None
+
+
+def test_missing_and_current_follow_content_hash(cat):
+    keys = cat.items().select(["item_id", "content_hash"])
+    assert E.missing(cat, H1, E.ITEM, keys).num_rows == N  # nothing stored yet
+    _write_all(cat, H1)
+    assert E.missing(cat, H1, E.ITEM, keys).num_rows == 0
+    cat.upsert_items(pa.table({"item_id": ["i001", "i002", "new"], "title": ["edited", "edited", "new"],
+                               "description": ["x", "x", "x"]}))
+    keys = cat.items().select(["item_id", "content_hash"])
+    assert E.missing(cat, H1, E.ITEM, keys)["item_id"].to_pylist() == ["i001", "i002", "new"]
+    # stale rows are never read as current, but still stored until replaced
+    assert len(E.read(cat, H1, E.ITEM)) == N - 2
+    assert len(E.read(cat, H1, E.ITEM, current=False)) == N
+    assert E.read(cat, H1, E.ITEM, ids=["i001", "i003", "nope"]).ids == ["i003"]
+
+
+def test_iterate_pages_everything_once(cat):
+    _write_all(cat, H1)
+    blocks = list(E.iterate(cat, H1, E.ITEM, chunk_size=7))
+    assert [len(b) for b in blocks] == [7] * 5 + [5]
+    assert [i for b in blocks for i in b.ids] == [f"i{k:03d}" for k in range(N)]
+
+
+def test_shape_conflict_and_delete(cat):
+    _write_all(cat, H1)
+    with pytest.raises(CatalogError, match="shape"):
+        E.ensure_space(cat, H1, E.ITEM, n + 1, d)
+    sp = E.space(cat, H1, E.ITEM)
+    with cat.transaction():
+        assert E.delete(cat, sp, ["i000", "i001", "zzz"]) == 2
+    assert E.count(cat, H1, E.ITEM) == N - 2
+
+
+def test_user_vectors(cat):
+    sp = E.ensure_space(cat, H1, E.USER, 2, d)
+    upe = _vectors(3, rows=2, codes=2)
+    with cat.transaction():
+        E.write_users(cat, sp, ["u1", "u2"], ["h1", "h2"], upe)
+    block = E.read(cat, H1, E.USER, current=False)
+    assert block.ids == ["u1", "u2"] and np.array_equal(block.vectors["upe"], upe)
+    assert len(E.read(cat, H1, E.USER)) == 0  # no such users in `users`: not current
