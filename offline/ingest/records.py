@@ -86,7 +86,9 @@ class DelimitedReader:
     def _split(self, lines: Iterator[str]) -> Iterator[list[str]]:
         if not self.quoting:
             return (line.split(self.delimiter) for line in lines)
-        return csv.reader(lines, delimiter=self.delimiter, quotechar='"', doublequote=True, strict=False)
+        # csv needs the line ends back to keep a newline inside a quoted field.
+        return csv.reader((line + "\n" for line in lines), delimiter=self.delimiter, quotechar='"',
+                          doublequote=True, strict=False)
 
     def _read_header(self) -> list[str]:
         with _open_binary(self.path) as fh:
