@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from index.catalog import Catalog, _sha1, now
+from index.catalog import Catalog, _sha1, history_hash, now
 
 SUMMARY_COLUMNS = {
     "user_id": pa.string(),
@@ -41,15 +41,31 @@ def upsert_summaries(cat: Catalog, rows: list[dict]) -> int:
         table.schema.get_field_index("flagged"), "flagged",
         pa.array([bool(r.get("flagged", False)) for r in rows], pa.bool_()),
     )
-    cat.con.register("_summaries_in", table)
-    try:
+    with cat.registered("_summaries_in", table):
         cat.con.execute(
             "INSERT OR REPLACE INTO summaries "
             f"SELECT {', '.join(SUMMARY_COLUMNS)}, created_at FROM _summaries_in"
         )
-    finally:
-        cat.con.unregister("_summaries_in")
     return len(rows)
+
+
+def pending_users(cat: Catalog, prompt_hash: str, model: str, user_ids=None) -> list[tuple[str, str, str]]:
+    """(user_id, history_hash, summary_key) of the users that need a summary for this prompt and
+    model: no unflagged row under their current key (new users, changed histories, and earlier
+    flagged outputs, which get another chance). Users without any positive item are left out:
+    there is nothing to summarize. In user_id order, so runs and resumes go the same way."""
+    users = cat.users(user_ids)
+    empty = history_hash([])
+    ids, hashes = users.column("user_id").to_pylist(), users.column("history_hash").to_pylist()
+    wanted = [(u, h, summary_key(h, prompt_hash, model)) for u, h in zip(ids, hashes) if h and h != empty]
+    table = pa.table({name: pa.array([w[i] for w in wanted], pa.string())
+                      for i, name in enumerate(("user_id", "history_hash", "summary_key"))})
+    with cat.registered("_wanted", table):
+        return [tuple(r) for r in cat.con.execute(
+            "SELECT w.user_id, w.history_hash, w.summary_key FROM _wanted w"
+            " WHERE NOT EXISTS (SELECT 1 FROM summaries s WHERE s.user_id = w.user_id"
+            "                   AND s.summary_key = w.summary_key AND NOT s.flagged)"
+            " ORDER BY w.user_id").fetchall()]
 
 
 def training_summaries(cat: Catalog, backend: str | None = None, model: str | None = None) -> dict[str, str]:
