@@ -74,7 +74,7 @@ class SourceReport:
         text = (f"{Path(self.path).name}: {self.landed} {self.kind} "
                 f"({c['new']} new, {c['updated']} updated, {c['unchanged']} unchanged)")
         if self.kind != ITEMS:
-            text += f", {c['users_changed']} users changed"
+            text += f", {c['users_changed']} user history updates"
         if c["summaries"]:
             text += f", {c['summaries']} summaries imported"
         if c["duplicates"]:

@@ -68,7 +68,7 @@ def test_reingest_unchanged_changes_nothing(goodreads_db, goodreads_dir, tmp_pat
     before = _tables(db)
     output = ingest(db, goodreads_dir, "--format", "goodreads")
     assert "16833 items (0 new, 0 updated, 16833 unchanged)" in output
-    assert "0 users changed" in output
+    assert "0 user history updates" in output
     after = _tables(db)
     for table in before:  # updated_at / created_at included: not a single row was rewritten
         assert after[table].equals(before[table]), table

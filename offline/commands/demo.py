@@ -1,0 +1,216 @@
+"""`embsum demo`: the install-and-go demo on MovieLens-100K, fetched from the package registry.
+
+MovieLens-100K ships inside the `recbole==1.2.1` wheel (`recbole/dataset_example/ml-100k/`,
+RecBole atomic files). The demo downloads that wheel with pip (no recbole code is imported or
+installed), reads the two files out of the zip and runs the pipeline as a sequence of steps:
+
+    ingest -> train -> precompute -> index -> score -> show
+
+A step whose command module does not exist yet (offline/commands/<name>.py) is skipped with a
+log line, so the demo grows as the project does. Today it ingests and shows sample histories.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from offline.common import db_path, open_catalog
+
+log = logging.getLogger("embsum.demo")
+
+RECBOLE = "recbole==1.2.1"
+WHEEL_GLOB = "recbole-1.2.1-*.whl"
+WHEEL_DIR = "recbole/dataset_example/ml-100k"
+FILES = ("ml-100k.item", "ml-100k.inter")
+DEFAULT_WORKDIR = "embsum-demo"
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("EMBSUM_CACHE") or Path.home() / ".cache" / "embsum")
+
+
+def _has_files(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in FILES)
+
+
+def _extract(wheel: Path, target: Path) -> Path:
+    """The two ml-100k files out of the wheel (a zip) into `target`, atomically (a temp
+    folder renamed into place, so a killed extraction never looks complete)."""
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except (OSError, zipfile.BadZipFile) as err:
+        raise click.ClickException(f"{wheel} is not a readable wheel (zip): {err}") from None
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with archive:
+        for name in FILES:
+            try:
+                data = archive.read(f"{WHEEL_DIR}/{name}")
+            except KeyError:
+                raise click.ClickException(f"{wheel} has no {WHEEL_DIR}/{name} (is it {RECBOLE}?)") from None
+            (tmp / name).write_bytes(data)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def _download(cache: Path) -> Path:
+    """`pip download recbole==1.2.1 --no-deps` into the cache (the registry a user installs from)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s (MovieLens-100K inside, ~2 MB) into %s", RECBOLE, cache)
+    cmd = [sys.executable, "-m", "pip", "download", RECBOLE, "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(cache)]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    wheels = sorted(cache.glob(WHEEL_GLOB))
+    if done.returncode != 0 or not wheels:
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel written"]
+        raise click.ClickException(
+            f"could not download {RECBOLE} from the package index ({last[0]}); download the wheel "
+            "elsewhere and pass it with --data (or $EMBSUM_DEMO_DATA)")
+    return wheels[-1]
+
+
+def fetch_movielens(data: str | None, cache: Path) -> Path:
+    """A folder holding ml-100k.item and ml-100k.inter. `data` may be the recbole wheel, a
+    folder with the two files, or an unpacked wheel; without it, the cache, else a download."""
+    if data:
+        path = Path(data)
+        if path.is_file():
+            return _extract(path, cache / "ml-100k")
+        for folder in (path, path / WHEEL_DIR):
+            if _has_files(folder):
+                return folder
+        raise click.ClickException(f"{path}: neither the {RECBOLE} wheel nor a folder with {' and '.join(FILES)}")
+    folder = cache / "ml-100k"
+    if _has_files(folder):
+        log.info("MovieLens-100K from the cache %s", folder)
+        return folder
+    wheels = sorted(cache.glob(WHEEL_GLOB))
+    return _extract(wheels[-1] if wheels else _download(cache), folder)
+
+
+# -- steps ----------------------------------------------------------------------------------------
+@dataclass
+class Demo:
+    ctx: click.Context
+    workdir: Path
+    data: Path
+    db: str
+    checkpoint: Path
+
+    def cli(self, *args: str) -> None:
+        """Run another embsum command on the demo catalog, as a user would type it."""
+        from offline.cli import cli
+
+        root = self.ctx.find_root().params
+        flags = ["-q"] if root.get("quiet") else ["-v"] * int(root.get("verbose") or 0)
+        log.info("demo: embsum %s", " ".join(args))
+        try:
+            cli.main(["--db", self.db, *flags, *args], prog_name="embsum", standalone_mode=False)
+        except click.ClickException as err:
+            raise click.ClickException(f"demo step `embsum {args[0]}` failed: {err.format_message()}") from None
+
+
+def step_ingest(demo: Demo) -> None:
+    from offline.common import progress
+    from offline.ingest.job import IngestConfig, ingest
+
+    with open_catalog(demo.ctx) as cat:
+        report = ingest(cat, [demo.data], IngestConfig(format="movielens"), progress=progress)
+    for line in report.summary():
+        click.echo(line)
+
+
+def step_train(demo: Demo) -> None:
+    demo.cli("train", "--out", str(demo.checkpoint.parent))
+
+
+def step_precompute(demo: Demo) -> None:
+    demo.cli("precompute", "--checkpoint", str(demo.checkpoint))
+
+
+def step_index(demo: Demo) -> None:
+    demo.cli("index", "--checkpoint", str(demo.checkpoint))
+
+
+def step_score(demo: Demo) -> None:
+    demo.cli("score", "--checkpoint", str(demo.checkpoint), "--retrieve", "100", "--top", "10")
+
+
+def step_show(demo: Demo, n_users: int = 3, n_items: int = 5) -> None:
+    """Counts and a few users' latest liked movies (rating >= 4)."""
+    with open_catalog(demo.ctx, read_only=True) as cat:
+        click.echo(f"catalog {cat.path}: {cat.count('items')} movies, {cat.count('users')} users, "
+                   f"{cat.count('interactions')} ratings")
+        histories = cat.histories(["1", "2", "3"][:n_users])
+        titles = dict(zip(*cat.items({i for h in histories.values() for i in h[-n_items:]})
+                          .select(["item_id", "title"]).to_pydict().values()))
+    for user, history in histories.items():
+        latest = "; ".join(titles[i] for i in history[-n_items:])
+        click.echo(f"user {user}: {len(history)} liked, latest: {latest}")
+
+
+# (name, module the step needs, what it does); a missing module means "not built yet: skip".
+STEPS: list[tuple[str, str, Callable[[Demo], None]]] = [
+    ("ingest", "offline.commands.ingest", step_ingest),
+    ("train", "offline.commands.train", step_train),
+    ("precompute", "offline.commands.precompute", step_precompute),
+    ("index", "offline.commands.index_cmd", step_index),
+    ("score", "offline.commands.score", step_score),
+    ("show", "offline.commands.demo", step_show),
+]
+STEP_NAMES = [name for name, _, _ in STEPS]
+
+
+def _split_steps(value: str) -> list[str]:
+    steps = [s.strip() for s in value.split(",") if s.strip()]
+    unknown = sorted(set(steps) - set(STEP_NAMES))
+    if unknown:
+        raise click.BadParameter(f"unknown step(s) {', '.join(unknown)}; steps: {', '.join(STEP_NAMES)}")
+    return steps
+
+
+@click.command("demo")
+@click.option("--data", envvar="EMBSUM_DEMO_DATA", type=click.Path(exists=True),
+              help=f"The {RECBOLE} wheel, or a folder with {' and '.join(FILES)} (skips the download).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the wheel and the extracted files are kept (default $EMBSUM_CACHE or ~/.cache/embsum).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=DEFAULT_WORKDIR, show_default=True,
+              help="Demo outputs: the catalog (unless --db is given) and checkpoints.")
+@click.option("--steps", default=",".join(STEP_NAMES), show_default=True,
+              help="Comma-separated steps to run (those not built yet are skipped anyway).")
+@click.pass_context
+def command(ctx: click.Context, data: str | None, cache_dir: str | None, workdir: str, steps: str) -> None:
+    """Run embsum end to end on MovieLens-100K (downloaded from the package registry).
+
+    Gets the recbole==1.2.1 wheel with pip (MovieLens-100K is inside; no recbole code runs),
+    ingests movies (title; year and genres as the description) and ratings (rating >= 4 is a
+    positive), then trains, precomputes, indexes and scores as those commands exist.
+    """
+    wanted = set(_split_steps(steps))
+    workdir_path = Path(workdir)
+    root = ctx.find_root()
+    if not root.params.get("db") and not root.obj["config"].get("db"):  # no --db given
+        workdir_path.mkdir(parents=True, exist_ok=True)
+        root.obj["db"] = str(workdir_path / "demo.duckdb")
+    folder = fetch_movielens(data, Path(cache_dir) if cache_dir else default_cache())
+    demo = Demo(ctx, workdir_path, folder, db_path(ctx), workdir_path / "model" / "best")
+    for name, module, run in STEPS:
+        if name not in wanted:
+            continue
+        if importlib.util.find_spec(module) is None:
+            log.info("demo: skipping %s (`embsum %s` is not built yet)", name, name)
+            continue
+        run(demo)
