@@ -1,0 +1,129 @@
+"""The RoDPO policy on tiny backbones: starts at the SFT model, reference == adapters disabled,
+merged export == unmerged policy, aligned checkpoints round-trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from embsum.checkpoint import build_model, save_checkpoint
+from embsum.config import ModelConfig
+from embsum.dpo import dpo_loss
+from embsum.encoding import session_index
+from embsum.lora import LoraSettings
+from embsum.moe import MoEConfig
+from embsum.policy import Policy, load_model
+from embsum.scoring import poly_score_matrix
+
+ITEMS = ["A quiet novel about the sea.", "Space opera with pirates and a lost empire.",
+         "Cooking for one: simple recipes.", "A history of the Roman army.", "Poems about winter light."]
+HISTORIES = [[ITEMS[0], ITEMS[4]], [ITEMS[1]], [ITEMS[3], ITEMS[1], ITEMS[2]]]
+
+
+def scores(model) -> torch.Tensor:
+    return raw_scores(model).detach()
+
+
+def raw_scores(model) -> torch.Tensor:
+    """[users, items] through the model's public encode_items / encode_users."""
+    items = model.tokenize(ITEMS)
+    cpe, cpe_prime = model.encode_items(items["input_ids"], items["attention_mask"])
+    texts, index = session_index(HISTORIES)
+    sessions = model.tokenize(texts)
+    upe = model.encode_users(sessions["input_ids"], sessions["attention_mask"], index)
+    return poly_score_matrix(upe, cpe, cpe_prime)
+
+
+def make_sft(backbone_dir, pooling="poly"):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(backbone=backbone_dir, item_codes=3, user_codes=2, item_max_tokens=24,
+                                   pooling=pooling)).eval()
+
+
+def perturb(policy: Policy) -> None:
+    """Move the policy away from the SFT model: non-zero LoRA B and expert outputs; eval mode
+    (no adapter dropout) so scores are deterministic."""
+    policy.eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in policy.peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+        policy.moe.w_out.normal_(std=0.2)
+        policy.moe.router.weight.normal_()
+
+
+@pytest.mark.parametrize("pooling", ["poly", "mean"])
+def test_fresh_policy_scores_equal_the_sft_model(tiny_bert_dir, pooling):
+    sft = make_sft(tiny_bert_dir, pooling)
+    before = scores(sft)
+    policy = Policy(sft, LoraSettings(r=4), MoEConfig(num_experts=4, top_k=2))
+    assert torch.equal(scores(policy.model), before)  # zero-init MoE and LoRA B: identical
+    with policy.reference() as ref:
+        assert torch.equal(scores(ref), before)
+
+
+def test_dpo_loss_is_log_two_at_the_start(tiny_bert_dir):
+    policy = Policy(make_sft(tiny_bert_dir), LoraSettings(r=4, dropout=0.1), MoEConfig(dropout=0.1))
+    policy.train()
+    s = scores(policy.model)
+    with policy.reference() as ref:
+        s_ref = scores(ref)
+    w, l = s[:, 0], s[:, 1]
+    assert dpo_loss(w, l, s_ref[:, 0], s_ref[:, 1], beta=10.0).item() == pytest.approx(math.log(2), abs=1e-7)
+
+
+def test_reference_is_the_sft_model_with_adapters_disabled(tiny_bert_dir):
+    sft = make_sft(tiny_bert_dir)
+    before = scores(sft)
+    policy = Policy(sft, LoraSettings(r=4), MoEConfig())
+    perturb(policy)
+    moved = scores(policy.model)
+    assert not torch.allclose(moved, before, atol=1e-4)
+    with policy.reference() as ref:
+        assert torch.allclose(scores(ref), before, atol=1e-6)
+        assert not torch.is_grad_enabled()
+    assert torch.allclose(scores(policy.model), moved)  # adapters and MoE back on afterwards
+    # No second copy of the backbone: every parameter tensor exists once.
+    assert sum(p.numel() for p in policy.parameters()) < 1.1 * sum(p.numel() for p in make_sft(tiny_bert_dir).parameters())
+
+
+def test_gradients_reach_only_adapters_and_experts(tiny_bert_dir):
+    policy = Policy(make_sft(tiny_bert_dir), LoraSettings(r=4), MoEConfig())
+    perturb(policy)
+    policy.train()
+    s = raw_scores(policy.model)
+    aux = policy.pop_aux()
+    (s.sum() + aux).backward()
+    groups = policy.trainable_parameters()
+    assert all(p.grad is not None for p in groups["lora"]) and policy.moe.w_out.grad is not None
+    frozen = [n for n, p in policy.peft.named_parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for n, p in policy.peft.named_parameters() if not p.requires_grad)
+    assert aux.item() > 0
+
+
+@pytest.mark.parametrize("backbone", ["tiny_bert_dir", "tiny_t5_dir"])
+def test_merged_export_scores_like_the_unmerged_policy_and_round_trips(backbone, request, tmp_path):
+    policy = Policy(make_sft(request.getfixturevalue(backbone)), LoraSettings(r=4), MoEConfig())
+    perturb(policy)
+    unmerged = scores(policy.model)
+    exported = policy.export()
+    assert not any("lora_" in n for n, _ in exported.named_parameters())
+    assert torch.allclose(scores(exported), unmerged, atol=1e-5)
+    assert torch.allclose(scores(policy.model), unmerged)  # the policy itself is untouched
+    digest = save_checkpoint(exported, tmp_path / "aligned")
+    loaded, loaded_hash = load_model(tmp_path / "aligned")
+    assert loaded_hash == digest
+    assert torch.allclose(scores(loaded), unmerged, atol=1e-5)
+
+
+def test_plain_checkpoints_load_unchanged_and_fused_models_are_rejected(tiny_bert_dir, tmp_path):
+    sft = make_sft(tiny_bert_dir)
+    save_checkpoint(sft, tmp_path / "sft")
+    loaded, _ = load_model(tmp_path / "sft")
+    assert torch.allclose(scores(loaded), scores(sft), atol=1e-6)
+    policy = Policy(loaded, LoraSettings(r=4), MoEConfig())
+    with pytest.raises(ValueError, match="already has a fusion layer"):
+        Policy(policy.export())
