@@ -19,47 +19,24 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from index import failpoints
+from index.index_config import MODES, IndexConfig  # noqa: F401  (re-exported)
 from index.snapshot import INDEX_FILE, ITEMS_FILE, VECTOR_FILES, Snapshot, Staging, write_items_table
 
 log = logging.getLogger(__name__)
 
-MODES = ("multi", "pooled")
 
+def faiss_module():
+    """`import faiss`, without its loader's INFO lines about which CPU build it tried."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
 
-@dataclass
-class IndexConfig:
-    """How the FAISS index is built and searched."""
-
-    mode: str = field(default="multi", metadata={"help": "multi: all n CPE vectors per item; pooled: their mean."})
-    factory: str | None = field(default=None, metadata={
-        "help": "FAISS factory string; default chosen by size (IDMap2,Flat below flat_threshold, IVF above)."})
-    flat_threshold: int = field(default=250_000, metadata={
-        "help": "Below this many vectors the index is exact (Flat); above, IVF."})
-    nprobe: int | None = field(default=None, metadata={"help": "IVF lists searched per query (default nlist/8, >= 16)."})
-    max_drift: float = field(default=0.2, metadata={
-        "help": "Rebuild instead of updating when changed+added+removed items since the last full build "
-                "exceed this fraction of the index."})
-    train_size: int = field(default=200_000, metadata={"help": "Vectors sampled to train an IVF quantizer."})
-    chunk_size: int = field(default=8192, metadata={"help": "Items read from the catalog per chunk while building."})
-    keep: int = field(default=3, metadata={"help": "Versions kept on disk (readers may still hold older ones)."})
-    gpu: bool = field(default=True, metadata={"help": "Use GPUs when faiss has them (faiss-gpu)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the IVF training sample."})
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.flat_threshold < 1 or self.train_size < 1 or self.chunk_size < 1 or self.keep < 1:
-            raise ValueError("flat_threshold, train_size, chunk_size and keep must be positive")
-        if not 0.0 <= self.max_drift <= 1.0:
-            raise ValueError(f"max_drift must be in [0, 1], got {self.max_drift}")
-        if self.nprobe is not None and self.nprobe < 1:
-            raise ValueError("nprobe must be positive")
+    return faiss
 
 
 # -- primitives ----------------------------------------------------------------------------------
@@ -104,13 +81,13 @@ def rows_of(ids: np.ndarray, n: int, mode: str) -> np.ndarray:
 
 
 def new_index(d: int, factory: str):
-    import faiss
+    faiss = faiss_module()
 
     return faiss.index_factory(int(d), factory, faiss.METRIC_INNER_PRODUCT)
 
 
 def set_nprobe(index, nprobe: int) -> None:
-    import faiss
+    faiss = faiss_module()
 
     try:
         faiss.extract_index_ivf(index).nprobe = int(nprobe)
@@ -120,7 +97,7 @@ def set_nprobe(index, nprobe: int) -> None:
 
 def to_gpu(index):
     """All GPUs when faiss has them; the CPU index otherwise (or if this index type cannot move)."""
-    import faiss
+    faiss = faiss_module()
 
     if faiss.get_num_gpus() <= 0 or not hasattr(faiss, "index_cpu_to_all_gpus"):
         return index
@@ -132,7 +109,7 @@ def to_gpu(index):
 
 
 def to_cpu(index):
-    import faiss
+    faiss = faiss_module()
 
     if hasattr(faiss, "index_gpu_to_cpu") and faiss.get_num_gpus() > 0:
         try:
@@ -148,7 +125,7 @@ def add(index, vectors: np.ndarray, ids: np.ndarray) -> None:
 
 
 def remove(index, ids: np.ndarray) -> int:
-    import faiss
+    faiss = faiss_module()
 
     if not len(ids):
         return 0
@@ -163,7 +140,7 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def contents(index) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) held by an IDMap2 or IVF index, sorted by id: compares two indexes."""
-    import faiss
+    faiss = faiss_module()
 
     if isinstance(index, faiss.IndexIDMap2) or hasattr(index, "id_map"):
         ids = faiss.vector_to_array(index.id_map).astype(np.int64)
@@ -177,6 +154,24 @@ def contents(index) -> tuple[np.ndarray, np.ndarray]:
         vecs = np.stack([ivf.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, ivf.d), np.float32)
     order = np.argsort(ids)
     return ids[order], vecs[order]
+
+
+def by_item(snap) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+    """item_id -> (content_hash, its cpe row, the FAISS vectors held for it): what a snapshot
+    means, independent of row numbers and version history (compares two snapshots)."""
+    ids, vecs = contents(snap.index)
+    n = snap.manifest["n"]
+    rows = rows_of(ids, n, snap.mode)
+    order = np.argsort(rows, kind="stable")
+    rows, vecs = rows[order], vecs[order]
+    names, hashes = snap.item_ids(), snap.items.column("content_hash").to_pylist()
+    out = {}
+    for r in snap.live_rows():
+        lo, hi = np.searchsorted(rows, r), np.searchsorted(rows, r, side="right")
+        out[names[r]] = (hashes[r], np.asarray(snap.cpe[r]), vecs[lo:hi])
+    if sum(len(v[2]) for v in out.values()) != len(ids):
+        raise ValueError("the index holds vectors of rows that are not live")
+    return out
 
 
 # -- snapshots: full build and incremental update -----------------------------------------------
@@ -311,9 +306,9 @@ def update(root, snap: Snapshot, d: Diff, blocks: Blocks, cfg: IndexConfig,
            run_id: str | None = None) -> tuple[str, dict]:
     """A new version = `snap` with changed items' vectors replaced, new items appended and
     removed items' vectors dropped (their rows stay as tombstones until the next full build)."""
-    import faiss
     from numpy.lib.format import open_memmap
 
+    faiss = faiss_module()
     t0 = time.perf_counter()
     m = snap.manifest
     n, dim, mode = m["n"], m["d"], m["mode"]
@@ -377,7 +372,7 @@ def _on_gpu(index) -> bool:
 
 
 def _write_index(index, staging: Staging) -> None:
-    import faiss
+    faiss = faiss_module()
 
     faiss.write_index(to_cpu(index), str(staging.file(INDEX_FILE)))
 
@@ -389,6 +384,6 @@ def _stamp() -> str:
 
 
 def _faiss_version() -> str:
-    import faiss
+    faiss = faiss_module()
 
     return getattr(faiss, "__version__", "unknown")

@@ -230,8 +230,9 @@ def check_model(root: str | Path, manifest: dict, model_hash: str | None) -> Non
 def load(root: str | Path, model_hash: str | None = None, mmap: bool = True, gpu: bool = False) -> Snapshot:
     """Open the live version. Refuses (IndexFileError) an index of another model hash, a
     missing or truncated file, or one FAISS cannot read."""
-    import faiss
+    from index.faiss_index import faiss_module, to_gpu
 
+    faiss = faiss_module()
     root = Path(root)
     for attempt in range(3):  # the version resolved may be pruned under us by a swap: re-resolve
         version, manifest = read_manifest(root)
@@ -258,7 +259,5 @@ def load(root: str | Path, model_hash: str | None = None, mmap: bool = True, gpu
     if "nprobe" in manifest and hasattr(index, "nprobe"):
         index.nprobe = int(manifest["nprobe"])
     if gpu:
-        from index.faiss_index import to_gpu
-
         index = to_gpu(index)
     return Snapshot(root, version, manifest, index, items, arrays[0], arrays[1])

@@ -45,21 +45,8 @@ def _blocks(cat, chunk=50):
                     lambda: E.iterate(cat, H, E.ITEM, chunk_size=chunk), lambda ids: E.read(cat, H, E.ITEM, ids))
 
 
-def _by_item(snap):
-    """item_id -> (content_hash, cpe row, the FAISS vectors held for it)."""
-    ids, vecs = F.contents(snap.index)
-    rows = F.rows_of(ids, snap.manifest["n"], snap.mode)
-    names = snap.item_ids()
-    hashes = snap.items["content_hash"].to_pylist()
-    out = {}
-    for r in snap.live_rows():
-        out[names[r]] = (hashes[r], np.asarray(snap.cpe[r]), vecs[rows == r])
-    assert sum(len(v[2]) for v in out.values()) == len(ids), "vectors of dead rows left in the index"
-    return out
-
-
 def _assert_same(a, b):
-    ia, ib = _by_item(a), _by_item(b)
+    ia, ib = F.by_item(a), F.by_item(b)
     assert sorted(ia) == sorted(ib)
     for k in ia:
         assert ia[k][0] == ib[k][0]
@@ -118,7 +105,7 @@ def test_ivf_index_builds_updates_and_searches(cat, tmp_path):
     _put(cat, ["i0003"], seed=5)
     F.update(tmp_path / "idx", snap, F.diff(snap, E.keys(cat, H, E.ITEM)), _blocks(cat), cfg)
     F.build(tmp_path / "full", H, _blocks(cat), cfg)
-    a, b = _by_item(S.load(tmp_path / "idx")), _by_item(S.load(tmp_path / "full"))
+    a, b = F.by_item(S.load(tmp_path / "idx")), F.by_item(S.load(tmp_path / "full"))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k][2], b[k][2]) for k in a)
 
 

@@ -1,0 +1,133 @@
+"""The precompute job: items -> CPE, users -> UPE, from a checkpoint into the catalog.
+
+Streaming and resumable by construction:
+- items come in keyset pages (`cat.iter_items`), so memory holds one chunk whatever the
+  catalog's size;
+- a chunk keeps only rows with no vector for (item_id, model hash, content hash) yet, so a
+  re-run after a kill skips every committed chunk, and a nightly run encodes only new or
+  edited items (users: new or changed history hash);
+- each chunk's distinct texts are encoded once (`embsum.encoding` sorts them by token length
+  and runs under inference mode), then the chunk is written in its own transaction.
+Chunk composition depends only on the catalog's id order and what is already stored, so a
+resumed run encodes exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow.compute as pc
+
+from index import embeddings as E
+from index import failpoints
+from index.catalog import Catalog, RunRecord
+from offline.job_configs import PrecomputeConfig
+from offline.texts import item_text
+
+log = logging.getLogger("embsum.precompute")
+
+
+def _distinct(texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """Distinct texts and, for every input, the index of its text among them."""
+    first: dict[str, int] = {}
+    inverse = np.fromiter((first.setdefault(t, len(first)) for t in texts), dtype=np.int64, count=len(texts))
+    return list(first), inverse
+
+
+def encode_items(model, texts: list[str], cfg: PrecomputeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """CPE and CPE' of `texts`, each distinct text encoded once."""
+    from embsum.encoding import encode_item_texts
+
+    uniq, inverse = _distinct(texts)
+    cpe, cpe_prime = encode_item_texts(model, uniq, batch_size=cfg.batch_size, device=cfg.device,
+                                       dtype=cfg.dtype, progress=False)
+    return cpe[inverse], cpe_prime[inverse]
+
+
+def precompute_items(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig, run: RunRecord | None = None,
+                     bar=None) -> dict[str, int]:
+    counts = {"items_encoded": 0, "items_skipped": 0, "item_texts_encoded": 0}
+    sp = None
+    for chunk in cat.iter_items(cfg.chunk_size):
+        todo = E.missing(cat, model_hash, E.ITEM, chunk)
+        counts["items_skipped"] += chunk.num_rows - todo.num_rows
+        if todo.num_rows:
+            texts = [item_text(t, d) for t, d in zip(todo["title"].to_pylist(), todo["description"].to_pylist())]
+            cpe, cpe_prime = encode_items(model, texts, cfg)
+            sp = sp or E.ensure_space(cat, model_hash, E.ITEM, cpe.shape[1], cpe.shape[2])
+            with cat.transaction():
+                E.write_items(cat, sp, todo["item_id"].to_pylist(), todo["content_hash"].to_pylist(), cpe,
+                              cpe_prime, dtype=cfg.dtype, run_id=run.run_id if run else None)
+            counts["items_encoded"] += todo.num_rows
+            counts["item_texts_encoded"] += len(set(texts))
+            failpoints.hit("precompute.items.chunk_committed")
+        if bar is not None:
+            bar.update(chunk.num_rows)
+    return counts
+
+
+def _user_texts(cat: Catalog, user_ids: list[str]) -> dict[str, list[str]]:
+    """user -> the texts of their history items, oldest first (unknown items dropped)."""
+    histories = cat.histories(user_ids)
+    needed = {i for h in histories.values() for i in h}
+    items = cat.items(needed)
+    text = {i: item_text(t, d) for i, t, d in zip(items["item_id"].to_pylist(), items["title"].to_pylist(),
+                                                     items["description"].to_pylist())}
+    return {u: [text[i] for i in histories.get(u, []) if i in text] for u in user_ids}
+
+
+def precompute_users(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig, run: RunRecord | None = None,
+                     bar=None) -> dict[str, int]:
+    from embsum.encoding import encode_user_histories
+
+    counts = {"users_encoded": 0, "users_skipped": 0, "users_empty": 0}
+    users = cat.users()
+    users = users.filter(pc.is_valid(users["history_hash"]))
+    todo = E.missing(cat, model_hash, E.USER, users)
+    counts["users_skipped"] = users.num_rows - todo.num_rows
+    if bar is not None:
+        bar.update(counts["users_skipped"])
+    sp = None
+    for start in range(0, todo.num_rows, cfg.chunk_size):
+        chunk = todo.slice(start, cfg.chunk_size)
+        ids = chunk["user_id"].to_pylist()
+        texts = _user_texts(cat, ids)
+        keep = [k for k, u in enumerate(ids) if texts[u]]
+        counts["users_empty"] += len(ids) - len(keep)
+        if keep:
+            upe = encode_user_histories(model, [texts[ids[k]] for k in keep], batch_size=cfg.batch_size,
+                                        device=cfg.device, dtype=cfg.dtype, progress=False)
+            sp = sp or E.ensure_space(cat, model_hash, E.USER, upe.shape[1], upe.shape[2])
+            hashes = chunk["history_hash"].to_pylist()
+            with cat.transaction():
+                E.write_users(cat, sp, [ids[k] for k in keep], [hashes[k] for k in keep], upe,
+                              dtype=cfg.dtype, run_id=run.run_id if run else None)
+            counts["users_encoded"] += len(keep)
+            failpoints.hit("precompute.users.chunk_committed")
+        if bar is not None:
+            bar.update(len(ids))
+    return counts
+
+
+def precompute(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig, run: RunRecord | None = None,
+               progress=None) -> dict[str, int]:
+    """Items then users; returns (and adds to `run`) the counts. `progress`: a tqdm-like factory."""
+    counts: dict[str, int] = {}
+    stages = [("items", precompute_items, lambda: cat.count("items")),
+              ("users", precompute_users, lambda: cat.count("users"))]
+    for name, job, total in stages:
+        if not getattr(cfg, name):
+            continue
+        bar = progress(total=total(), desc=f"precompute {name}", unit=f" {name}") if progress else None
+        try:
+            part = job(cat, model, model_hash, cfg, run, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        counts.update(part)
+        log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in part.items()))
+    if run is not None:
+        for k, v in counts.items():
+            run.add(k, v)
+    return counts

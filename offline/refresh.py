@@ -1,0 +1,54 @@
+"""The nightly refresh: ingest what arrived, re-encode what changed, bring the index in line,
+swap it in, all recorded in `runs`.
+
+Every step is idempotent on its own (ingest upserts, precompute skips what is stored for the
+current hashes, the index step diffs the live snapshot against the catalog), so:
+- a second refresh over the same inputs changes nothing (and writes no new index version);
+- a refresh killed anywhere is finished by simply running it again: committed chunks are
+  kept, the index is rebuilt or updated from whatever snapshot is live, and a half-written
+  version folder is never made live.
+One refresh per catalog at a time (`index.lock`); a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from index import failpoints
+from index.faiss_index import IndexConfig
+from index.lock import exclusive, lock_path
+from offline.indexing import default_index_dir, load_model, sync_index
+from offline.job_configs import PrecomputeConfig, RefreshConfig
+from offline.precompute import precompute
+
+log = logging.getLogger("embsum.refresh")
+
+
+def refresh(db_path: str | Path, checkpoint: str, cfg: RefreshConfig, pre: PrecomputeConfig,
+            idx: IndexConfig, progress=None) -> dict:
+    """Run the whole refresh under the refresh lock; returns the run's counts."""
+    from offline.scoring import open_waiting
+
+    with exclusive(lock_path(db_path)):
+        model, model_hash = load_model(checkpoint, pre.device)  # before opening: hold the catalog less
+        root = Path(cfg.index_dir) if cfg.index_dir else default_index_dir(db_path)
+        args = {"checkpoint": str(checkpoint), "model_hash": model_hash, **asdict(cfg),
+                "precompute": asdict(pre), "index": asdict(idx)}
+        with open_waiting(db_path) as cat, cat.run("refresh", args) as run:
+            if cfg.inputs:
+                from offline.ingest.job import IngestConfig, ingest
+
+                report = ingest(cat, cfg.inputs, IngestConfig(format=cfg.format), progress=progress)
+                run.counts.update({f"ingest_{k}": v for k, v in report.counts().items()
+                                   if isinstance(v, int)})
+                run.counts["ingest_run_id"] = report.run_id
+            failpoints.hit("refresh.after_ingest")
+            precompute(cat, model, model_hash, pre, run, progress=progress)
+            failpoints.hit("refresh.after_precompute")
+            sync_index(cat, root, model_hash, idx, run, rebuild=cfg.rebuild)
+            failpoints.hit("refresh.after_index")
+            counts = dict(run.counts)
+    log.info("refresh done: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return counts
