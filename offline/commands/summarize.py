@@ -8,7 +8,7 @@ from dataclasses import fields
 import click
 
 from embsum.summarizer.config import BACKENDS, SummarizerConfig
-from offline.common import open_catalog
+from offline.common import open_catalog, quiet
 
 _HELP = {f.name: f.metadata["help"] for f in fields(SummarizerConfig)}
 _DEFAULT = SummarizerConfig()
@@ -34,6 +34,18 @@ def _user_ids(users: tuple[str, ...], users_file: str | None) -> list[str] | Non
         with open(users_file, encoding="utf-8") as fh:
             ids += [line.strip() for line in fh if line.strip()]
     return ids or None
+
+
+def _load(config: SummarizerConfig, quiet_: bool):
+    """The backend, loaded only once some user needs a summary."""
+    from embsum.summarizer import make_backend
+
+    if config.backend in ("local", "hf") and (quiet_ or os.environ.get("EMBSUM_NO_PROGRESS")):
+        # transformers draws its own bars (GGUF de-quantization, weight loading).
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return make_backend(config)
 
 
 @click.command("summarize")
@@ -82,7 +94,7 @@ def command(ctx: click.Context, prompt_path: str | None, source: str | None, tex
     killed run resumes where it stopped. Empty, over-long or echo-only outputs are retried once
     with another seed, then stored flagged (never used as training targets).
     """
-    from embsum.summarizer import BackendError, PromptTemplate, make_backend
+    from embsum.summarizer import BackendError, PromptTemplate
     from offline.ingest.records import FormatError
     from offline.summarize import import_file, summarize
 
@@ -104,7 +116,7 @@ def command(ctx: click.Context, prompt_path: str | None, source: str | None, tex
                 click.echo(f"imported {counts['written']} summaries ({counts['flagged']} flagged, "
                            f"{counts['rejected']} rows rejected)")
                 return
-            counts = summarize(cat, config, template, lambda: make_backend(config), user_ids, limit,
+            counts = summarize(cat, config, template, lambda: _load(config, quiet(ctx)), user_ids, limit,
                                counts=run.counts)
     except (BackendError, FormatError) as err:
         raise click.ClickException(str(err)) from None
