@@ -1,0 +1,118 @@
+"""embsum precompute: stored vectors equal the model's forward pass; skip/resume; dedupe;
+checkpoints never mix; dtypes."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from jobs_fixtures import cli
+
+from index import embeddings as E
+from index.catalog import Catalog
+from offline.texts import item_text
+
+# Precompute-then-score vs a per-pair forward pass (batch of one, no padding): float32 rounding
+# differs between padded batches and single sequences, nothing else.
+SCORE_ATOL = 1e-5
+
+
+def _hash(ckpt):
+    from embsum.checkpoint import checkpoint_hash
+
+    return checkpoint_hash(ckpt)
+
+
+def test_scores_from_stored_vectors_equal_forward_pass(catalog, tiny_checkpoint, tmp_path):
+    import torch
+
+    from embsum.checkpoint import load_checkpoint
+    from embsum.encoding import user_sessions
+    from embsum.scoring import poly_score
+
+    cli("--db", catalog, "precompute", "--checkpoint", tiny_checkpoint, "--chunk-size", 10, "--batch-size", 4)
+    with Catalog(catalog) as cat:
+        histories = cat.histories()
+        items = cat.items()
+    text = dict(zip(items["item_id"].to_pylist(),
+                    [item_text(t, d) for t, d in zip(items["title"].to_pylist(), items["description"].to_pylist())]))
+    rng = np.random.default_rng(0)
+    users = sorted(histories)[:6]
+    pairs = [(u, i) for u in users for i in rng.choice(sorted(text), 5, replace=False)]
+    cand = tmp_path / "pairs.tsv"
+    cand.write_text("user_id\titem_id\n" + "".join(f"{u}\t{i}\n" for u, i in pairs))
+    out = tmp_path / "scores.parquet"
+    cli("--db", catalog, "score", "--checkpoint", tiny_checkpoint, "--candidates", cand, "--top", 0, "--out", out)
+    got = {(u, i): s for u, i, s in zip(*(pq.read_table(out)[c].to_pylist() for c in ("user_id", "item_id", "score")))}
+    assert len(got) == len(pairs)
+
+    model, _ = load_checkpoint(tiny_checkpoint)
+    with torch.inference_mode():
+        for u, i in pairs:
+            tok = model.tokenize([text[i]])
+            cpe, cpe_prime = model.encode_items(tok["input_ids"], tok["attention_mask"])
+            sessions = user_sessions(model, [text[h] for h in histories[u]])
+            stok = model.tokenize(sessions)
+            upe = model.encode_users(stok["input_ids"], stok["attention_mask"], torch.arange(len(sessions))[None])
+            expected = float(poly_score(upe, cpe, cpe_prime)[0])
+            assert got[(u, i)] == pytest.approx(expected, abs=SCORE_ATOL), (u, i)
+
+
+def test_rerun_skips_everything_and_edits_reencode_only_changed(catalog, tiny_checkpoint):
+    first = cli("--db", catalog, "precompute", "--checkpoint", tiny_checkpoint).output
+    assert "items_encoded 48" in first and "users_encoded 16" in first
+    again = cli("--db", catalog, "precompute", "--checkpoint", tiny_checkpoint).output
+    assert "items_encoded 0" in again and "items_skipped 48" in again and "users_encoded 0" in again
+    with Catalog(catalog) as cat:
+        cat.upsert_items(pa.table({"item_id": ["b001", "b002"], "title": ["New title", "Other"],
+                                   "description": ["changed", "changed too"]}))
+        runs = cat.runs("precompute")
+    assert runs.num_rows == 2 and set(runs["status"].to_pylist()) == {"ok"}
+    third = cli("--db", catalog, "precompute", "--checkpoint", tiny_checkpoint, "--no-users").output
+    assert "items_encoded 2" in third
+
+
+def test_identical_texts_encoded_once(tmp_path, tiny_checkpoint):
+    db = tmp_path / "dup.duckdb"
+    with Catalog(db) as cat:
+        cat.upsert_items(pa.table({"item_id": ["a", "b", "c"], "title": ["Same", "Same", "Other"],
+                                   "description": ["text", "text", "text"]}))
+    out = cli("--db", db, "precompute", "--checkpoint", tiny_checkpoint, "--no-users").output
+    assert "items_encoded 3" in out and "item_texts_encoded 2" in out
+    with Catalog(db, read_only=True) as cat:
+        block = E.read(cat, _hash(tiny_checkpoint), E.ITEM)
+    np.testing.assert_array_equal(block.vectors["cpe"][0], block.vectors["cpe"][1])
+
+
+def test_checkpoints_never_mix(catalog, tiny_checkpoint, other_checkpoint):
+    cli("--db", catalog, "precompute", "--checkpoint", tiny_checkpoint, "--no-users")
+    out = cli("--db", catalog, "precompute", "--checkpoint", other_checkpoint, "--no-users").output
+    assert "items_encoded 48" in out  # nothing reused from the other checkpoint
+    with Catalog(catalog, read_only=True) as cat:
+        a = E.read(cat, _hash(tiny_checkpoint), E.ITEM)
+        b = E.read(cat, _hash(other_checkpoint), E.ITEM)
+    assert a.ids == b.ids and not np.allclose(a.vectors["cpe"], b.vectors["cpe"])
+    # two models in the catalog: index/score must be told which
+    result = cli("--db", catalog, "index", ok=False)
+    assert result.exit_code == 1 and "choose one with --checkpoint" in result.output
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_reduced_precision_stays_close_to_fp32(tmp_path, catalog, tiny_checkpoint, dtype):
+    import shutil
+
+    other = tmp_path / "copy.duckdb"
+    shutil.copy(catalog, other)
+    cli("--db", catalog, "precompute", "--checkpoint", tiny_checkpoint, "--no-users")
+    cli("--db", other, "precompute", "--checkpoint", tiny_checkpoint, "--no-users", "--dtype", dtype)
+    h = _hash(tiny_checkpoint)
+    with Catalog(catalog, read_only=True) as a, Catalog(other, read_only=True) as b:
+        x, y = E.read(a, h, E.ITEM).vectors["cpe"], E.read(b, h, E.ITEM).vectors["cpe"]
+        assert set(b.arrow(f"SELECT DISTINCT dtype FROM {E.space(b, h, E.ITEM).table}")["dtype"].to_pylist()) == {dtype}
+    cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+    assert cos.mean() > 0.9
+
+
+def test_bad_checkpoint_is_one_clear_line(catalog, tmp_path):
+    result = cli("--db", catalog, "precompute", "--checkpoint", tmp_path / "nope", ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "not an embsum checkpoint" in result.output
