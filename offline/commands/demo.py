@@ -7,7 +7,8 @@ installed), reads the two files out of the zip and runs the pipeline as a sequen
     ingest -> train -> precompute -> index -> score -> show
 
 A step whose command module does not exist yet (offline/commands/<name>.py) is skipped with a
-log line, so the demo grows as the project does. Today it ingests and shows sample histories.
+log line, so the demo grows as the project does. Without `embsum train`, precompute starts from
+an untrained checkpoint warm-started from the packaged backbone (`--init`).
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ def step_train(demo: Demo) -> None:
 
 
 def step_precompute(demo: Demo) -> None:
-    demo.cli("precompute", "--checkpoint", str(demo.checkpoint))
+    # --init: without a trained model (train not built or skipped), an untrained checkpoint
+    # warm-started from the packaged backbone, so the rest of the pipeline still runs.
+    demo.cli("precompute", "--checkpoint", str(demo.checkpoint), "--init")
 
 
 def step_index(demo: Demo) -> None:
@@ -149,17 +152,31 @@ def step_score(demo: Demo) -> None:
     demo.cli("score", "--checkpoint", str(demo.checkpoint), "--retrieve", "100", "--top", "10")
 
 
-def step_show(demo: Demo, n_users: int = 3, n_items: int = 5) -> None:
-    """Counts and a few users' latest liked movies (rating >= 4)."""
+SAMPLE_USERS = ("1", "2", "3")
+
+
+def step_show(demo: Demo, n_items: int = 5) -> None:
+    """Counts, a few users' latest liked movies (rating >= 4) and, once `embsum score` has run,
+    their top recommendations from its latest run."""
     with open_catalog(demo.ctx, read_only=True) as cat:
         click.echo(f"catalog {cat.path}: {cat.count('items')} movies, {cat.count('users')} users, "
                    f"{cat.count('interactions')} ratings")
-        histories = cat.histories(["1", "2", "3"][:n_users])
-        titles = dict(zip(*cat.items({i for h in histories.values() for i in h[-n_items:]})
-                          .select(["item_id", "title"]).to_pydict().values()))
+        histories = cat.histories(SAMPLE_USERS)
+        recs: dict[str, list[str]] = {}
+        if "scores" in cat.tables():
+            rows = cat.con.execute(
+                "SELECT user_id, item_id FROM scores WHERE run_id = (SELECT r.run_id FROM runs r"
+                "   WHERE r.run_id IN (SELECT run_id FROM scores) ORDER BY r.started_at DESC LIMIT 1)"
+                f" AND user_id IN ({', '.join('?' * len(SAMPLE_USERS))}) ORDER BY user_id, rank",
+                list(SAMPLE_USERS)).fetchall()
+            for user, item in rows:
+                recs.setdefault(user, []).append(item)
+        wanted = {i for h in histories.values() for i in h[-n_items:]} | {i for r in recs.values() for i in r}
+        titles = dict(zip(*cat.items(wanted).select(["item_id", "title"]).to_pydict().values()))
     for user, history in histories.items():
-        latest = "; ".join(titles[i] for i in history[-n_items:])
-        click.echo(f"user {user}: {len(history)} liked, latest: {latest}")
+        click.echo(f"user {user}: {len(history)} liked, latest: {'; '.join(titles[i] for i in history[-n_items:])}")
+        if user in recs:
+            click.echo(f"  recommended: {'; '.join(titles.get(i, i) for i in recs[user][:n_items])}")
 
 
 # (name, module the step needs, what it does); a missing module means "not built yet: skip".
