@@ -1,0 +1,402 @@
+"""RoDPO alignment loop: policy (SFT + LoRA + MoE) against the SFT reference.
+
+One step, for a batch of (user, history, chosen item w):
+1. the policy encodes the users (UPE, with gradients);
+2. one rejected item l per user from the negative sampler: `rodpo`/`hard` take it from the
+   user's top-K pool, computed from the user's current (detached) UPE against the item bank;
+3. the policy encodes the distinct w and l items; their fresh vectors replace the bank rows;
+4. the reference (adapters disabled, MoE bypassed, no gradients) scores the same pairs;
+5. loss = DPO + aux_weight * MoE load balancing (+ nce_weight * NCE over the batch's items).
+
+The item bank is the catalog's precomputed CPE (the SFT model's, which is where the policy
+starts) kept current with every vector the steps compute anyway: refreshing a pool is a matmul
+over the bank, never a forward pass over the catalog.
+
+Files under `out` follow `embsum train`: `best/` and `last/` are checkpoints (adapters merged,
+MoE attached: what precompute and score load), `state/` holds what a resumed run needs
+(trainable weights and optimizer moments in safetensors, counters in JSON: no pickle) and
+`adapters/` the LoRA adapters alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embsum.config import ConfigError, _Base, _check
+from embsum.dpo import STRATEGIES, NegativeSampler, dpo_loss, dpo_stats, scores_to_candidates
+from embsum.encoding import autocast, bf16_supported, resolve_device, session_index, user_sessions
+from embsum.lora import LoraSettings, save_adapters
+from embsum.losses import nce_loss
+from embsum.moe import MoEConfig
+from embsum.policy import Policy
+from embsum.scoring import poly_score, poly_score_matrix
+
+log = logging.getLogger("embsum.align")
+
+STATE = "state"
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+PROGRESS = "progress.json"
+
+
+@dataclass
+class AlignConfig(_Base):
+    out: str = field(default="runs/align", metadata={"help": "Output directory (OUT/best, OUT/last, OUT/state, OUT/adapters)."})
+    strategy: str = field(default="rodpo", metadata={"help": (
+        "Rejected items: 'rodpo' (sampled from the policy's top-K, positives excluded), 'hard' "
+        "(deterministic top-1 of that pool), 'random' (uniform over the catalog).")})
+    beta: float = field(default=20.0, metadata={"help": (
+        "DPO beta. Scores are cosines in [-1, 1]: beta plays the role of 1/temperature (SFT "
+        "trains with NCE temperature 0.05, i.e. 20).")})
+    pool_size: int = field(default=50, metadata={"help": "K: size of each user's top-K negative pool."})
+    pool_refresh: int = field(default=50, metadata={"help": "A user's pool is rebuilt once it is this many steps old."})
+    pool_temperature: float = field(default=0.0, metadata={"help": (
+        "rodpo sampling inside the pool: 0 uniform, > 0 softmax(score / temperature).")})
+    aux_weight: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss."})
+    nce_weight: float = field(default=0.0, metadata={"help": "Weight of the SFT NCE loss kept during alignment (0: off)."})
+    nce_temperature: float = field(default=0.05, metadata={"help": "NCE softmax temperature (as in training)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input."})
+    lora_targets: str = field(default="", metadata={"help": "Comma-separated modules to adapt ('' = per architecture)."})
+    experts: int = field(default=4, metadata={"help": "MoE experts (E)."})
+    top_k: int = field(default=2, metadata={"help": "Experts per vector."})
+    expert_hidden: int = field(default=0, metadata={"help": "Expert FFN width (0: model width)."})
+    moe_dropout: float = field(default=0.0, metadata={"help": "Dropout inside the experts."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the training examples (fractions allowed)."})
+    max_steps: int = field(default=0, metadata={"help": "Stop after this many optimizer steps (0: from epochs)."})
+    batch_size: int = field(default=16, metadata={"help": "Examples per step."})
+    lr: float = field(default=2e-4, metadata={"help": "Learning rate of the LoRA adapters."})
+    moe_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the MoE layer."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps of linear warmup, then linear decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
+    examples: str = field(default="prefixes", metadata={"help": "'prefixes' (every prefix -> next item) or 'last'."})
+    train_users: int = field(default=0, metadata={"help": "Use only this many train users (0: all; deterministic subset)."})
+    bf16: str = field(default="auto", metadata={"help": "bf16 autocast: 'auto', 'on', 'off'."})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda'."})
+    encode_batch: int = field(default=64, metadata={"help": "Texts per forward when building the item bank."})
+    eval_every: int = field(default=0, metadata={"help": "Dev evaluation every N steps (0: at the end only)."})
+    save_every: int = field(default=100, metadata={"help": "Write OUT/last and OUT/state every N steps."})
+    dev_users: int = field(default=200, metadata={"help": "Dev users in the evaluation (0: all)."})
+    log_every: int = field(default=10, metadata={"help": "Log losses and expert shares every N steps."})
+    seed: int = field(default=0, metadata={"help": "Seed for shuffling and negative sampling."})
+    resume: bool = field(default=True, metadata={"help": "Continue from OUT/state when it exists."})
+
+    def __post_init__(self):
+        _check(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        _check(self.beta > 0, "beta must be > 0")
+        _check(self.pool_size >= 1 and self.pool_refresh >= 1, "pool_size and pool_refresh must be >= 1")
+        _check(self.pool_temperature >= 0, "pool_temperature must be >= 0")
+        _check(self.aux_weight >= 0 and self.nce_weight >= 0, "aux_weight and nce_weight must be >= 0")
+        _check(self.nce_temperature > 0, "nce_temperature must be > 0")
+        _check(self.epochs > 0 or self.max_steps > 0, "epochs or max_steps must be > 0")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.lr > 0 and self.moe_lr > 0, "learning rates must be > 0")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        _check(self.examples in ("prefixes", "last"), f"examples must be 'prefixes' or 'last', not {self.examples!r}")
+        _check(self.bf16 in ("auto", "on", "off"), f"bf16 must be auto/on/off, not {self.bf16!r}")
+        for name in ("max_steps", "train_users", "eval_every", "save_every", "dev_users", "log_every"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0")
+        try:  # the nested settings validate their own ranges
+            self.lora_settings()
+            MoEConfig(num_experts=self.experts, top_k=self.top_k, hidden=self.expert_hidden, dropout=self.moe_dropout)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def lora_settings(self) -> LoraSettings:
+        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                            target_modules=self.lora_targets)
+
+    def moe_config(self, d_model: int) -> MoEConfig:
+        return MoEConfig(d_model=d_model, num_experts=self.experts, top_k=self.top_k,
+                         hidden=self.expert_hidden, dropout=self.moe_dropout)
+
+
+@dataclass
+class AlignData:
+    """Everything the loop needs, as plain indices (the offline layer builds it from the catalog).
+
+    examples: (user key, history item indices oldest first, chosen item index);
+    positives: user key -> every item index the user is known to like (never a rejected item);
+    item_texts: text of each item index; bank: the item CPE (cpe, cpe_prime) [I, n, d] in the
+    same order (from precompute, or `build_bank`)."""
+
+    examples: list[tuple[str, list[int], int]]
+    positives: dict[str, list[int]]
+    item_texts: list[str]
+    bank: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def build_bank(model, texts: Sequence[str], batch_size: int, device, bf16: bool, progress: bool = True):
+    """The item bank from a forward over the catalog (when precompute has not stored it)."""
+    from embsum.encoding import encode_item_texts
+
+    cpe, cpe_prime = encode_item_texts(model, texts, batch_size=batch_size, device=device,
+                                       dtype="bf16" if bf16 else "fp32", progress=progress)
+    return torch.from_numpy(cpe), torch.from_numpy(cpe_prime)
+
+
+class Batch:
+    """A batch of examples tokenized for one policy step (shared by policy and reference)."""
+
+    def __init__(self, model, item_texts: Sequence[str], examples):
+        self.users = [ex[0] for ex in examples]
+        self.chosen = torch.tensor([ex[2] for ex in examples], dtype=torch.long)
+        # The same sessions inference builds (model.config.max_history, session_size).
+        sessions = [user_sessions(model, [item_texts[i] for i in ex[1]]) for ex in examples]
+        texts, self.user_sessions = session_index(sessions)
+        p = model.config.session_size
+        limit = model.config.item_max_tokens if p == 1 else model.config.session_max_tokens
+        self.sessions = model.tokenize(texts, max_tokens=limit)
+        self.item_texts = item_texts
+        self.items = None  # set by with_rejected once the rejected items are known
+
+    def with_rejected(self, model, rejected: torch.Tensor) -> None:
+        self.rejected = rejected
+        self.item_ids, inverse = torch.unique(torch.cat([self.chosen, rejected]), return_inverse=True)
+        self.pos_w, self.pos_l = inverse[: len(self.chosen)], inverse[len(self.chosen):]
+        self.items = model.tokenize([self.item_texts[i] for i in self.item_ids.tolist()])
+
+    def encode_users(self, model, device):
+        return model.encode_users(self.sessions["input_ids"].to(device), self.sessions["attention_mask"].to(device),
+                                  self.user_sessions.to(device))
+
+    def encode_items(self, model, device):
+        return model.encode_items(self.items["input_ids"].to(device), self.items["attention_mask"].to(device))
+
+    def pair_scores(self, upe, cpe, cpe_prime):
+        """(s(w), s(l)) per example."""
+        return (poly_score(upe, cpe[self.pos_w], cpe_prime[self.pos_w]),
+                poly_score(upe, cpe[self.pos_l], cpe_prime[self.pos_l]))
+
+
+class AlignTrainer:
+    def __init__(self, policy: Policy, config: AlignConfig, data: AlignData,
+                 evaluate_fn: Callable | None = None, progress: Callable | None = None,
+                 run_meta: dict | None = None):
+        self.policy, self.config, self.data = policy, config, data
+        self.evaluate_fn = evaluate_fn  # model -> (report dict, score to maximise)
+        self.progress = progress
+        self.run_meta = run_meta or {}
+        self.device = resolve_device(config.device)
+        policy.to(self.device)
+        self.use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and bf16_supported(self.device))
+        self.out = Path(config.out)
+        self.sampler = NegativeSampler(config.strategy, num_items=len(data.item_texts), pool_size=config.pool_size,
+                                       refresh=config.pool_refresh, temperature=config.pool_temperature,
+                                       seed=config.seed)
+        groups = policy.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(
+            [{"params": groups["lora"], "lr": config.lr}, {"params": groups["moe"], "lr": config.moe_lr}],
+            weight_decay=config.weight_decay)
+        per_epoch = math.ceil(len(data.examples) / config.batch_size)
+        self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
+        warmup = int(self.total_steps * config.warmup_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min((s + 1) / max(1, warmup), max(0.0, (self.total_steps - s) / max(1, self.total_steps - warmup))))
+        self.step = 0
+        self.best: float | None = None
+        self.history: list[dict] = []
+
+    # -- one step ------------------------------------------------------------------------------
+    def pool_fn(self, upe: torch.Tensor, positives: list[list[int]]):
+        """Top candidates of the batch rows that need a new pool, from the item bank."""
+        cpe, cpe_prime = self.data.bank
+
+        def fn(rows, k):
+            with torch.no_grad():
+                scores = poly_score_matrix(upe[rows].detach().float().cpu(), cpe, cpe_prime)
+            return scores_to_candidates(scores, [positives[r] for r in rows], k)
+        return fn
+
+    def loss(self, examples) -> tuple[torch.Tensor, dict]:
+        c, model, device = self.config, self.policy.model, self.device
+        self.policy.train()
+        batch = Batch(model, self.data.item_texts, examples)
+        positives = [self.data.positives[u] for u in batch.users]
+        with autocast(device, self.use_bf16):
+            upe = batch.encode_users(model, device)
+            rejected = self.sampler.sample(batch.users, positives, self.step,
+                                           None if c.strategy == "random" else self.pool_fn(upe, positives))
+            batch.with_rejected(model, rejected)
+            cpe, cpe_prime = batch.encode_items(model, device)
+            s_w, s_l = batch.pair_scores(upe, cpe, cpe_prime)
+            aux = self.policy.pop_aux()
+            with self.policy.reference() as ref:
+                r_upe = batch.encode_users(ref, device)
+                r_w, r_l = batch.pair_scores(r_upe, *batch.encode_items(ref, device))
+        if self.data.bank is not None:
+            self.data.bank[0][batch.item_ids] = cpe.detach().float().cpu()
+            self.data.bank[1][batch.item_ids] = cpe_prime.detach().float().cpu()
+        dpo = dpo_loss(s_w.float(), s_l.float(), r_w.float(), r_l.float(), c.beta)
+        loss = dpo + c.aux_weight * aux
+        stats = {"dpo": dpo.item(), "aux": aux.item(), **dpo_stats(s_w.float(), s_l.float(), r_w.float(), r_l.float())}
+        if c.nce_weight > 0:
+            # The SFT objective over the batch's items: each user's w against every other item
+            # of the batch that is not one of the user's positives.
+            all_scores = poly_score(upe.unsqueeze(1), cpe.unsqueeze(0), cpe_prime.unsqueeze(0))
+            ids = batch.item_ids.tolist()
+            exclude = torch.tensor([[i in set(p) for i in ids] for p in positives], device=all_scores.device)
+            nce = nce_loss(all_scores, batch.pos_w.to(all_scores.device), exclude, c.nce_temperature)
+            loss = loss + c.nce_weight * nce
+            stats["nce"] = nce.item()
+        stats["loss"] = loss.item()
+        return loss, stats
+
+    def train_step(self, examples) -> dict:
+        loss, stats = self.loss(examples)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.max_grad_norm > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return stats
+
+    # -- the loop ------------------------------------------------------------------------------
+    def batches(self):
+        """Shuffled batches, epoch after epoch, from where a resumed run left off."""
+        c, n = self.config, len(self.data.examples)
+        per_epoch = math.ceil(n / c.batch_size)
+        step = self.step
+        while True:
+            epoch, offset = divmod(step, per_epoch)
+            order = list(range(n))
+            random.Random(c.seed * 1_000_003 + epoch).shuffle(order)
+            for b in range(offset, per_epoch):
+                yield [self.data.examples[i] for i in order[b * c.batch_size:(b + 1) * c.batch_size]]
+            step = (epoch + 1) * per_epoch
+
+    def fit(self) -> dict:
+        c = self.config
+        if c.resume and (self.out / STATE / PROGRESS).exists():
+            self.load_state()
+            log.info("resumed from %s at step %d/%d", self.out / STATE, self.step, self.total_steps)
+        if self.data.bank is None and c.strategy != "random":
+            raise ValueError(f"strategy {c.strategy!r} needs the item bank (precomputed item embeddings)")
+        bar = self.progress(total=self.total_steps, initial=self.step, desc=f"align ({c.strategy})", unit="step") \
+            if self.progress else None
+        start, done = time.perf_counter(), 0
+        batches = self.batches()
+        while self.step < self.total_steps:
+            stats = self.train_step(next(batches))
+            done += 1
+            rate = done * c.batch_size / (time.perf_counter() - start)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['reward_acc']:.2f}", ex_s=f"{rate:.1f}")
+            if c.log_every and self.step % c.log_every == 0:
+                shares = self.policy.moe.expert_shares()
+                log.info("step %d/%d loss %.4f dpo %.4f aux %.4f reward_acc %.2f margin %.4f ex/s %.1f experts %s",
+                         self.step, self.total_steps, stats["loss"], stats["dpo"], stats["aux"], stats["reward_acc"],
+                         stats["margin"], rate, " ".join(f"{s:.2f}" for s in shares))
+                self.history.append({"step": self.step, **stats, "expert_shares": shares})
+            if c.eval_every and self.step % c.eval_every == 0 and self.step < self.total_steps:
+                self.evaluate()
+            if c.save_every and self.step % c.save_every == 0 and self.step < self.total_steps:
+                self.save_state()
+        if bar is not None:
+            bar.close()
+        report = self.evaluate()
+        self.save_state()
+        save_adapters(self.policy.peft, self.out / "adapters")
+        return {"steps": self.step, "best": self.best, "dev": report, "expert_shares": self.policy.moe.expert_shares(),
+                "pools_refreshed": self.sampler.refreshed, "examples_per_s": done * c.batch_size / max(1e-9, time.perf_counter() - start)}
+
+    # -- evaluation and checkpoints ----------------------------------------------------------------
+    def evaluate(self) -> dict | None:
+        """Dev evaluation of the policy; keeps OUT/best. Without an evaluate_fn the last is the best."""
+        from embsum.checkpoint import save_checkpoint
+
+        report, score = (None, None)
+        if self.evaluate_fn is not None:
+            report, score = self.evaluate_fn(self.policy.model)
+            log.info("step %d dev score %.4f", self.step, score)
+        if score is None or self.best is None or score > self.best:
+            self.best = score
+            save_checkpoint(self.policy.export(), self.out / "best", extra=self.checkpoint_meta(report))
+        return report
+
+    def checkpoint_meta(self, report) -> dict:
+        return {"step": self.step, "dev": report, "align_config": self.config.to_dict(),
+                "expert_shares": self.policy.moe.expert_shares(), **self.run_meta}
+
+    def save_state(self) -> None:
+        """OUT/last (a checkpoint) and OUT/state (trainable weights, optimizer, counters)."""
+        from safetensors.torch import save_file
+
+        from embsum.checkpoint import save_checkpoint
+
+        save_checkpoint(self.policy.export(), self.out / "last", extra=self.checkpoint_meta(None))
+        state = self.out / STATE
+        tmp = state.with_name(f".{state.name}.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        trainable = {n: p.detach().cpu().contiguous() for n, p in self.policy.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / TRAINABLE))
+        tensors, scalars = optimizer_state(self.optimizer)
+        save_file(tensors, str(tmp / OPTIMIZER))
+        progress = {"step": self.step, "best": self.best, "total_steps": self.total_steps, "optimizer": scalars,
+                    "scheduler": self.scheduler.state_dict(), "config": self.config.to_dict(),
+                    "sampler_rng": self.sampler.generator.get_state().tolist()}
+        (tmp / PROGRESS).write_text(json.dumps(progress, default=str))
+        if state.exists():
+            import shutil
+
+            shutil.rmtree(state)
+        tmp.rename(state)
+
+    def load_state(self) -> None:
+        from safetensors.torch import load_file
+
+        state = self.out / STATE
+        progress = json.loads((state / PROGRESS).read_text())
+        missing = self.policy.load_state_dict(load_file(str(state / TRAINABLE)), strict=False)
+        if missing.unexpected_keys:
+            raise ValueError(f"{state} does not match this policy: unexpected {missing.unexpected_keys[:3]}")
+        load_optimizer_state(self.optimizer, load_file(str(state / OPTIMIZER)), progress["optimizer"])
+        self.scheduler.load_state_dict(progress["scheduler"])
+        self.step, self.best = progress["step"], progress["best"]
+        self.sampler.generator.set_state(torch.tensor(progress["sampler_rng"], dtype=torch.uint8))
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as named tensors (safetensors) + JSON scalars, instead of torch.save."""
+    sd = optimizer.state_dict()
+    tensors, per_param = {}, {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                per_param.setdefault(str(pid), {})[key] = float(value)
+    return tensors, {"param_groups": sd["param_groups"], "scalars": per_param}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in scalars["scalars"].items():
+        for key, value in values.items():
+            state.setdefault(int(pid), {})[key] = torch.tensor(value)
+    optimizer.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+
+
+def expert_utilisation(shares: Sequence[float], floor: float = 0.05) -> dict:
+    """Router statistics summary: the shares and whether every expert got more than `floor`."""
+    return {"shares": [round(s, 4) for s in shares], "min": float(np.min(shares)) if len(shares) else 0.0,
+            "no_expert_starved": bool(len(shares) and min(shares) > floor)}

@@ -1,0 +1,88 @@
+"""The RoDPO loop on a tiny model: starts at log 2, learns, resumes, writes loadable checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from embsum.align_trainer import AlignConfig, AlignData, AlignTrainer, build_bank, expert_utilisation
+from embsum.config import ConfigError
+from embsum.policy import Policy, load_model
+
+TEXTS = [f"Book {i}: a story about {w}." for i, w in enumerate(
+    ["dragons", "the sea", "cooking", "war", "love", "space", "gardens", "trains", "music", "crime", "birds", "snow"])]
+
+
+def tiny_data(model) -> AlignData:
+    histories = {"u1": [0, 1, 2, 3], "u2": [4, 5, 6], "u3": [7, 8, 9, 10], "u4": [1, 5, 9]}
+    examples = [(u, h[:t], h[t]) for u, h in histories.items() for t in range(1, len(h))]
+    return AlignData(examples, histories, TEXTS, build_bank(model, TEXTS, 8, "cpu", False, progress=False))
+
+
+@pytest.fixture
+def sft(tiny_checkpoint):
+    """A fresh copy of the tiny SFT checkpoint (tests/offline/jobs_fixtures.py)."""
+    return load_model(tiny_checkpoint)[0]
+
+
+def config(tmp_path, **kw) -> AlignConfig:
+    base = dict(out=str(tmp_path / "align"), pool_size=3, pool_refresh=2, batch_size=4, max_steps=4,
+                lr=5e-3, moe_lr=5e-3, device="cpu", bf16="off", log_every=1, save_every=2, lora_r=4)
+    return AlignConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("strategy", ["rodpo", "hard", "random"])
+def test_first_step_loss_is_log_two_and_training_moves_the_policy(sft, tmp_path, strategy):
+    cfg = config(tmp_path, strategy=strategy, beta=5.0)
+    trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, tiny_data(sft))
+    first = trainer.train_step(trainer.data.examples[:4])
+    assert first["dpo"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["margin"] == pytest.approx(0.0, abs=1e-6)
+    later = [trainer.train_step(trainer.data.examples[:4])["dpo"] for _ in range(5)]
+    assert min(later) < math.log(2)  # the policy moved away from the reference the right way
+    if strategy != "random":
+        assert trainer.sampler.refreshed > 0
+
+
+def test_fit_writes_checkpoints_state_and_adapters_and_resumes(sft, tmp_path, tiny_checkpoint):
+    cfg = config(tmp_path)
+    data = tiny_data(sft)
+    trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, data,
+                           evaluate_fn=lambda model: ({"score": 0.5}, 0.5))
+    summary = trainer.fit()
+    out = tmp_path / "align"
+    assert summary["steps"] == 4 and len(summary["expert_shares"]) == 4
+    assert (out / "adapters" / "adapter_model.safetensors").exists()
+    for name in ("best", "last"):
+        model, digest = load_model(out / name)
+        assert model.fusion.config.num_experts == 4 and len(digest) == 16
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.bin"))
+    # A second run with more steps picks up at step 4, with the trained weights and optimizer.
+    fresh = load_model(tiny_checkpoint)[0]
+    cfg2 = config(tmp_path, max_steps=6)
+    resumed = AlignTrainer(Policy(fresh, cfg2.lora_settings(), cfg2.moe_config(fresh.d)), cfg2, tiny_data(fresh))
+    resumed.load_state()
+    assert resumed.step == 4
+    for (name, p), (_, q) in zip(trainer.policy.named_parameters(), resumed.policy.named_parameters()):
+        if p.requires_grad:
+            assert torch.equal(p.detach(), q.detach()), name
+    assert resumed.optimizer.state_dict()["state"].keys() == trainer.optimizer.state_dict()["state"].keys()
+    assert resumed.fit()["steps"] == 6
+
+
+def test_nce_term_and_expert_utilisation(sft, tmp_path):
+    cfg = config(tmp_path, nce_weight=0.5)
+    trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, tiny_data(sft))
+    stats = trainer.train_step(trainer.data.examples[:4])
+    assert stats["nce"] > 0 and stats["loss"] > stats["dpo"]
+    util = expert_utilisation(trainer.policy.moe.expert_shares())
+    assert sum(util["shares"]) == pytest.approx(1.0, abs=1e-3)
+    assert util["no_expert_starved"] == (util["min"] > 0.05)
+
+
+@pytest.mark.parametrize("bad", [{"strategy": "hardest"}, {"beta": 0}, {"top_k": 5}, {"lora_r": 0}])
+def test_config_errors_are_one_line(bad):
+    with pytest.raises(ConfigError):
+        AlignConfig(**bad)
