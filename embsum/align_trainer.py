@@ -26,18 +26,17 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from embsum.config import ConfigError, _Base, _check
-from embsum.dpo import STRATEGIES, NegativeSampler, dpo_loss, dpo_stats, scores_to_candidates
+from embsum.align_config import AlignConfig
+from embsum.dpo import NegativeSampler, dpo_loss, dpo_stats, scores_to_candidates
 from embsum.encoding import autocast, bf16_supported, resolve_device, session_index, user_sessions
-from embsum.lora import LoraSettings, save_adapters
+from embsum.lora import save_adapters
 from embsum.losses import nce_loss
-from embsum.moe import MoEConfig
 from embsum.policy import Policy
 from embsum.scoring import poly_score, poly_score_matrix
 
@@ -47,80 +46,6 @@ STATE = "state"
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 PROGRESS = "progress.json"
-
-
-@dataclass
-class AlignConfig(_Base):
-    out: str = field(default="runs/align", metadata={"help": "Output directory (OUT/best, OUT/last, OUT/state, OUT/adapters)."})
-    strategy: str = field(default="rodpo", metadata={"help": (
-        "Rejected items: 'rodpo' (sampled from the policy's top-K, positives excluded), 'hard' "
-        "(deterministic top-1 of that pool), 'random' (uniform over the catalog).")})
-    beta: float = field(default=20.0, metadata={"help": (
-        "DPO beta. Scores are cosines in [-1, 1]: beta plays the role of 1/temperature (SFT "
-        "trains with NCE temperature 0.05, i.e. 20).")})
-    pool_size: int = field(default=50, metadata={"help": "K: size of each user's top-K negative pool."})
-    pool_refresh: int = field(default=50, metadata={"help": "A user's pool is rebuilt once it is this many steps old."})
-    pool_temperature: float = field(default=0.0, metadata={"help": (
-        "rodpo sampling inside the pool: 0 uniform, > 0 softmax(score / temperature).")})
-    aux_weight: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss."})
-    nce_weight: float = field(default=0.0, metadata={"help": "Weight of the SFT NCE loss kept during alignment (0: off)."})
-    nce_temperature: float = field(default=0.05, metadata={"help": "NCE softmax temperature (as in training)."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input."})
-    lora_targets: str = field(default="", metadata={"help": "Comma-separated modules to adapt ('' = per architecture)."})
-    experts: int = field(default=4, metadata={"help": "MoE experts (E)."})
-    top_k: int = field(default=2, metadata={"help": "Experts per vector."})
-    expert_hidden: int = field(default=0, metadata={"help": "Expert FFN width (0: model width)."})
-    moe_dropout: float = field(default=0.0, metadata={"help": "Dropout inside the experts."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the training examples (fractions allowed)."})
-    max_steps: int = field(default=0, metadata={"help": "Stop after this many optimizer steps (0: from epochs)."})
-    batch_size: int = field(default=16, metadata={"help": "Examples per step."})
-    lr: float = field(default=2e-4, metadata={"help": "Learning rate of the LoRA adapters."})
-    moe_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the MoE layer."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps of linear warmup, then linear decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
-    examples: str = field(default="prefixes", metadata={"help": "'prefixes' (every prefix -> next item) or 'last'."})
-    train_users: int = field(default=0, metadata={"help": "Use only this many train users (0: all; deterministic subset)."})
-    bf16: str = field(default="auto", metadata={"help": "bf16 autocast: 'auto', 'on', 'off'."})
-    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda'."})
-    encode_batch: int = field(default=64, metadata={"help": "Texts per forward when building the item bank."})
-    eval_every: int = field(default=0, metadata={"help": "Dev evaluation every N steps (0: at the end only)."})
-    save_every: int = field(default=100, metadata={"help": "Write OUT/last and OUT/state every N steps."})
-    dev_users: int = field(default=200, metadata={"help": "Dev users in the evaluation (0: all)."})
-    log_every: int = field(default=10, metadata={"help": "Log losses and expert shares every N steps."})
-    seed: int = field(default=0, metadata={"help": "Seed for shuffling and negative sampling."})
-    resume: bool = field(default=True, metadata={"help": "Continue from OUT/state when it exists."})
-
-    def __post_init__(self):
-        _check(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
-        _check(self.beta > 0, "beta must be > 0")
-        _check(self.pool_size >= 1 and self.pool_refresh >= 1, "pool_size and pool_refresh must be >= 1")
-        _check(self.pool_temperature >= 0, "pool_temperature must be >= 0")
-        _check(self.aux_weight >= 0 and self.nce_weight >= 0, "aux_weight and nce_weight must be >= 0")
-        _check(self.nce_temperature > 0, "nce_temperature must be > 0")
-        _check(self.epochs > 0 or self.max_steps > 0, "epochs or max_steps must be > 0")
-        _check(self.batch_size >= 1, "batch_size must be >= 1")
-        _check(self.lr > 0 and self.moe_lr > 0, "learning rates must be > 0")
-        _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
-        _check(self.examples in ("prefixes", "last"), f"examples must be 'prefixes' or 'last', not {self.examples!r}")
-        _check(self.bf16 in ("auto", "on", "off"), f"bf16 must be auto/on/off, not {self.bf16!r}")
-        for name in ("max_steps", "train_users", "eval_every", "save_every", "dev_users", "log_every"):
-            _check(getattr(self, name) >= 0, f"{name} must be >= 0")
-        try:  # the nested settings validate their own ranges
-            self.lora_settings()
-            MoEConfig(num_experts=self.experts, top_k=self.top_k, hidden=self.expert_hidden, dropout=self.moe_dropout)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-
-    def lora_settings(self) -> LoraSettings:
-        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                            target_modules=self.lora_targets)
-
-    def moe_config(self, d_model: int) -> MoEConfig:
-        return MoEConfig(d_model=d_model, num_experts=self.experts, top_k=self.top_k,
-                         hidden=self.expert_hidden, dropout=self.moe_dropout)
 
 
 @dataclass

@@ -28,8 +28,8 @@ def sft(tiny_checkpoint):
 
 
 def config(tmp_path, **kw) -> AlignConfig:
-    base = dict(out=str(tmp_path / "align"), pool_size=3, pool_refresh=2, batch_size=4, max_steps=4,
-                lr=5e-3, moe_lr=5e-3, device="cpu", bf16="off", log_every=1, save_every=2, lora_r=4)
+    base = {"out": str(tmp_path / "align"), "pool_size": 3, "pool_refresh": 2, "batch_size": 4, "max_steps": 4,
+                "lr": 5e-3, "moe_lr": 5e-3, "device": "cpu", "bf16": "off", "log_every": 1, "save_every": 2, "lora_r": 4}
     return AlignConfig(**{**base, **kw})
 
 

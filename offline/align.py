@@ -1,0 +1,158 @@
+"""The `embsum align` job: catalog -> RoDPO training data -> aligned checkpoint.
+
+The catalog is open only while the data is read and while the run is recorded (DuckDB has
+one writer per file: a 30-minute alignment must not lock out precompute or ingest).
+Training and dev users follow goodreads-v1's sha1 split whatever the dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from embsum.align_trainer import AlignConfig, AlignData, AlignTrainer, build_bank, expert_utilisation
+from embsum.evaluation import EvalSet, build_eval_set, dev_score, evaluate, poly_scorer, train_examples
+from embsum.policy import Policy
+from index.catalog import Catalog
+from offline.texts import item_text
+
+log = logging.getLogger("embsum.align")
+
+
+class AlignError(Exception):
+    """A problem with the inputs of an alignment run (one clear line for the user)."""
+
+
+@dataclass
+class CatalogData:
+    item_ids: list[str]  # sorted as strings: the order of texts, bank rows and score columns
+    texts: list[str]
+    histories: dict[str, list[str]]
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {item: i for i, item in enumerate(self.item_ids)}
+
+
+def read_catalog(cat: Catalog) -> CatalogData:
+    items = cat.items()
+    ids = items.column("item_id").to_pylist()
+    texts = [item_text(t, d) for t, d in zip(items.column("title").to_pylist(), items.column("description").to_pylist())]
+    if not ids:
+        raise AlignError("the catalog has no items: run `embsum ingest` first")
+    return CatalogData(ids, texts, cat.histories())
+
+
+def stored_bank(cat: Catalog, model_hash: str, item_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The SFT model's item vectors from `embsum precompute`, if every item has a current one."""
+    from index import embeddings as E
+
+    block = E.read(cat, model_hash, E.ITEM, ids=item_ids)
+    if block is None or block.ids != item_ids:
+        return None
+    return torch.from_numpy(block.vectors["cpe"]), torch.from_numpy(block.vectors["cpe_prime"])
+
+
+def align_data(data: CatalogData, cfg: AlignConfig) -> AlignData:
+    """Train-split examples (goodreads-v1 split rule) as item indices; positives = full histories."""
+    index = data.index
+    histories = {u: [index[i] for i in h if i in index] for u, h in data.histories.items()}
+    examples = []
+    for user, history, target in train_examples(data.histories, cfg.examples, cfg.train_users):
+        if target in index:
+            examples.append((user, [index[i] for i in history if i in index], index[target]))
+    if not examples:
+        raise AlignError("no training examples: alignment needs train-split users with >= 2 items")
+    return AlignData(examples, {u: histories[u] for u, _, _ in examples}, data.texts)
+
+
+def candidate_scorer(model, eval_set: EvalSet, texts: list[str], batch_size: int, device, bf16: bool,
+                     full_ranking: bool, progress: bool = False):
+    """The model's scorer over `eval_set`: users' UPE, and CPE of the candidate items only (or of
+    the whole catalog for full ranking). Same encoding path as precompute."""
+    from embsum.encoding import encode_item_texts, encode_user_histories
+
+    dtype = "bf16" if bf16 else "fp32"
+    if full_ranking:
+        cols = np.arange(len(eval_set.item_ids))
+    else:
+        cols = np.unique(np.concatenate([eval_set.positions(u.uniform + u.pop) for u in eval_set.users]))
+    index = eval_set.item_index
+    cpe, cpe_prime = encode_item_texts(model, [texts[c] for c in cols], batch_size=batch_size, device=device,
+                                       dtype=dtype, progress=progress)
+    upe = encode_user_histories(model, [[texts[index[i]] for i in u.history] for u in eval_set.users],
+                                device=device, dtype=dtype, progress=progress)
+    return poly_scorer(upe, cpe, cpe_prime, None if full_ranking else cols)
+
+
+def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool):
+    """model -> (report, score): goodreads-v1 dev users, uniform and pop candidates."""
+    eval_set = build_eval_set(data.histories, data.item_ids, "dev", limit=cfg.dev_users)
+    if not eval_set.users:
+        log.warning("no dev users with >= 2 items: keeping the last checkpoint as the best")
+        return None
+
+    def run(model):
+        scorer = candidate_scorer(model, eval_set, data.texts, cfg.encode_batch, device, bf16, full_ranking=False)
+        report = evaluate(eval_set, scorer, full_ranking=False)
+        return report, dev_score(report)
+    return run
+
+
+def run_align(db: str, checkpoint: str, cfg: AlignConfig, progress=None, bank=None) -> dict:
+    """Align the SFT `checkpoint` on the catalog at `db`; returns a summary (also in `runs`)."""
+    from embsum.checkpoint import CheckpointError
+    from embsum.policy import load_model
+
+    try:
+        sft, sft_hash = load_model(checkpoint, "cpu")
+    except CheckpointError as err:
+        raise AlignError(str(err)) from None
+    if getattr(sft, "fusion", None) is not None:
+        raise AlignError(f"{checkpoint} is already aligned (it has a fusion layer): align from the SFT checkpoint")
+    with Catalog(db) as cat:
+        data = read_catalog(cat)
+        if bank is None and cfg.strategy != "random":
+            bank = stored_bank(cat, sft_hash, data.item_ids)
+            log.info("item bank: %s", "precomputed vectors from the catalog" if bank is not None else "encoding the catalog")
+        run_id = cat.start_run("align", {"checkpoint": checkpoint, "sft_hash": sft_hash, **cfg.to_dict()})
+    try:
+        summary = align(sft, sft_hash, data, cfg, progress=progress, bank=bank)
+    except BaseException as err:
+        with Catalog(db) as cat:
+            cat.finish_run(run_id, "failed", error=f"{type(err).__name__}: {err}")
+        raise
+    with Catalog(db) as cat:
+        cat.finish_run(run_id, "ok", {k: v for k, v in summary.items() if k != "dev"})
+    return summary
+
+
+def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None, bank=None,
+          evaluate_dev: bool = True) -> dict:
+    """The alignment itself, on data already read (the benchmark calls this directly)."""
+    from embsum.encoding import bf16_supported, resolve_device
+
+    device = resolve_device(cfg.device)
+    bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_supported(device))
+    adata = align_data(data, cfg)
+    if cfg.strategy != "random":
+        if bank is None:  # the SFT model's item vectors: where the policy starts
+            bank = build_bank(sft.to(device), data.texts, cfg.encode_batch, device, bf16, progress=progress is not None)
+        adata.bank = (bank[0].clone(), bank[1].clone())  # updated in place by the steps
+    policy = Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)).to(device)
+    log.info("align %s: %d examples from %d train users, %d items, strategy %s, beta %g, K %d",
+             sft_hash, len(adata.examples), len(adata.positives), len(data.item_ids), cfg.strategy, cfg.beta,
+             cfg.pool_size)
+    evaluate_fn = dev_evaluator(data, cfg, device, bf16) if evaluate_dev else None
+    trainer = AlignTrainer(policy, cfg, adata, evaluate_fn=evaluate_fn, progress=progress,
+                           run_meta={"sft_hash": sft_hash})
+    start = time.perf_counter()
+    summary = trainer.fit()
+    summary["wall_s"] = round(time.perf_counter() - start, 1)
+    summary["experts"] = expert_utilisation(summary.pop("expert_shares"))
+    summary["out"] = cfg.out
+    return summary

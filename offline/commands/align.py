@@ -1,0 +1,71 @@
+"""`embsum align`: RoDPO alignment of an SFT checkpoint (see offline/align.py, embsum/align_trainer.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from embsum.align_config import AlignConfig
+from offline.job_options import config_from, config_options
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_values(name: str) -> dict:
+    """The [align] table of a packaged recipe (`cpu` -> offline/recipes/align_cpu.toml) or a file."""
+    from offline.cli import load_config
+
+    path = Path(name)
+    if not path.exists():
+        path = RECIPES / f"align_{name}.toml"
+        if not path.exists():
+            known = sorted(p.stem.removeprefix("align_") for p in RECIPES.glob("align_*.toml"))
+            raise click.UsageError(f"unknown recipe {name!r}: a TOML file or one of {', '.join(known)}")
+    return load_config(str(path)).get("align", {})
+
+
+@click.command("align")
+@click.option("--checkpoint", required=True, type=click.Path(file_okay=False),
+              help="The SFT checkpoint to align (embsum train output, e.g. runs/sft/best).")
+@click.option("--recipe", default=None,
+              help="Packaged recipe (cpu, gpu) or a TOML file with an [align] table: defaults below "
+                   "--config and the flags.")
+@config_options(AlignConfig)
+@click.pass_context
+def command(ctx: click.Context, checkpoint: str, recipe: str | None, **options) -> None:
+    """Align an SFT checkpoint with RoDPO: LoRA adapters + a sparse MoE fusion layer, trained with
+    DPO against the SFT model on train users, negatives from each user's top-K pool.
+
+    \b
+    Examples:
+      embsum align --checkpoint runs/sft/best --out runs/align
+      embsum align --checkpoint runs/sft/best --recipe cpu --strategy hard --out runs/align-hard
+      embsum align --checkpoint runs/sft/best --beta 10 --pool-size 100 --max-steps 300
+
+    Writes OUT/best and OUT/last (checkpoints with the adapters merged and the MoE attached, for
+    precompute, refresh and score), OUT/adapters (the LoRA adapters alone) and OUT/state (to
+    resume: a re-run with the same OUT continues where a killed one stopped).
+    """
+    import json
+    import logging
+
+    from embsum.config import ConfigError
+    from offline.align import AlignError, run_align
+    from offline.common import db_path, progress
+
+    if recipe:
+        for key, value in recipe_values(recipe).items():
+            if key not in options:
+                raise click.UsageError(f"recipe {recipe}: unknown [align] key {key!r}")
+            if ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
+                options[key] = value
+    cfg = config_from(AlignConfig, options)  # a bad value is a usage error (one line)
+    try:
+        summary = run_align(db_path(ctx), checkpoint, cfg, progress=progress)
+    except (AlignError, ConfigError) as err:
+        raise click.ClickException(str(err)) from None
+    logging.getLogger("embsum.align").info("summary: %s", json.dumps(summary, default=str))
+    experts = summary["experts"]
+    click.echo(f"aligned {summary['steps']} steps ({cfg.strategy}) in {summary['wall_s']}s -> {cfg.out}/best; "
+               f"expert shares {experts['shares']}" + ("" if experts["no_expert_starved"] else " (an expert is starved)"))
