@@ -40,7 +40,8 @@ class ScoreConfig:
     """How `embsum score` ranks."""
 
     top: int = field(default=10, metadata={"help": "Items kept per user (0: every scored candidate)."})
-    retrieve: int = field(default=100, metadata={"help": "FAISS hits per UPE vector (the first-stage K)."})
+    retrieve: int = field(default=100, metadata={
+        "help": "First-stage K: items retrieved per UPE vector (K*n vector hits in a multi-vector index)."})
     exact: bool = field(default=True, metadata={
         "help": "Widen the search until each user's top-N is certified exact (multi-vector Flat indexes)."})
     exclude_history: bool = field(default=True, metadata={"help": "Never recommend an item the user already has."})

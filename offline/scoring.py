@@ -96,7 +96,8 @@ def recommend(snap: S.Snapshot, upe: np.ndarray, cfg: ScoreConfig,
     certified = np.zeros(n_users, bool)
     searched = np.zeros(n_users, np.int64)
     pending = np.arange(n_users)
-    k = min(cfg.retrieve, max(ntotal, 1))
+    # an item's n vectors tend to sit together: K items need about K * n hits per query
+    k = min(cfg.retrieve * (n if mode == "multi" else 1), max(ntotal, 1))
     while len(pending):
         dots, ids = F.search(snap.index, upe[pending].reshape(-1, d), k)
         kk = dots.shape[1]

@@ -1,0 +1,72 @@
+"""Shared pieces of the precompute / refresh / scoring benchmarks: the Goodreads books, an
+untrained checkpoint from the packaged backbone, medians of repeats, peak RSS, a table printer."""
+
+from __future__ import annotations
+
+import csv
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "goodreads"
+OUT = ROOT / "bench-out"
+
+
+def load_books(data: Path, limit: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """(ids, titles, descriptions) of books.tsv in file order (the first `limit` when > 0)."""
+    with open(data / "books.tsv", newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    rows = rows[:limit] if limit else rows
+    return [r["book_id"] for r in rows], [r["title"] for r in rows], [r["description"] for r in rows]
+
+
+def load_histories(data: Path) -> dict[str, list[str]]:
+    with open(data / "users.jsonl") as fh:
+        return {u["user_id"]: u["history"] for u in map(json.loads, fh)}
+
+
+def untrained_checkpoint(directory: Path) -> str:
+    """The pipeline's starting point before any training: EmbSum warm-started from the packaged
+    all-MiniLM-L6-v2 (default ModelConfig)."""
+    from embsum.checkpoint import checkpoint_hash, init_checkpoint
+    from embsum.config import ModelConfig
+
+    if not (directory / "hash").exists():
+        init_checkpoint(ModelConfig(), directory)
+    return checkpoint_hash(directory)
+
+
+def median_seconds(fn, repeats: int) -> tuple[float, list[float], object]:
+    """Median wall time of `fn()` over `repeats` calls, all times, and the last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times, result
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A markdown table (what the report pastes)."""
+    def fmt(x):
+        return f"{x:,.4g}" if isinstance(x, float) else str(x)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def save(name: str, payload: dict) -> Path:
+    OUT.mkdir(exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    return path

@@ -1,0 +1,181 @@
+"""Precompute throughput on the Goodreads books, side by side in one process, plus the quality
+cost of bf16 and int8.
+
+    .venv/bin/python benchmarks/precompute.py [--items 0] [--repeats 3] [--eval-users 300]
+
+Rows (items/s, median of --repeats; every method gets the same texts and token limit):
+- sentence-transformers `encode` (batch 64) with the packaged all-MiniLM-L6-v2;
+- the raw backbone forward (fp32, inference mode, mean pooling) in naive file-order batches,
+  and the same forward over length-sorted batches;
+- the embsum precompute job (offline.precompute.precompute_items into a fresh DuckDB file:
+  chunks, per-chunk dedupe, length-sorted encoding, poly-attention, Arrow writes, one
+  transaction per chunk) plus the FAISS index build from the stored vectors, per dtype.
+Quality per dtype against fp32: cosine of every CPE vector, and nDCG@10 (goodreads-v1 test
+users, uniform and pop candidates) of an untrained checkpoint whose item AND user vectors
+come from that dtype. Untrained: the figures say what the dtype changes, not model quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from bench_common import DATA, load_books, load_histories, median_seconds, save, table, untrained_checkpoint
+
+from index.catalog import Catalog
+from index.faiss_index import IndexConfig
+from offline.indexing import sync_index
+from offline.job_configs import PrecomputeConfig
+from offline.precompute import precompute_items
+from offline.texts import item_text
+
+
+def st_encode(texts, max_tokens: int, batch: int):
+    from sentence_transformers import SentenceTransformer
+
+    from embsum.backbone import packaged_dir
+
+    model = SentenceTransformer(str(packaged_dir()), device="cpu")
+    model.max_seq_length = max_tokens
+    return lambda: model.encode(texts, batch_size=batch, show_progress_bar=False)
+
+
+def raw_forward(texts, max_tokens: int, batch: int, sort: bool):
+    import torch
+
+    from embsum.backbone import load_encoder
+
+    encoder, tok = load_encoder()
+
+    def run():
+        order = np.argsort([len(t) for t in tok(texts, truncation=True, max_length=max_tokens)["input_ids"]],
+                           kind="stable") if sort else np.arange(len(texts))
+        out = np.zeros((len(texts), encoder.config.hidden_size), np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch):
+                pos = order[start:start + batch]
+                b = tok([texts[i] for i in pos], padding=True, truncation=True, max_length=max_tokens,
+                        return_tensors="pt")
+                h = encoder(**b).last_hidden_state
+                m = b["attention_mask"].unsqueeze(-1).float()
+                out[pos] = ((h * m).sum(1) / m.sum(1)).numpy()
+        return out
+    return run
+
+
+def embsum_job(ids, titles, descs, model, model_hash, dtype, batch, workdir: Path):
+    """One precompute (+ index build) into a fresh catalog; returns (encode+write s, index s, cpe, cpe')."""
+    from index import embeddings as E
+
+    items = pa.table({"item_id": ids, "title": titles, "description": descs})
+    cfg = PrecomputeConfig(users=False, dtype=dtype, batch_size=batch)
+
+    def run():
+        db = Path(tempfile.mkdtemp(dir=workdir)) / "bench.duckdb"
+        with Catalog(db) as cat:
+            cat.upsert_items(items)
+            t0 = time.perf_counter()
+            precompute_items(cat, model, model_hash, cfg)
+            t1 = time.perf_counter()
+            sync_index(cat, db.with_suffix(".index"), model_hash, IndexConfig())
+            t2 = time.perf_counter()
+            block = E.read(cat, model_hash, E.ITEM, current=False)
+        pos = {i: k for k, i in enumerate(block.ids)}
+        order = [pos[i] for i in ids]
+        return t1 - t0, t2 - t1, block.vectors["cpe"][order], block.vectors["cpe_prime"][order]
+    return run
+
+
+def ndcg(model, dtype, ids, texts, cpe, cpe_prime, histories, eval_users, batch):
+    from embsum.encoding import encode_user_histories
+    from embsum.evaluation import build_eval_set, evaluate, poly_scorer
+
+    eval_set = build_eval_set(histories, ids, "test", limit=eval_users)
+    text = dict(zip(ids, texts))
+    upe = encode_user_histories(model, [[text[i] for i in u.history] for u in eval_set.users], batch_size=batch,
+                                dtype=dtype, progress=False)
+    pos = {i: k for k, i in enumerate(ids)}
+    order = [pos[i] for i in eval_set.item_ids]
+    report = evaluate(eval_set, poly_scorer(upe, cpe[order], cpe_prime[order]), full_ranking=False)
+    return report["uniform"]["ndcg@10"], report["pop"]["ndcg@10"], len(eval_set.users)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--items", type=int, default=0, help="first N books (0: all 16,833)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--eval-users", type=int, default=300, help="goodreads-v1 test users for nDCG@10 (0: all)")
+    p.add_argument("--dtypes", default="fp32,bf16,int8")
+    p.add_argument("--skip", default="", help="comma list of baselines to skip: st,raw-file,raw-sorted")
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+
+    from embsum.checkpoint import load_checkpoint
+
+    ids, titles, descs = load_books(args.data, args.items)
+    texts = [item_text(t, d) for t, d in zip(titles, descs)]
+    work = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
+    model_hash = untrained_checkpoint(work / "ckpt")
+    model, _ = load_checkpoint(work / "ckpt")
+    max_tokens = model.config.item_max_tokens
+    n, rows, results = len(texts), [], {}
+
+    def record(name, fn, extra=""):
+        med, times, out = median_seconds(fn, args.repeats)
+        results[name] = {"median_s": med, "times": times, "items_per_s": n / med}
+        rows.append([name, n / med, med, extra])
+        print(f"{name}: {n / med:.1f} items/s (median of {times})", flush=True)
+        return out
+
+    if "st" not in skip:
+        record(f"sentence-transformers encode, batch {args.batch_size}, max {max_tokens} tokens",
+               st_encode(texts, max_tokens, args.batch_size))
+    if "raw-file" not in skip:
+        record("raw backbone fp32, file-order batches", raw_forward(texts, max_tokens, args.batch_size, False))
+    if "raw-sorted" not in skip:
+        record("raw backbone fp32, length-sorted batches", raw_forward(texts, max_tokens, args.batch_size, True))
+    vectors = {}
+    for dtype in args.dtypes.split(","):
+        job = embsum_job(ids, titles, descs, model, model_hash, dtype, args.batch_size, work)
+        times = []
+
+        def timed_total(job=job, times=times):
+            enc, idx, cpe, cpe_prime = job()
+            times.append((enc, idx))
+            return cpe, cpe_prime
+        vectors[dtype] = record(f"embsum precompute {dtype} (+DuckDB writes +FAISS build)", timed_total)
+        enc = float(np.median([t[0] for t in times]))
+        idx = float(np.median([t[1] for t in times]))
+        results[f"embsum {dtype}"] = {"encode_write_s": enc, "index_s": idx}
+        rows[-1][3] = f"encode+write {enc:.1f}s, index {idx:.1f}s"
+
+    st = next((r[1] for r in rows if r[0].startswith("sentence")), None)
+    print("\n" + table(["method", "items/s", "median s", "detail"] + (["x sentence-transformers"] if st else []),
+                       [r + ([r[1] / st] if st else []) for r in rows]))
+
+    if "fp32" in vectors:
+        histories = load_histories(args.data)
+        ref = vectors["fp32"][0]
+        qrows = []
+        base = None
+        for dtype, (cpe, cpe_prime) in vectors.items():
+            cos = (cpe * ref).sum(-1) / (np.linalg.norm(cpe, axis=-1) * np.linalg.norm(ref, axis=-1))
+            uni, pop, users = ndcg(model, dtype, ids, texts, cpe, cpe_prime, histories, args.eval_users,
+                                   args.batch_size)
+            base = base or (uni, pop)
+            results[f"quality {dtype}"] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+                                           "ndcg10_uniform": uni, "ndcg10_pop": pop, "eval_users": users}
+            qrows.append([dtype, float(cos.mean()), float(cos.min()), uni, uni - base[0], pop, pop - base[1]])
+        print(f"\nquality vs fp32 (goodreads-v1 test users: {users}; untrained checkpoint)")
+        print(table(["dtype", "cos mean", "cos min", "nDCG@10 uniform", "change", "nDCG@10 pop", "change"], qrows))
+    print(f"\nsaved {save('precompute', {'items': n, 'repeats': args.repeats, **results})}")
+
+
+if __name__ == "__main__":
+    main()
