@@ -31,6 +31,10 @@ class AlignConfig(_Base):
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input."})
     lora_targets: str = field(default="", metadata={"help": "Comma-separated modules to adapt ('' = per architecture)."})
+    lora_scope: str = field(default="all", metadata={"choices": ("all", "decoder"), "help": (
+        "Where the adapters go: 'all' (encoder and decoder attention) or 'decoder' (user side "
+        "only; the encoder stays frozen, its token states are computed once and cached: the "
+        "item side then changes through the MoE only, and a step costs no encoder pass).")})
     experts: int = field(default=4, metadata={"help": "MoE experts (E)."})
     top_k: int = field(default=2, metadata={"help": "Experts per vector."})
     expert_hidden: int = field(default=0, metadata={"help": "Expert FFN width (0: model width)."})
@@ -81,7 +85,7 @@ class AlignConfig(_Base):
         from embsum.lora import LoraSettings
 
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                            target_modules=self.lora_targets)
+                            target_modules=self.lora_targets, scope=self.lora_scope)
 
     def moe_config(self, d_model: int = 384):
         from embsum.moe import MoEConfig

@@ -20,6 +20,7 @@ MoE attached: what precompute and score load), `state/` holds what a resumed run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -34,7 +35,16 @@ import torch
 
 from embsum.align_config import AlignConfig
 from embsum.dpo import NegativeSampler, dpo_loss, dpo_stats, scores_to_candidates
-from embsum.encoding import autocast, bf16_supported, resolve_device, session_index, user_sessions
+from embsum.encoding import (
+    StateCache,
+    autocast,
+    bf16_supported,
+    encode_token_states,
+    pad_states,
+    resolve_device,
+    session_index,
+    user_sessions,
+)
 from embsum.lora import save_adapters
 from embsum.losses import nce_loss
 from embsum.policy import Policy
@@ -61,44 +71,76 @@ class AlignData:
     positives: dict[str, list[int]]
     item_texts: list[str]
     bank: tuple[torch.Tensor, torch.Tensor] | None = None
+    cache: StateCache | None = None  # encoder token states by text (only when the encoder is frozen)
 
 
-def build_bank(model, texts: Sequence[str], batch_size: int, device, bf16: bool, progress: bool = True):
-    """The item bank from a forward over the catalog (when precompute has not stored it)."""
+def build_bank(model, texts: Sequence[str], batch_size: int, device, bf16: bool, progress: bool = True,
+               cache: StateCache | None = None):
+    """The item bank from a forward over the catalog (when precompute has not stored it); with a
+    `cache`, the encoder's token states of every text are kept for the steps."""
     from embsum.encoding import encode_item_texts
 
     cpe, cpe_prime = encode_item_texts(model, texts, batch_size=batch_size, device=device,
-                                       dtype="bf16" if bf16 else "fp32", progress=progress)
+                                       dtype="bf16" if bf16 else "fp32", progress=progress, cache=cache)
     return torch.from_numpy(cpe), torch.from_numpy(cpe_prime)
 
 
-class Batch:
-    """A batch of examples tokenized for one policy step (shared by policy and reference)."""
+@contextlib.contextmanager
+def preserve_modes(module: torch.nn.Module):
+    """Restore every submodule's train/eval flag afterwards (the encoding helpers reset them)."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
-    def __init__(self, model, item_texts: Sequence[str], examples):
+
+class Batch:
+    """A batch of examples prepared for one policy step (shared by policy and reference).
+
+    With a `cache` (the encoder carries no adapters), texts go through the encoder once per run
+    (`encode_token_states` skips cached texts) and a step only pools cached token states;
+    without, every step tokenizes and runs the encoder (with gradients for the adapters)."""
+
+    def __init__(self, model, item_texts: Sequence[str], examples, cache: StateCache | None = None):
         self.users = [ex[0] for ex in examples]
         self.chosen = torch.tensor([ex[2] for ex in examples], dtype=torch.long)
+        self.item_texts, self.cache = item_texts, cache
         # The same sessions inference builds (model.config.max_history, session_size).
         sessions = [user_sessions(model, [item_texts[i] for i in ex[1]]) for ex in examples]
-        texts, self.user_sessions = session_index(sessions)
+        self.session_texts, self.user_sessions = session_index(sessions)
         p = model.config.session_size
-        limit = model.config.item_max_tokens if p == 1 else model.config.session_max_tokens
-        self.sessions = model.tokenize(texts, max_tokens=limit)
-        self.item_texts = item_texts
-        self.items = None  # set by with_rejected once the rejected items are known
+        self.session_limit = model.config.item_max_tokens if p == 1 else model.config.session_max_tokens
 
-    def with_rejected(self, model, rejected: torch.Tensor) -> None:
+    def with_rejected(self, rejected: torch.Tensor) -> None:
         self.rejected = rejected
         self.item_ids, inverse = torch.unique(torch.cat([self.chosen, rejected]), return_inverse=True)
         self.pos_w, self.pos_l = inverse[: len(self.chosen)], inverse[len(self.chosen):]
-        self.items = model.tokenize([self.item_texts[i] for i in self.item_ids.tolist()])
+
+    def _inputs(self, model, texts: list[str], max_tokens: int, device):
+        """(token states [B, L, d], mask) from the cache, or tokens for a full forward."""
+        if self.cache is None:
+            tok = model.tokenize(texts, max_tokens=max_tokens)
+            return None, tok["input_ids"].to(device), tok["attention_mask"].to(device)
+        missing = [t for t in texts if t not in self.cache]
+        if missing:  # (encode_token_states fails on an empty list: only call it with work to do)
+            with preserve_modes(model):
+                encode_token_states(model, missing, device=device, progress=False, max_tokens=max_tokens,
+                                    cache=self.cache)
+        padded, mask = pad_states([self.cache[t] for t in texts])
+        return padded.to(device, torch.float32), None, mask.to(device)
 
     def encode_users(self, model, device):
-        return model.encode_users(self.sessions["input_ids"].to(device), self.sessions["attention_mask"].to(device),
-                                  self.user_sessions.to(device))
+        states, ids, mask = self._inputs(model, self.session_texts, self.session_limit, device)
+        if states is None:
+            return model.encode_users(ids, mask, self.user_sessions.to(device))
+        return model.user_embeddings(states, mask, self.user_sessions.to(device)).upe
 
     def encode_items(self, model, device):
-        return model.encode_items(self.items["input_ids"].to(device), self.items["attention_mask"].to(device))
+        texts = [self.item_texts[i] for i in self.item_ids.tolist()]
+        states, ids, mask = self._inputs(model, texts, model.config.item_max_tokens, device)
+        return model.encode_items(ids, mask) if states is None else model.item_embeddings(states, mask)
 
     def pair_scores(self, upe, cpe, cpe_prime):
         """(s(w), s(l)) per example."""
@@ -148,13 +190,13 @@ class AlignTrainer:
     def loss(self, examples) -> tuple[torch.Tensor, dict]:
         c, model, device = self.config, self.policy.model, self.device
         self.policy.train()
-        batch = Batch(model, self.data.item_texts, examples)
+        batch = Batch(model, self.data.item_texts, examples, self.data.cache)
         positives = [self.data.positives[u] for u in batch.users]
         with autocast(device, self.use_bf16):
             upe = batch.encode_users(model, device)
             rejected = self.sampler.sample(batch.users, positives, self.step,
                                            None if c.strategy == "random" else self.pool_fn(upe, positives))
-            batch.with_rejected(model, rejected)
+            batch.with_rejected(rejected)
             cpe, cpe_prime = batch.encode_items(model, device)
             s_w, s_l = batch.pair_scores(upe, cpe, cpe_prime)
             aux = self.policy.pop_aux()

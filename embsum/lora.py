@@ -36,6 +36,9 @@ TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 
+SCOPES = ("all", "decoder")
+
+
 @dataclass
 class LoraSettings:
     r: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -45,6 +48,12 @@ class LoraSettings:
         default="",
         metadata={"help": "Comma-separated module names to adapt; empty = chosen from the architecture."},
     )
+    scope: str = field(
+        default="all",
+        metadata={"help": (
+            "'all': encoder and decoder attention; 'decoder': decoder only, the encoder stays the SFT "
+            "encoder, so its token states can be computed once and cached (much cheaper on a CPU).")},
+    )
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -53,6 +62,8 @@ class LoraSettings:
             raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"LoRA scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,13 +96,16 @@ def target_modules_for(backbone: nn.Module) -> tuple[str, ...]:
 
 
 def lora_config(settings: LoraSettings, backbone: nn.Module, prefix: str = "backbone"):
-    """A peft LoraConfig whose targets are `prefix.<...>.<proj>` modules only."""
+    """A peft LoraConfig whose targets are `prefix.<...>.<proj>` modules only (with scope
+    'decoder', only those on a path through a `decoder.` module: T5 `decoder.block`, BART
+    `model.decoder`, EncoderDecoderModel `decoder.bert`)."""
     from peft import LoraConfig
 
     names = (tuple(t.strip() for t in settings.target_modules.split(",") if t.strip())
              or target_modules_for(backbone))
-    pattern = rf"{re.escape(prefix)}\..*\.({'|'.join(map(re.escape, names))})" if prefix else \
-        rf"(.*\.)?({'|'.join(map(re.escape, names))})"
+    head = rf"{re.escape(prefix)}\." if prefix else ""
+    middle = r"(.*\.)?decoder\..*\." if settings.scope == "decoder" else r"(.*\.)?"
+    pattern = rf"{head}{middle}({'|'.join(map(re.escape, names))})"
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                       target_modules=pattern, bias="none")
 

@@ -107,6 +107,12 @@ class Policy(nn.Module):
         EmbSumModel is expected (encode_item_texts, encode_user_histories, evaluation)."""
         return self.peft.get_base_model()
 
+    @property
+    def encoder_adapted(self) -> bool:
+        """Whether adapters sit in the encoder. If not, the encoder is the SFT encoder: its token
+        states can be cached once and shared by policy, reference and every exported model."""
+        return any("lora_" in n for n, _ in self.model.backbone.get_encoder().named_parameters())
+
     def train(self, mode: bool = True):
         # The backbone's own dropout stays off: policy and reference must be the same function at
         # step 0 (DPO loss exactly log 2). Only the adapters' and experts' dropout follow `mode`.

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from embsum.align_trainer import AlignConfig, AlignData, AlignTrainer, build_bank, expert_utilisation
+from embsum.encoding import StateCache
 from embsum.evaluation import EvalSet, build_eval_set, dev_score, evaluate, poly_scorer, train_examples
 from embsum.policy import Policy
 from index.catalog import Catalog
@@ -139,11 +140,19 @@ def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None
     device = resolve_device(cfg.device)
     bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_supported(device))
     adata = align_data(data, cfg)
-    if cfg.strategy != "random":
-        if bank is None:  # the SFT model's item vectors: where the policy starts
-            bank = build_bank(sft.to(device), data.texts, cfg.encode_batch, device, bf16, progress=progress is not None)
+    frozen_encoder = cfg.lora_scope == "decoder"
+    adata.cache = StateCache() if frozen_encoder else None
+    if bank is None and (cfg.strategy != "random" or frozen_encoder):
+        # The SFT model's item vectors (where the policy starts); with a frozen encoder the same
+        # pass keeps every item's token states, so no step runs the encoder again.
+        bank = build_bank(sft.to(device), data.texts, cfg.encode_batch, device, bf16,
+                          progress=progress is not None, cache=adata.cache)
+    if bank is not None:
         adata.bank = (bank[0].clone(), bank[1].clone())  # updated in place by the steps
     policy = Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)).to(device)
+    if policy.encoder_adapted == frozen_encoder:
+        raise AlignError("LoRA scope and adapted modules disagree (encoder adapted: "
+                         f"{policy.encoder_adapted}, scope {cfg.lora_scope})")
     log.info("align %s: %d examples from %d train users, %d items, strategy %s, beta %g, K %d",
              sft_hash, len(adata.examples), len(adata.positives), len(data.item_ids), cfg.strategy, cfg.beta,
              cfg.pool_size)

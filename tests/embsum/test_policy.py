@@ -127,3 +127,18 @@ def test_plain_checkpoints_load_unchanged_and_fused_models_are_rejected(tiny_ber
     policy = Policy(loaded, LoraSettings(r=4), MoEConfig())
     with pytest.raises(ValueError, match="already has a fusion layer"):
         Policy(policy.export())
+
+
+@pytest.mark.parametrize("backbone", ["tiny_bert_dir", "tiny_t5_dir"])
+def test_decoder_scope_leaves_the_encoder_untouched(backbone, request):
+    sft = make_sft(request.getfixturevalue(backbone))
+    encoder_before = {n: p.clone() for n, p in sft.backbone.get_encoder().named_parameters()}
+    policy = Policy(sft, LoraSettings(r=4, scope="decoder"), MoEConfig())
+    adapted = [n for n, _ in policy.model.named_modules() if n.endswith("lora_A")]
+    assert adapted and all("decoder." in n for n in adapted)
+    assert not policy.encoder_adapted
+    assert Policy(make_sft(request.getfixturevalue(backbone)), LoraSettings(r=4)).encoder_adapted
+    perturb(policy)
+    merged = policy.export()
+    for n, p in merged.backbone.get_encoder().named_parameters():
+        assert torch.equal(p, encoder_before[n]), n  # cached encoder states stay valid after export

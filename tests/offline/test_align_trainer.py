@@ -86,3 +86,23 @@ def test_nce_term_and_expert_utilisation(sft, tmp_path):
 def test_config_errors_are_one_line(bad):
     with pytest.raises(ConfigError):
         AlignConfig(**bad)
+
+
+def test_decoder_scope_steps_reuse_cached_encoder_states(sft, tmp_path, monkeypatch):
+    from embsum.encoding import StateCache
+
+    cfg = config(tmp_path, lora_scope="decoder", beta=5.0)
+    data = tiny_data(sft)
+    data.cache = StateCache()
+    data.bank = build_bank(sft, TEXTS, 8, "cpu", False, progress=False, cache=data.cache)
+    assert len(data.cache) == len(TEXTS)
+    trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, data)
+    assert not trainer.policy.encoder_adapted
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder ran during a step")
+
+    monkeypatch.setattr(trainer.policy.model, "encode_tokens", no_encoder)
+    first = trainer.train_step(data.examples[:4])
+    assert first["dpo"] == pytest.approx(math.log(2), abs=1e-6)
+    assert min(trainer.train_step(data.examples[:4])["dpo"] for _ in range(4)) < math.log(2)
