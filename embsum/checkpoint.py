@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,9 +63,11 @@ def _fsync_dir(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def save_checkpoint(model: EmbSumModel, directory: str | Path, extra: dict | None = None) -> str:
+def save_checkpoint(model: EmbSumModel, directory: str | Path, extra: dict | None = None,
+                    write_extra: Callable[[Path], None] | None = None) -> str:
     """Write `model` to `directory` (replacing it atomically) and return the content hash.
-    `extra` (JSON-able: step, dev metrics, train config) is stored in config.json."""
+    `extra` (JSON-able: step, dev metrics, train config) is stored in config.json;
+    `write_extra(tmp_dir)` adds files (the trainer's optimizer state) inside the same atomic swap."""
     from safetensors.torch import save_model
 
     directory = Path(directory)
@@ -77,6 +80,8 @@ def save_checkpoint(model: EmbSumModel, directory: str | Path, extra: dict | Non
     (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
     model.backbone.config.save_pretrained(str(tmp / BACKBONE))
     model.tokenizer.save_pretrained(str(tmp / BACKBONE))
+    if write_extra is not None:
+        write_extra(tmp)
     digest = _content_hash(tmp)
     (tmp / HASH).write_text(digest + "\n")
     _fsync_dir(tmp)

@@ -52,7 +52,7 @@ class ModelConfig(_Base):
         "Decoder depth when warm-starting an encoder (0: as deep as the encoder). Fewer layers make "
         "the user side cheaper; the decoder takes the first layers of the encoder's weights.")})
     max_history: int = field(default=8, metadata={"help": "Most recent history items fed to the user side."})
-    pooling: str = field(default="poly", metadata={"help": (
+    pooling: str = field(default="poly", metadata={"choices": ["poly", "mean"], "help": (
         "'poly': poly-attention (n and m codes). 'mean': single-vector ablation (masked mean "
         "pooling plus a linear map, n = m = 1).")})
     normalize: bool = field(default=True, metadata={"help": (
@@ -89,7 +89,7 @@ class TrainConfig(_Base):
         "negatives, popularity-distributed).")})
     temperature: float = field(default=0.05, metadata={"help": "NCE softmax temperature."})
     summary_weight: float = field(default=0.1, metadata={"help": "lambda: weight of the summary NLL (0: no summary loss)."})
-    examples: str = field(default="prefixes", metadata={"help": (
+    examples: str = field(default="prefixes", metadata={"choices": ["prefixes", "last"], "help": (
         "Training examples per train user: 'prefixes' (every prefix -> next item) or 'last' "
         "(history -> last item).")})
     train_users: int = field(default=0, metadata={"help": "Use only this many train users (0: all; deterministic subset)."})
@@ -97,7 +97,7 @@ class TrainConfig(_Base):
         "Keep the backbone encoder fixed (train poly-attention, W_s and the decoder). With "
         "session_size 1 the item token states are then computed once and cached: far cheaper on CPU.")})
     freeze_embeddings: bool = field(default=False, metadata={"help": "Keep the word embeddings fixed."})
-    bf16: str = field(default="auto", metadata={"help": "bf16 autocast: 'auto' (where supported), 'on', 'off'."})
+    bf16: str = field(default="auto", metadata={"choices": ["auto", "on", "off"], "help": "bf16 autocast: 'auto' (where supported), 'on', 'off'."})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'."})
     eval_every: int = field(default=0, metadata={"help": "Dev evaluation every N optimizer steps (0: at the end only)."})
     save_every: int = field(default=200, metadata={"help": "Write OUT/last (resumable) every N optimizer steps."})

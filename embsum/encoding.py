@@ -76,6 +76,8 @@ def _runner(model: EmbSumModel, dtype: str, device: torch.device) -> EmbSumModel
 
 def length_batches(tokenizer, texts: Sequence[str], max_tokens: int, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
     """(positions, padded batch) over `texts`, shortest first; positions index into `texts`."""
+    if not len(texts):
+        return
     ids = tokenizer(list(texts), truncation=True, max_length=max_tokens, add_special_tokens=True)["input_ids"]
     order = np.argsort([len(x) for x in ids], kind="stable")
     for start in range(0, len(order), batch_size):
@@ -210,3 +212,26 @@ def encode_user_histories(model: EmbSumModel, histories_texts: Sequence[Sequence
     finally:
         model.train(was_training)
     return upe
+
+
+def encode_mean_pooled(encoder, tokenizer, texts: Sequence[str], batch_size: int = 64, device=None,
+                       dtype: str = "fp32", progress: bool = True, max_tokens: int = 256) -> np.ndarray:
+    """Sentence embeddings of a plain HF encoder (the zero-shot backbone baseline): masked mean
+    of the token states, L2-normalised, float32 [N, d] in input order. 256 tokens is
+    all-MiniLM-L6-v2's own sentence-transformers limit."""
+    from embsum.backbone import mean_pool
+
+    device = resolve_device(device)
+    encoder = encoder.to(device).eval()
+    out = None
+    with torch.inference_mode(), autocast(device, dtype == "bf16"), \
+            _progress(len(texts), "encode (zero-shot)", progress) as bar:
+        for pos, batch in length_batches(tokenizer, texts, max_tokens, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            states = encoder(**batch).last_hidden_state
+            vec = torch.nn.functional.normalize(mean_pool(states.float(), batch["attention_mask"]), dim=-1)
+            if out is None:
+                out = np.zeros((len(texts), vec.shape[1]), dtype=np.float32)
+            out[pos] = vec.cpu().numpy()
+            bar.update(len(pos))
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
