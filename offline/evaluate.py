@@ -31,6 +31,7 @@ class EvaluateConfig:
     users: int = field(default=0, metadata={"help": "Evaluate only the first N users of the split (0: all)."})
     full_ranking: bool = field(default=True, metadata={"help": "Also rank the whole catalog (Recall@10/100, NDCG@10)."})
     baselines: bool = field(default=True, metadata={"help": "Run random, popularity and zero-shot backbone too."})
+    zero_shot: bool = field(default=True, metadata={"help": "Include the zero-shot backbone in the baselines (encodes the catalog)."})
     zero_shot_backbone: str = field(default="packaged", metadata={"help": "Encoder of the zero-shot baseline."})
     zero_shot_max_tokens: int = field(default=256, metadata={"help": "Token limit of the zero-shot encoder (MiniLM's own: 256)."})
     dtype: str = field(default="fp32", metadata={"choices": ["fp32", "bf16", "int8"], "help": "Inference dtype."})
@@ -165,6 +166,8 @@ class Evaluation:
                              ("popularity", popularity_scorer(self.eval_set))):
             t = time.time()
             self._add(name, "baseline", evaluate(self.eval_set, scorer, full_ranking=full), t)
+        if not self.cfg.zero_shot:
+            return
         t = time.time()
         vectors = self._zero_shot_vectors()
         for mode, label in (("mean", "zero-shot backbone (mean of history)"), ("max", "zero-shot backbone (max-sim)")):

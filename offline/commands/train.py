@@ -26,6 +26,26 @@ def _resume_model_config(out: str, requested: ModelConfig) -> ModelConfig:
     return stored
 
 
+def _apply_recipe(ctx: click.Context, name: str, values: dict, summary_source: str) -> str:
+    """Recipe values replace built-in defaults only: the command line and --config still win."""
+    from offline.recipes import RecipeError, load_recipe
+
+    try:
+        table = load_recipe(name).get("train", {})
+    except (RecipeError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    unknown = sorted(set(table) - set(values) - {"summary_source"})
+    if unknown:
+        raise click.ClickException(f"recipe {name}: unknown train options {', '.join(unknown)}")
+    for key, value in table.items():
+        if ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
+            if key == "summary_source":
+                summary_source = value
+            else:
+                values[key] = value
+    return summary_source
+
+
 @click.command("train")
 @config_options(TrainConfig)
 @config_options(ModelConfig)
@@ -34,8 +54,11 @@ def _resume_model_config(out: str, requested: ModelConfig) -> ModelConfig:
                    "summarize backend name, or 'none' (no summary loss).")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Start from this checkpoint's weights and model config instead of the backbone.")
+@click.option("--recipe", default=None,
+              help="A packaged recipe (goodreads_cpu) or a TOML file: its [train] table sets every option "
+                   "not given on the command line or in --config.")
 @click.pass_context
-def command(ctx: click.Context, summary_source: str, init_from: str | None, **values) -> None:
+def command(ctx: click.Context, summary_source: str, init_from: str | None, recipe: str | None, **values) -> None:
     """Train EmbSum: NCE over 1 positive + k negatives + lambda x summary NLL.
 
     \b
@@ -55,6 +78,8 @@ def command(ctx: click.Context, summary_source: str, init_from: str | None, **va
     from embsum.trainer import TrainData, Trainer
     from offline.data import load_catalog_data
 
+    if recipe:
+        summary_source = _apply_recipe(ctx, recipe, values, summary_source)
     train_cfg = config_from(TrainConfig, values)
     model_cfg = config_from(ModelConfig, values)
     with open_catalog(ctx, read_only=True) as cat:
