@@ -133,15 +133,17 @@ def run_align(db: str, checkpoint: str, cfg: AlignConfig, progress=None, bank=No
 
 
 def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None, bank=None,
-          evaluate_dev: bool = True) -> dict:
-    """The alignment itself, on data already read (the benchmark calls this directly)."""
+          evaluate_dev: bool = True, cache: StateCache | None = None) -> dict:
+    """The alignment itself, on data already read (the benchmark calls this directly, sharing
+    one SFT bank and one encoder state cache between runs: `cache` must hold the SFT encoder's
+    states, valid only with lora_scope 'decoder')."""
     from embsum.encoding import bf16_supported, resolve_device
 
     device = resolve_device(cfg.device)
     bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_supported(device))
     adata = align_data(data, cfg)
     frozen_encoder = cfg.lora_scope == "decoder"
-    adata.cache = StateCache() if frozen_encoder else None
+    adata.cache = (cache if cache is not None else StateCache()) if frozen_encoder else None
     if bank is None and (cfg.strategy != "random" or frozen_encoder):
         # The SFT model's item vectors (where the policy starts); with a frozen encoder the same
         # pass keeps every item's token states, so no step runs the encoder again.

@@ -2,35 +2,31 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from embsum.align_config import AlignConfig
 from offline.job_options import config_from, config_options
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
 
 def recipe_values(name: str) -> dict:
-    """The [align] table of a packaged recipe (`cpu` -> offline/recipes/align_cpu.toml) or a file."""
-    from offline.cli import load_config
+    """The [align] table of a packaged recipe (`align_cpu`, or `cpu` for short) or a TOML file."""
+    from offline.recipes import RecipeError, available, load_recipe
 
-    path = Path(name)
-    if not path.exists():
-        path = RECIPES / f"align_{name}.toml"
-        if not path.exists():
-            known = sorted(p.stem.removeprefix("align_") for p in RECIPES.glob("align_*.toml"))
-            raise click.UsageError(f"unknown recipe {name!r}: a TOML file or one of {', '.join(known)}")
-    return load_config(str(path)).get("align", {})
+    for candidate in (name, f"align_{name}"):
+        try:
+            return load_recipe(candidate).get("align", {})
+        except RecipeError:
+            continue
+    known = ", ".join(r for r in available() if r.startswith("align_"))
+    raise click.UsageError(f"unknown recipe {name!r} (packaged: {known}; or a .toml path)")
 
 
 @click.command("align")
 @click.option("--checkpoint", required=True, type=click.Path(file_okay=False),
               help="The SFT checkpoint to align (embsum train output, e.g. runs/sft/best).")
 @click.option("--recipe", default=None,
-              help="Packaged recipe (cpu, gpu) or a TOML file with an [align] table: defaults below "
-                   "--config and the flags.")
+              help="Packaged recipe (align_cpu, align_gpu) or a TOML file: its [align] table sets every "
+                   "option not given on the command line or in --config.")
 @config_options(AlignConfig)
 @click.pass_context
 def command(ctx: click.Context, checkpoint: str, recipe: str | None, **options) -> None:
@@ -40,7 +36,7 @@ def command(ctx: click.Context, checkpoint: str, recipe: str | None, **options) 
     \b
     Examples:
       embsum align --checkpoint runs/sft/best --out runs/align
-      embsum align --checkpoint runs/sft/best --recipe cpu --strategy hard --out runs/align-hard
+      embsum align --checkpoint runs/sft/best --recipe align_cpu --strategy hard --out runs/align-hard
       embsum align --checkpoint runs/sft/best --beta 10 --pool-size 100 --max-steps 300
 
     Writes OUT/best and OUT/last (checkpoints with the adapters merged and the MoE attached, for
