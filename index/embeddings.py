@@ -127,8 +127,8 @@ def _ids(ids) -> pa.Table:
 # -- writes (call inside the chunk's transaction) -----------------------------------------------
 def write(cat: Catalog, sp: Space, ids: list[str], hashes: list[str], vectors: dict[str, np.ndarray],
           dtype: str = "fp32", run_id: str | None = None) -> int:
-    """Insert or replace the rows for `ids` in one statement: a re-encoded item replaces its old
-    row, so every (id, model) appears once. `vectors` maps each vector column to [N, n, d]."""
+    """Insert or replace the rows for `ids`: a re-encoded item replaces its old row, so every
+    (id, model) appears once. Call inside a transaction. `vectors`: column -> [N, n, d]."""
     id_col, hash_col, vec_cols = _LAYOUT[sp.kind]
     count = len(ids)
     if count == 0:
@@ -147,7 +147,11 @@ def write(cat: Catalog, sp: Space, ids: list[str], hashes: list[str], vectors: d
     })
     names = ", ".join(table.column_names)
     with cat.registered("_emb_in", table):
-        cat.con.execute(f"INSERT OR REPLACE INTO {sp.table} ({names}) SELECT {names} FROM _emb_in")
+        # DELETE + INSERT, not INSERT OR REPLACE: the latter needs ~20x the chunk's size in
+        # DuckDB memory for nested arrays (2048 rows of 2x[8][384] floats went over 1 GB).
+        cat.con.execute(f"DELETE FROM {sp.table} WHERE model_hash = ? AND {id_col} IN (SELECT {id_col} FROM _emb_in)",
+                        [sp.model_hash])
+        cat.con.execute(f"INSERT INTO {sp.table} ({names}) SELECT {names} FROM _emb_in")
     return count
 
 

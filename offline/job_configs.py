@@ -23,6 +23,9 @@ class PrecomputeConfig:
     dtype: str = field(default="fp32", metadata={
         "help": "fp32; bf16 (autocast: ~3x faster on AVX512-BF16 CPUs and GPUs); int8 (dynamic "
                 "quantization of Linear layers, CPU only, lower quality).", "choices": DTYPES})
+    db_memory: str = field(default="512MB", metadata={
+        "help": "DuckDB memory limit while writing vectors: its cache would otherwise grow with the catalog "
+                "(up to 80% of RAM); this keeps the job's peak memory flat."})
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

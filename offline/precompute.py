@@ -45,8 +45,15 @@ def encode_items(model, texts: list[str], cfg: PrecomputeConfig) -> tuple[np.nda
     return cpe[inverse], cpe_prime[inverse]
 
 
+def limit_db_memory(cat: Catalog, cfg: PrecomputeConfig) -> None:
+    """Cap DuckDB's buffer cache so peak memory stays flat however large the catalog grows."""
+    if cfg.db_memory:
+        cat.con.execute(f"SET memory_limit = '{cfg.db_memory}'")
+
+
 def precompute_items(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig, run: RunRecord | None = None,
                      bar=None) -> dict[str, int]:
+    limit_db_memory(cat, cfg)
     counts = {"items_encoded": 0, "items_skipped": 0, "item_texts_encoded": 0}
     sp = None
     for chunk in cat.iter_items(cfg.chunk_size):
@@ -82,6 +89,7 @@ def precompute_users(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig
     from embsum.encoding import encode_user_histories
 
     counts = {"users_encoded": 0, "users_skipped": 0, "users_empty": 0}
+    limit_db_memory(cat, cfg)
     users = cat.users()
     users = users.filter(pc.is_valid(users["history_hash"]))
     todo = E.missing(cat, model_hash, E.USER, users)
