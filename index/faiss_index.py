@@ -244,16 +244,12 @@ def build(root, model_hash: str, blocks: Blocks, cfg: IndexConfig, run_id: str |
         index = to_cpu(index)
         nprobe = cfg.nprobe or default_nprobe(factory)
         set_nprobe(index, nprobe)
-        _write_index(index, staging)
-        write_items_table(staging.file(ITEMS_FILE), _items_table(ids, hashes, [True] * total))
         manifest = {
             "mode": cfg.mode, "factory": factory, "metric": "inner_product", "nprobe": nprobe,
-            "n": blocks.n, "d": blocks.d, "n_items": total, "n_rows": total, "n_vectors": int(index.ntotal),
+            "n": blocks.n, "d": blocks.d, "n_items": total, "n_rows": total,
             "build": "full", "changed_since_build": 0, "items_at_build": total,
-            "build_seconds": round(time.perf_counter() - t0, 3), "built_at": _stamp(), "run_id": run_id,
-            "faiss_version": _faiss_version(),
         }
-        version = staging.commit(manifest, keep=cfg.keep)
+        version = _commit(staging, index, _items_table(ids, hashes, [True] * total), manifest, t0, run_id, cfg)
     except BaseException:
         staging.abort()
         raise
@@ -348,23 +344,29 @@ def update(root, snap: Snapshot, d: Diff, blocks: Blocks, cfg: IndexConfig,
             del arr
         add(index, item_vectors(fresh.vectors["cpe"][take], mode), vector_ids(put_rows, n, mode))
         failpoints.hit("index.update.vectors_written")
-        _write_index(index, staging)
-        write_items_table(staging.file(ITEMS_FILE), _items_table(ids, hashes, live))
         manifest = {
             **{k: m[k] for k in ("mode", "factory", "metric", "nprobe", "n", "d", "items_at_build")},
-            "n_items": int(sum(live)), "n_rows": total, "n_vectors": int(index.ntotal), "build": "update",
+            "n_items": int(sum(live)), "n_rows": total, "build": "update",
             "base_version": snap.version, "changed_since_build": int(m.get("changed_since_build", 0) + d.size),
             "added": len(d.new), "replaced": len(d.changed), "removed": len(d.removed),
-            "build_seconds": round(time.perf_counter() - t0, 3), "built_at": _stamp(), "run_id": run_id,
-            "faiss_version": _faiss_version(),
         }
-        version = staging.commit(manifest, keep=cfg.keep)
+        version = _commit(staging, index, _items_table(ids, hashes, live), manifest, t0, run_id, cfg)
     except BaseException:
         staging.abort()
         raise
     log.info("index %s: +%d new, %d replaced, -%d removed (update of %s, %.1fs)", version, len(d.new),
              len(d.changed), len(d.removed), snap.version, manifest["build_seconds"])
     return version, manifest
+
+
+def _commit(staging: Staging, index, items: pa.Table, manifest: dict, t0: float, run_id: str | None,
+            cfg: IndexConfig) -> str:
+    """Write the index and the row table beside the vectors, complete the manifest, swap in."""
+    _write_index(index, staging)
+    write_items_table(staging.file(ITEMS_FILE), items)
+    manifest.update(n_vectors=int(index.ntotal), build_seconds=round(time.perf_counter() - t0, 3),
+                    built_at=_stamp(), run_id=run_id, faiss_version=_faiss_version())
+    return staging.commit(manifest, keep=cfg.keep)
 
 
 def _on_gpu(index) -> bool:

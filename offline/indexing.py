@@ -102,7 +102,7 @@ def sync_index(cat: Catalog, root: str | Path, model_hash: str, cfg: F.IndexConf
         try:
             snap = S.load(root, model_hash)
         except S.IndexFileError as err:
-            why = str(err)
+            why = "no index yet" if S.current_version(root) is None else str(err)
     counts = {"index_items": current.num_rows, "items_without_vector": stale}
     if snap is not None:
         d = F.diff(snap, current)
