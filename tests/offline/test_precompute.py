@@ -116,3 +116,11 @@ def test_bad_checkpoint_is_one_clear_line(catalog, tmp_path):
     result = cli("--db", catalog, "precompute", "--checkpoint", tmp_path / "nope", ok=False)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "not an embsum checkpoint" in result.output
+
+
+def test_invalid_options_are_usage_errors(catalog, tmp_path):
+    result = cli("--db", catalog, "precompute", "--checkpoint", tmp_path, "--batch-size", 0, ok=False)
+    assert result.exit_code == 2 and "chunk_size and batch_size must be >= 1" in result.output
+    result = cli("--db", catalog, "precompute", "--checkpoint", tmp_path, "--dtype", "int8", "--device", "cuda",
+                 ok=False)
+    assert result.exit_code == 2 and "CPU only" in result.output
