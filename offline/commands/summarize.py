@@ -7,6 +7,7 @@ from dataclasses import fields
 
 import click
 
+from embsum.summarizer.backends import TEST_BACKENDS_ENV
 from embsum.summarizer.config import BACKENDS, SummarizerConfig
 from offline.common import open_catalog, quiet
 
@@ -23,7 +24,7 @@ def _opt(name: str, type_=None, **kwargs):
 
 def _backend(ctx, param, value: str) -> str:
     # Test-only backends (embsum/summarizer/fake.py) are accepted but never advertised.
-    if value in BACKENDS or (value.startswith("test-") and os.environ.get("EMBSUM_TEST_BACKENDS") == "1"):
+    if value in BACKENDS or (value.startswith("test-") and os.environ.get(TEST_BACKENDS_ENV) == "1"):
         return value
     raise click.BadParameter(f"{value!r} is not one of {', '.join(BACKENDS)}")
 
