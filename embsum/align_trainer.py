@@ -312,6 +312,8 @@ class AlignTrainer:
         tmp = state.with_name(f".{state.name}.tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         trainable = {n: p.detach().cpu().contiguous() for n, p in self.policy.named_parameters() if p.requires_grad}
+        # + the MoE's routing statistics (buffers, not parameters)
+        trainable.update({f"moe.{n}": t.detach().cpu().contiguous() for n, t in self.policy.moe.state_dict().items()})
         save_file(trainable, str(tmp / TRAINABLE))
         tensors, scalars = optimizer_state(self.optimizer)
         save_file(tensors, str(tmp / OPTIMIZER))

@@ -11,6 +11,14 @@ reference and policy agree at step 0 (the loss is log 2 there).
 The load-balancing term is Switch Transformer's (Fedus et al. 2021, eq. 4), generalised to top-k:
 `aux = E * sum_e f_e * P_e`, with `f_e` the share of routed assignments that went to expert e and
 `P_e` the mean router probability of e. It is 1.0 for a uniform router, its minimum.
+
+Why the router standardises its input: pooled sentence vectors are anisotropic (they share one
+large common direction), so a router over raw (even LayerNorm'd) vectors sends nearly every
+vector to the same top-k experts from step 0, and the aux loss cannot see it (it is already at
+its minimum while the router is uniform). The router therefore reads `(z - mean) / std`, with
+per-dimension statistics accumulated from the vectors seen while training (a running average,
+not part of the gradient) and saved with the weights, so serving routes exactly like the end
+of training. Only routing uses them: the experts read `z`.
 """
 
 from __future__ import annotations
@@ -85,6 +93,10 @@ class MoEFusion(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
         # Router statistics since the last reset: how many routed assignments each expert got.
         self.register_buffer("routed_counts", torch.zeros(e, dtype=torch.float64), persistent=False)
+        # Running input statistics for routing (see the module docstring); saved with the weights.
+        self.register_buffer("input_mean", torch.zeros(d))
+        self.register_buffer("input_var", torch.ones(d))
+        self.register_buffer("input_seen", torch.zeros((), dtype=torch.float64))
         self.bypass = False
         self.reset_parameters()
 
@@ -94,12 +106,29 @@ class MoEFusion(nn.Module):
         # Zero output projection: every expert outputs 0, the layer is the identity at init.
         nn.init.zeros_(self.w_out)
         nn.init.zeros_(self.b_out)
-        # Small router weights: near-uniform routing at the start, so no expert is starved early.
-        nn.init.normal_(self.router.weight, std=1e-3)
+        # Router logits of unit scale over standardised inputs: every vector starts with its own
+        # (random-projection) top-k, so routing is spread across the experts from the start.
+        nn.init.normal_(self.router.weight, std=self.config.d_model ** -0.5)
+
+    @torch.no_grad()
+    def update_input_stats(self, z: torch.Tensor, momentum: float = 0.01) -> None:
+        """Fold a batch of router inputs into the running mean/variance (a cumulative average
+        for the first 1/momentum vectors, then exponential)."""
+        z = z.detach().float()
+        n = z.shape[0]
+        if n < 2:
+            return
+        rate = max(momentum, n / float(self.input_seen + n))
+        self.input_mean.lerp_(z.mean(0), rate)
+        self.input_var.lerp_(z.var(0), rate)
+        self.input_seen += n
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, d] (already normalised) -> (router_probs [N, E], gates [N, k], expert_index [N, k])."""
-        probs = torch.softmax(self.router(x).float(), dim=-1)
+        if torch.is_grad_enabled():  # training forwards shape the statistics; inference only reads them
+            self.update_input_stats(x)
+        standard = (x.float() - self.input_mean) * torch.rsqrt(self.input_var + 1e-5)
+        probs = torch.softmax(self.router(standard.to(x.dtype)).float(), dim=-1)
         top_p, top_i = torch.topk(probs, self.config.top_k, dim=-1)
         gates = top_p / top_p.sum(dim=-1, keepdim=True)  # renormalised over the chosen experts
         return probs, gates, top_i

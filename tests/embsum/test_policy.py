@@ -23,7 +23,9 @@ HISTORIES = [[ITEMS[0], ITEMS[4]], [ITEMS[1]], [ITEMS[3], ITEMS[1], ITEMS[2]]]
 
 
 def scores(model) -> torch.Tensor:
-    return raw_scores(model).detach()
+    """Inference scores (no_grad: the MoE's routing statistics stay as they are)."""
+    with torch.no_grad():
+        return raw_scores(model)
 
 
 def raw_scores(model) -> torch.Tensor:
