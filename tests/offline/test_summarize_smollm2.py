@@ -36,8 +36,18 @@ def goodreads_slice(goodreads_dir, n_users: int) -> tuple[dict, dict]:
     return users, books
 
 
+@pytest.fixture
+def restore_torch_threads():
+    """--threads sets torch's process-wide thread count: give the next tests theirs back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.slow
-def test_smollm2_summarizes_real_goodreads_users(goodreads_dir, db_file):
+def test_smollm2_summarizes_real_goodreads_users(goodreads_dir, db_file, restore_torch_threads):
     users, books = goodreads_slice(goodreads_dir, N_USERS)
     with Catalog(db_file) as cat:
         cat.upsert_items(pa.table({"item_id": list(books), "title": [t for t, _ in books.values()],
@@ -47,8 +57,9 @@ def test_smollm2_summarizes_real_goodreads_users(goodreads_dir, db_file):
                                           "position": pa.array([r[2] for r in rows], pa.int32())}),
                                 replace_users=True)
 
+    # One torch thread: on a shared 2-core box two threads fight the other jobs (4x slower measured).
     result = CliRunner().invoke(cli, ["--db", str(db_file), "summarize", "--max-new-tokens", "40",
-                                      "--batch-size", str(N_USERS)])
+                                      "--batch-size", str(N_USERS), "--threads", "1"])
     assert result.exit_code == 0, result.output
     with Catalog(db_file, read_only=True) as cat:
         stored = cat.arrow("SELECT user_id, summary, flagged, flag_reason, backend, model FROM summaries").to_pylist()
