@@ -40,7 +40,7 @@ def faiss_module():
 
 
 # -- primitives ----------------------------------------------------------------------------------
-def choose_factory(n_vectors: int, flat_threshold: int = 250_000) -> str:
+def choose_factory(n_vectors: int, flat_threshold: int = 1_000_000) -> str:
     if n_vectors < flat_threshold:
         return "IDMap2,Flat"
     nlist = 2 ** round(math.log2(4 * math.sqrt(n_vectors)))
