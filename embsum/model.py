@@ -137,19 +137,28 @@ class EmbSumModel(nn.Module):
         """Concatenate each user's session states, squeezing out padding.
 
         states [S, L, d] / mask [S, L] of the distinct sessions; user_sessions [B, P] indexes them
-        (-1: no session). -> memory [B, T, d], memory_mask [B, T] with T the longest user's tokens."""
-        valid_session = user_sessions >= 0
+        (-1: no session). -> memory [B, T, d], memory_mask [B, T] with T the longest user's tokens.
+        Only real tokens are copied (a padded [B, P*L, d] gather would be mostly zeros)."""
+        n_users, n_sessions = user_sessions.shape
+        device = states.device
+        lengths = mask.sum(1)
+        starts = torch.cumsum(lengths, 0) - lengths  # each session's first token in `flat`
+        flat = states[mask.bool()]  # [N_tokens, d], sessions one after another
         idx = user_sessions.clamp(min=0)
-        n_users, n_sessions = idx.shape
-        length, d = states.shape[1], states.shape[2]
-        memory = states[idx].reshape(n_users, n_sessions * length, d)
-        valid = (mask[idx].bool() & valid_session.unsqueeze(-1)).reshape(n_users, n_sessions * length)
-        counts = valid.sum(1)
-        # A stable sort on "is padding" moves each user's real tokens to the front, in order.
-        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, : int(counts.max().clamp(min=1))]
-        memory = torch.gather(memory, 1, order.unsqueeze(-1).expand(-1, -1, d))
-        memory_mask = torch.arange(order.shape[1], device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
-        return memory, memory_mask.long()
+        seg_len = torch.where(user_sessions >= 0, lengths[idx], 0).flatten()  # [B*P]
+        seg_start = starts[idx].flatten()
+        total = int(seg_len.sum())
+        seg_out = torch.cumsum(seg_len, 0) - seg_len  # where each segment starts in the output stream
+        within = torch.arange(total, device=device) - torch.repeat_interleave(seg_out, seg_len)
+        src = torch.repeat_interleave(seg_start, seg_len) + within
+        counts = seg_len.view(n_users, n_sessions).sum(1)
+        user = torch.repeat_interleave(torch.arange(n_users, device=device), counts)
+        pos = torch.arange(total, device=device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        width = max(1, int(counts.max()) if n_users else 1)
+        memory = states.new_zeros((n_users, width, states.shape[-1]))
+        memory[user, pos] = flat[src]
+        memory_mask = (torch.arange(width, device=device).unsqueeze(0) < counts.unsqueeze(1)).long()
+        return memory, memory_mask
 
     def decode(self, memory: torch.Tensor, memory_mask: torch.Tensor, summaries: dict | None = None):
         """Decoder over the history memory -> (global vector [B, d], summary NLL or None)."""
@@ -181,6 +190,11 @@ class EmbSumModel(nn.Module):
                         summaries: dict | None = None) -> UserOutput:
         """Session token states + which sessions each user has -> UPE [B, m, d] (+ summary NLL)."""
         memory, memory_mask = self.user_memory(states, mask, user_sessions)
+        return self.users_from_memory(memory, memory_mask, summaries)
+
+    def users_from_memory(self, memory: torch.Tensor, memory_mask: torch.Tensor,
+                          summaries: dict | None = None) -> UserOutput:
+        """Each user's concatenated history token states [B, T, d] (mask [B, T]) -> UPE (+ NLL)."""
         global_vec, nll = self.decode(memory, memory_mask, summaries)
         keys = torch.cat([global_vec.unsqueeze(1).to(memory.dtype), memory], dim=1)
         keys_mask = torch.cat([torch.ones_like(memory_mask[:, :1]), memory_mask], dim=1)

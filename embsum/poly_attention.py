@@ -20,8 +20,12 @@ class PolyAttention(nn.Module):
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """states [B, L, d], mask [B, L] (1 = token, 0 = padding) -> [B, n, d]."""
-        keys = torch.tanh(self.proj(states))  # [B, L, d]
-        logits = torch.einsum("nd,bld->bnl", self.codes.to(keys.dtype), keys)
-        logits = logits.float().masked_fill(~mask.bool().unsqueeze(1), float("-inf"))
-        attn = torch.softmax(logits, dim=-1).to(states.dtype)  # [B, n, L]
-        return torch.bmm(attn, states)
+        valid = mask.bool()
+        # The d x d projection (the costly part) runs over real tokens only: batches of texts of
+        # mixed length are mostly padding.
+        keys = torch.tanh(self.proj(states[valid]))  # [N_tokens, d]
+        flat_logits = (keys @ self.codes.to(keys.dtype).T).float()  # [N_tokens, n]
+        logits = flat_logits.new_full((*valid.shape, self.codes.shape[0]), float("-inf"))
+        logits = logits.index_put((valid,), flat_logits)  # [B, L, n]
+        attn = torch.softmax(logits, dim=1).to(states.dtype)
+        return torch.einsum("bln,bld->bnd", attn, states)

@@ -164,12 +164,15 @@ class Trainer:
             out.append(int(self._perm[offset]))
         return out
 
+    def _cached(self, states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        padded, mask = pad_states(states)
+        # bf16 storage feeds bf16 autocast as it is; fp32 math needs fp32 inputs.
+        return padded.to(self.device, torch.bfloat16 if self.bf16 else torch.float32), mask.to(self.device)
+
     def _states(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         texts = [self.data.item_texts[i] for i in rows]
         if self.cache is not None:
-            states, mask = pad_states([self.cache[t] for t in texts])
-            # bf16 storage feeds bf16 autocast as it is; fp32 math needs fp32 inputs.
-            return states.to(self.device, torch.bfloat16 if self.bf16 else torch.float32), mask.to(self.device)
+            return self._cached([self.cache[t] for t in texts])
         batch = self.model.tokenize(texts)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         return self.model.encode_tokens(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"]
@@ -196,7 +199,16 @@ class Trainer:
         if cfg.summary_weight > 0:
             summaries = model.summary_batch([data.summaries.get(u) for u in users])
         with autocast(self.device, self.bf16):
-            if model.config.session_size == 1:
+            if self.cache is not None:
+                # Frozen encoder: candidates padded among themselves, each user's memory built
+                # straight from its items' cached states (no padded intermediate).
+                states, mask = self._states(columns.tolist())
+                cpe, cpe_p = model.item_embeddings(states, mask)
+                memory, memory_mask = self._cached(
+                    [torch.cat([self.cache[data.item_texts[i]] for i in h]) for h in histories])
+                out = model.users_from_memory(memory, memory_mask, summaries)
+            elif model.config.session_size == 1:
+                # Every distinct text of the batch encoded once: candidate and history session.
                 rows = sorted(set(columns.tolist()) | {i for h in histories for i in h})
                 where = {item: r for r, item in enumerate(rows)}
                 states, mask = self._states(rows)

@@ -22,6 +22,10 @@ def test_poly_attention_shape_and_padding_changes_nothing():
     torch.testing.assert_close(pa(garbage, mask), out)
     # and the padded row equals the same item without the padding at all
     torch.testing.assert_close(pa(states[:1, :3], mask[:1, :3]), out[:1])
+    # Lambda = softmax(C tanh(H W)^T) H, written densely
+    logits = pa.codes @ torch.tanh(pa.proj(states)).transpose(1, 2)  # [B, n, L]
+    dense = torch.softmax(logits.masked_fill(mask[:, None] == 0, float("-inf")), dim=-1) @ states
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
 
 
 def _direct(gamma, lam, lam_prime):
