@@ -235,6 +235,8 @@ def evaluate_model(model, eval_set: EvalSet, item_texts: Sequence[str], full_ran
     `item_texts` follow eval_set.item_ids; `cache` (a StateCache) shares encoder states."""
     from embsum.encoding import encode_item_texts, encode_user_histories
 
+    if len(item_texts) != len(eval_set.item_ids):
+        raise ValueError("item_texts must follow eval_set.item_ids (one text per catalog item)")
     positions = None
     texts = list(item_texts)
     if not full_ranking:

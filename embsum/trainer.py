@@ -52,6 +52,10 @@ class TrainData:
 
     def __post_init__(self):
         self.index = {item: i for i, item in enumerate(self.item_ids)}
+        # Interactions may name items the catalog lacks (dangling references): drop them.
+        known = self.index.__contains__
+        self.examples = [(u, [i for i in h if known(i)], t) for u, h, t in self.examples if known(t)]
+        self.examples = [e for e in self.examples if e[1]]
         self.positives = {u: np.array(sorted({self.index[i] for i in h if i in self.index}), dtype=np.int64)
                           for u, h in self.histories.items()}
 

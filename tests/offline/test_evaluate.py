@@ -77,3 +77,15 @@ def test_real_goodreads_popularity_matches_reference(goodreads_dir, tmp_path):
     assert pop["uniform"]["auc"] == pytest.approx(0.77, abs=0.01)
     rnd = next(r for r in data["models"] if r["name"] == "random")["metrics"]
     assert rnd["uniform"]["auc"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_read_scores_file_parquet_and_tsv(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from offline.evaluate import read_scores_file
+
+    pq.write_table(pa.table({"user_id": ["u1", "u1"], "item_id": ["7", "8"], "score": [0.5, 1.0]}), tmp_path / "s.parquet")
+    assert read_scores_file(tmp_path / "s.parquet") == {"u1": {"7": 0.5, "8": 1.0}}
+    (tmp_path / "s.tsv").write_text("user\titem\tscore\nu2\t007\t2\n")
+    assert read_scores_file(tmp_path / "s.tsv") == {"u2": {"007": 2.0}}  # ids stay strings
