@@ -216,7 +216,10 @@ class Block:
 
 
 def _block(sp: Space, table: pa.Table) -> Block:
+    """Rows -> Block in id order. The sort happens here, in Arrow, on the fetched rows: an
+    ORDER BY in DuckDB would sort the vector columns too, which under a memory limit fails."""
     id_col, hash_col, vec_cols = _LAYOUT[sp.kind]
+    table = table.sort_by(id_col)
     return Block(table.column(id_col).to_pylist(), table.column(hash_col).to_pylist(),
                  {c: from_arrow(table.column(c), sp.n, sp.d) for c in vec_cols})
 
@@ -231,36 +234,35 @@ def read(cat: Catalog, model_hash: str, kind: str, ids=None, current: bool = Tru
     sp = space(cat, model_hash, kind)
     if sp is None:
         return None
-    if ids is not None:
-        ids = list(ids)
-        if not ids:
-            return _empty(sp)
-        with cat.registered("_emb_ids", _ids(ids)):
-            table = cat.arrow(_select(sp, current, True) + f" ORDER BY e.{_LAYOUT[kind][0]}", [model_hash])
-    else:
-        table = cat.arrow(_select(sp, current) + f" ORDER BY e.{_LAYOUT[kind][0]}", [model_hash])
-    return _block(sp, table)
+    if ids is None:
+        return _block(sp, cat.arrow(_select(sp, current), [model_hash]))
+    ids = list(ids)
+    if not ids:
+        return _empty(sp)
+    with cat.registered("_emb_ids", _ids(ids)):
+        return _block(sp, cat.arrow(_select(sp, current, True), [model_hash]))
 
 
-def iterate(cat: Catalog, model_hash: str, kind: str, chunk_size: int = 10_000,
+def iterate(cat: Catalog, model_hash: str, kind: str, chunk_size: int = 2048,
             current: bool = True) -> Iterator[Block]:
-    """All vectors in id order, `chunk_size` rows at a time (keyset pages, each fetched whole)."""
+    """All vectors in id order, `chunk_size` rows at a time: a keyset page of ids first (strings
+    only), then the page's rows by id range (a filter DuckDB pushes into the scan)."""
     sp = space(cat, model_hash, kind)
     if sp is None:
         return
     id_col = _LAYOUT[kind][0]
     last = None
     while True:
-        sql = _select(sp, current)
-        params = [model_hash]
-        if last is not None:
-            sql += f" AND e.{id_col} > ?"
-            params.append(last)
-        table = cat.arrow(sql + f" ORDER BY e.{id_col} LIMIT {int(chunk_size)}", params)
-        if table.num_rows == 0:
+        after, params = (f" AND e.{id_col} > ?", [model_hash, last]) if last is not None else ("", [model_hash])
+        page = cat.arrow(_select(sp, current, vectors=False) + after + f" ORDER BY e.{id_col} LIMIT {int(chunk_size)}",
+                         params)
+        if page.num_rows == 0:
             return
-        yield _block(sp, table)
-        last = table.column(id_col)[-1].as_py()
+        first_id, last_id = page.column(id_col)[0].as_py(), page.column(id_col)[-1].as_py()
+        rows = cat.arrow(_select(sp, current) + f" AND e.{id_col} >= ? AND e.{id_col} <= ?",
+                         [model_hash, first_id, last_id])
+        yield _block(sp, rows)
+        last = last_id
 
 
 def keys(cat: Catalog, model_hash: str, kind: str, current: bool = True) -> pa.Table:

@@ -25,7 +25,7 @@ class IndexConfig:
         "help": "Rebuild instead of updating when changed+added+removed items since the last full build "
                 "exceed this fraction of the index."})
     train_size: int = field(default=200_000, metadata={"help": "Vectors sampled to train an IVF quantizer."})
-    chunk_size: int = field(default=8192, metadata={"help": "Items read from the catalog per chunk while building."})
+    chunk_size: int = field(default=2048, metadata={"help": "Items read from the catalog per chunk while building."})
     keep: int = field(default=3, metadata={"help": "Versions kept on disk (readers may still hold older ones)."})
     gpu: bool = field(default=True, metadata={"help": "Use GPUs when faiss has them (faiss-gpu)."})
     seed: int = field(default=0, metadata={"help": "Seed of the IVF training sample."})
