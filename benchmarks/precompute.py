@@ -171,7 +171,8 @@ def main() -> None:
             base = base or (uni, pop)
             results[f"quality {dtype}"] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
                                            "ndcg10_uniform": uni, "ndcg10_pop": pop, "eval_users": users}
-            qrows.append([dtype, float(cos.mean()), float(cos.min()), uni, uni - base[0], pop, pop - base[1]])
+            qrows.append([dtype, f"{cos.mean():.6f}", f"{cos.min():.6f}", f"{uni:.4f}", f"{uni - base[0]:+.4f}",
+                          f"{pop:.4f}", f"{pop - base[1]:+.4f}"])
         print(f"\nquality vs fp32 (goodreads-v1 test users: {users}; untrained checkpoint)")
         print(table(["dtype", "cos mean", "cos min", "nDCG@10 uniform", "change", "nDCG@10 pop", "change"], qrows))
     print(f"\nsaved {save('precompute', {'items': n, 'repeats': args.repeats, **results})}")
