@@ -99,6 +99,39 @@ def measure(name: str, model, data, eval_set, cfg, cache, args) -> dict:
     return report
 
 
+def load_state_cache(path: Path, texts: list[str], model, cache) -> bool:
+    """Fill `cache` from a file of encoder token states (`flat` [tokens, d] + `lens` [texts], in
+    catalog order) if it matches this encoder: a few texts are re-encoded and compared."""
+    import torch
+    from safetensors.torch import load_file
+
+    from embsum.encoding import encode_token_states
+
+    if not path.exists():
+        return False
+    stored = load_file(str(path))
+    if len(stored["lens"]) != len(texts):
+        log.warning("state cache %s holds %d texts, the catalog %d: ignored", path, len(stored["lens"]), len(texts))
+        return False
+    states = torch.split(stored["flat"], stored["lens"].tolist())
+    probe = list(range(0, len(texts), max(1, len(texts) // 8)))
+    fresh = encode_token_states(model, [texts[i] for i in probe], dtype="bf16", progress=False)
+    if not all(f.shape == states[i].shape and torch.allclose(f.float(), states[i].float(), atol=0.1)
+               for f, i in zip(fresh, probe)):
+        log.warning("state cache %s was computed by another encoder or token limit: ignored", path)
+        return False
+    cache.update(zip(texts, states))
+    return True
+
+
+def save_state_cache(path: Path, texts: list[str], cache) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    states = [cache[t] for t in texts]
+    save_file({"flat": torch.cat(states), "lens": torch.tensor([s.shape[0] for s in states])}, str(path))
+
+
 def runs_to_do(args, base: AlignConfig) -> list[tuple[str, AlignConfig]]:
     runs = [(s, dataclasses.replace(base, strategy=s)) for s in args.strategies.split(",") if s]
     for sweep in args.sweep:
@@ -122,6 +155,9 @@ def main() -> None:
     ap.add_argument("--cost-items", type=int, default=256, help="Texts for the precompute items/s figure.")
     ap.add_argument("--out", default=str(OUT / "align"), help="Where aligned checkpoints go.")
     ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--state-cache", default="", help=(
+        "File of the SFT encoder's token states (safetensors): read if it matches, else written "
+        "after the catalog pass, so a second run skips that pass (lora_scope 'decoder' only)."))
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -138,10 +174,15 @@ def main() -> None:
     sft, sft_hash = load_model(args.sft)
     shared = base.lora_scope == "decoder"
     cache = StateCache() if shared else None
+    cache_file = Path(args.state_cache) if args.state_cache and shared else None
+    reused = cache_file is not None and load_state_cache(cache_file, data.texts, sft, cache)
     t0 = time.perf_counter()
     bank = build_bank(sft, data.texts, base.encode_batch, "cpu", base.bf16 != "off", progress=not args.quiet, cache=cache)
     bank_s = time.perf_counter() - t0
-    log.info("SFT %s: catalog encoded in %.0fs (%d items)", sft_hash, bank_s, len(data.texts))
+    if cache_file is not None and not reused:
+        save_state_cache(cache_file, data.texts, cache)
+    log.info("SFT %s: catalog encoded in %.0fs (%d items%s)", sft_hash, bank_s, len(data.texts),
+             ", encoder states from " + str(cache_file) if reused else "")
 
     results = {"SFT (unaligned)": measure("sft", sft, data, eval_set, base, cache, args)}
     training = {}
@@ -169,7 +210,8 @@ def main() -> None:
                   " ".join(f"{s:.3f}" for s in results[n]["experts"]["shares"]),
                   results[n]["experts"]["no_expert_starved"]] for n, t in training.items()]))
     wall = time.perf_counter() - start
-    print(f"\nwall {wall:.0f}s (catalog encode {bank_s:.0f}s), peak RSS {peak_rss_mb():.0f} MB")
+    print(f"\nwall {wall:.0f}s (catalog encode {bank_s:.0f}s{', encoder states read from file' if reused else ''}), "
+          f"peak RSS {peak_rss_mb():.0f} MB")
     path = save("align_goodreads", {"protocol": "goodreads-v1", "split_sizes": eval_set.split_sizes,
                                     "sft_hash": sft_hash, "recipe": args.recipe, "config": base.to_dict(),
                                     "results": results, "training": training, "wall_s": wall,

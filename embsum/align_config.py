@@ -27,6 +27,9 @@ class AlignConfig(_Base):
     aux_weight: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss."})
     nce_weight: float = field(default=0.0, metadata={"help": "Weight of the SFT NCE loss kept during alignment (0: off)."})
     nce_temperature: float = field(default=0.05, metadata={"help": "NCE softmax temperature (as in training)."})
+    nce_negatives: int = field(default=32, metadata={"help": (
+        "Uniform catalog items added to each batch for the NCE term (beside the batch's chosen and "
+        "rejected items), so it also keeps read items above random ones.")})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input."})
@@ -73,7 +76,7 @@ class AlignConfig(_Base):
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
         _check(self.examples in ("prefixes", "last"), f"examples must be 'prefixes' or 'last', not {self.examples!r}")
         _check(self.bf16 in ("auto", "on", "off"), f"bf16 must be auto/on/off, not {self.bf16!r}")
-        for name in ("max_steps", "train_users", "eval_every", "save_every", "dev_users", "log_every"):
+        for name in ("nce_negatives", "max_steps", "train_users", "eval_every", "save_every", "dev_users", "log_every"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0")
         try:  # the nested settings validate their own ranges
             self.lora_settings()

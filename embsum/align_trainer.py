@@ -113,10 +113,13 @@ class Batch:
         p = model.config.session_size
         self.session_limit = model.config.item_max_tokens if p == 1 else model.config.session_max_tokens
 
-    def with_rejected(self, rejected: torch.Tensor) -> None:
+    def with_rejected(self, rejected: torch.Tensor, extra: torch.Tensor | None = None) -> None:
+        """The items to encode: chosen, rejected and `extra` (NCE negatives), each once."""
         self.rejected = rejected
-        self.item_ids, inverse = torch.unique(torch.cat([self.chosen, rejected]), return_inverse=True)
-        self.pos_w, self.pos_l = inverse[: len(self.chosen)], inverse[len(self.chosen):]
+        parts = [self.chosen, rejected] + ([extra] if extra is not None else [])
+        self.item_ids, inverse = torch.unique(torch.cat(parts), return_inverse=True)
+        b = len(self.chosen)
+        self.pos_w, self.pos_l = inverse[:b], inverse[b:2 * b]
 
     def _inputs(self, model, texts: list[str], max_tokens: int, device):
         """(token states [B, L, d], mask) from the cache, or tokens for a full forward."""
@@ -196,7 +199,10 @@ class AlignTrainer:
             upe = batch.encode_users(model, device)
             rejected = self.sampler.sample(batch.users, positives, self.step,
                                            None if c.strategy == "random" else self.pool_fn(upe, positives))
-            batch.with_rejected(rejected)
+            extra = None
+            if c.nce_weight > 0 and c.nce_negatives > 0:
+                extra = torch.randint(len(self.data.item_texts), (c.nce_negatives,), generator=self.sampler.generator)
+            batch.with_rejected(rejected, extra)
             cpe, cpe_prime = batch.encode_items(model, device)
             s_w, s_l = batch.pair_scores(upe, cpe, cpe_prime)
             aux = self.policy.pop_aux()
@@ -210,8 +216,8 @@ class AlignTrainer:
         loss = dpo + c.aux_weight * aux
         stats = {"dpo": dpo.item(), "aux": aux.item(), **dpo_stats(s_w.float(), s_l.float(), r_w.float(), r_l.float())}
         if c.nce_weight > 0:
-            # The SFT objective over the batch's items: each user's w against every other item
-            # of the batch that is not one of the user's positives.
+            # The SFT objective: each user's w against every other item of the batch (the others'
+            # chosen and rejected items, and nce_negatives uniform ones), the user's positives excluded.
             all_scores = poly_score(upe.unsqueeze(1), cpe.unsqueeze(0), cpe_prime.unsqueeze(0))
             ids = batch.item_ids.tolist()
             exclude = torch.tensor([[i in set(p) for i in ids] for p in positives], device=all_scores.device)

@@ -72,9 +72,10 @@ def align_data(data: CatalogData, cfg: AlignConfig) -> AlignData:
 
 
 def candidate_scorer(model, eval_set: EvalSet, texts: list[str], batch_size: int, device, bf16: bool,
-                     full_ranking: bool, progress: bool = False):
+                     full_ranking: bool, progress: bool = False, cache: StateCache | None = None):
     """The model's scorer over `eval_set`: users' UPE, and CPE of the candidate items only (or of
-    the whole catalog for full ranking). Same encoding path as precompute."""
+    the whole catalog for full ranking). Same encoding path as precompute; `cache` holds encoder
+    token states (valid only while the encoder is the SFT one)."""
     from embsum.encoding import encode_item_texts, encode_user_histories
 
     dtype = "bf16" if bf16 else "fp32"
@@ -84,13 +85,13 @@ def candidate_scorer(model, eval_set: EvalSet, texts: list[str], batch_size: int
         cols = np.unique(np.concatenate([eval_set.positions(u.uniform + u.pop) for u in eval_set.users]))
     index = eval_set.item_index
     cpe, cpe_prime = encode_item_texts(model, [texts[c] for c in cols], batch_size=batch_size, device=device,
-                                       dtype=dtype, progress=progress)
+                                       dtype=dtype, progress=progress, cache=cache)
     upe = encode_user_histories(model, [[texts[index[i]] for i in u.history] for u in eval_set.users],
-                                device=device, dtype=dtype, progress=progress)
+                                device=device, dtype=dtype, progress=progress, cache=cache)
     return poly_scorer(upe, cpe, cpe_prime, None if full_ranking else cols)
 
 
-def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool):
+def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool, cache: StateCache | None = None):
     """model -> (report, score): goodreads-v1 dev users, uniform and pop candidates."""
     eval_set = build_eval_set(data.histories, data.item_ids, "dev", limit=cfg.dev_users)
     if not eval_set.users:
@@ -98,7 +99,8 @@ def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool):
         return None
 
     def run(model):
-        scorer = candidate_scorer(model, eval_set, data.texts, cfg.encode_batch, device, bf16, full_ranking=False)
+        scorer = candidate_scorer(model, eval_set, data.texts, cfg.encode_batch, device, bf16, full_ranking=False,
+                                  cache=cache)
         report = evaluate(eval_set, scorer, full_ranking=False)
         return report, dev_score(report)
     return run
@@ -158,7 +160,7 @@ def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None
     log.info("align %s: %d examples from %d train users, %d items, strategy %s, beta %g, K %d",
              sft_hash, len(adata.examples), len(adata.positives), len(data.item_ids), cfg.strategy, cfg.beta,
              cfg.pool_size)
-    evaluate_fn = dev_evaluator(data, cfg, device, bf16) if evaluate_dev else None
+    evaluate_fn = dev_evaluator(data, cfg, device, bf16, adata.cache) if evaluate_dev else None
     trainer = AlignTrainer(policy, cfg, adata, evaluate_fn=evaluate_fn, progress=progress,
                            run_meta={"sft_hash": sft_hash})
     start = time.perf_counter()
