@@ -135,7 +135,11 @@ def step_ingest(demo: Demo) -> None:
 
 
 def step_train(demo: Demo) -> None:
-    demo.cli("train", "--out", str(demo.checkpoint.parent))
+    # Brief on purpose (the demo must finish in minutes on a laptop CPU): frozen encoder, so the
+    # movie token states are computed once; a 2-layer decoder; a few hundred steps.
+    demo.cli("train", "--out", str(demo.checkpoint.parent), "--max-steps", "100", "--freeze-encoder",
+             "--freeze-embeddings", "--decoder-layers", "2", "--item-max-tokens", "48",
+             "--dev-users", "50", "--eval-every", "0", "--save-every", "50")
 
 
 def step_precompute(demo: Demo) -> None:
