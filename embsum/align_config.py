@@ -45,8 +45,10 @@ class AlignConfig(_Base):
     epochs: float = field(default=1.0, metadata={"help": "Passes over the training examples (fractions allowed)."})
     max_steps: int = field(default=0, metadata={"help": "Stop after this many optimizer steps (0: from epochs)."})
     batch_size: int = field(default=16, metadata={"help": "Examples per step."})
-    lr: float = field(default=2e-4, metadata={"help": "Learning rate of the LoRA adapters."})
-    moe_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the MoE layer."})
+    lr: float = field(default=2e-5, metadata={"help": (
+        "Learning rate of the LoRA adapters. DPO needs small steps: at 5e-4 the Goodreads dev "
+        "nDCG@10 fell below the SFT model's within 75 steps.")})
+    moe_lr: float = field(default=5e-5, metadata={"help": "Learning rate of the MoE layer."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps of linear warmup, then linear decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})

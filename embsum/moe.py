@@ -4,7 +4,7 @@ Why per vector: each user vector (m of them) and each item vector (n of them) go
 layer on its own, so both sides stay precomputable and the serving cost (a few dot products per
 pair) does not grow with the number of experts; only precompute pays for top-k expert FFNs.
 
-Why zero-initialised and residual: `y = x + sum_k g_k(x) * E_k(x)` with every expert's output
+Why zero-initialised and residual: `y = x + rms(x) * sum_k g_k(x) * E_k(LN(x))` with every expert's output
 projection at zero gives `y == x` exactly, so the aligned model starts at the SFT model and DPO's
 reference and policy agree at step 0 (the loss is log 2 there).
 
@@ -75,7 +75,8 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor, 
 
 
 class MoEFusion(nn.Module):
-    """`y = x + sum_{e in topk(x)} g_e(x) * FFN_e(x)` on the last dimension of any tensor."""
+    """`y = x + rms(x) * sum_{e in topk(x)} g_e(x) * FFN_e(LN(x))` on the last dimension of any
+    tensor (without `norm`: `y = x + sum g_e(x) * FFN_e(x)`)."""
 
     def __init__(self, config: MoEConfig | None = None) -> None:
         super().__init__()
@@ -152,6 +153,11 @@ class MoEFusion(nn.Module):
         with torch.no_grad():
             self.routed_counts += torch.bincount(top_i.reshape(-1), minlength=self.config.num_experts).double()
         aux = load_balancing_loss(probs, top_i, self.config.num_experts)
+        if self.config.norm:
+            # The experts read LayerNorm'd vectors; their output is scaled back to the input's
+            # RMS, so a step changes a vector by the same relative amount whatever its scale
+            # (item and user vectors differ), and the learning rate keeps one meaning.
+            out = out * flat.float().pow(2).mean(-1, keepdim=True).sqrt().to(out.dtype)
         return (flat + out).reshape(shape), aux
 
     def expert_shares(self) -> list[float]:
