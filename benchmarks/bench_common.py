@@ -42,6 +42,15 @@ def untrained_checkpoint(directory: Path) -> str:
     return checkpoint_hash(directory)
 
 
+def checkpoint_dir(given: Path | None, fallback: Path) -> Path:
+    """The benchmark's checkpoint: `given` (--checkpoint, e.g. a trained one), else an untrained
+    one made once under `fallback`."""
+    if given:
+        return Path(given)
+    untrained_checkpoint(fallback)
+    return fallback
+
+
 def median_seconds(fn, repeats: int) -> tuple[float, list[float], object]:
     """Median wall time of `fn()` over `repeats` calls, all times, and the last result."""
     times, result = [], None

@@ -11,8 +11,8 @@ Rows (items/s, median of --repeats; every method gets the same texts and token l
   chunks, per-chunk dedupe, length-sorted encoding, poly-attention, Arrow writes, one
   transaction per chunk) plus the FAISS index build from the stored vectors, per dtype.
 Quality per dtype against fp32: cosine of every CPE vector, and nDCG@10 (goodreads-v1 test
-users, uniform and pop candidates) of an untrained checkpoint whose item AND user vectors
-come from that dtype. Untrained: the figures say what the dtype changes, not model quality.
+users, uniform and pop candidates) of the checkpoint (--checkpoint: a trained one; default an
+untrained one) whose item AND user vectors come from that dtype.
 """
 
 from __future__ import annotations
@@ -112,6 +112,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--eval-users", type=int, default=300, help="goodreads-v1 test users for nDCG@10 (0: all)")
     p.add_argument("--dtypes", default="fp32,bf16,int8")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint to run (default: an untrained one made from the packaged backbone); "
+                        "a trained one makes the nDCG@10 column meaningful")
     p.add_argument("--skip", default="", help="comma list of baselines to skip: st,raw-file,raw-sorted")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -121,8 +124,12 @@ def main() -> None:
     ids, titles, descs = load_books(args.data, args.items)
     texts = [item_text(t, d) for t, d in zip(titles, descs)]
     work = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
-    model_hash = untrained_checkpoint(work / "ckpt")
-    model, _ = load_checkpoint(work / "ckpt")
+    if args.checkpoint:
+        model, model_hash = load_checkpoint(args.checkpoint)
+    else:
+        model_hash = untrained_checkpoint(work / "ckpt")
+        model, _ = load_checkpoint(work / "ckpt")
+    trained = "trained checkpoint" if args.checkpoint else "untrained checkpoint"
     max_tokens = model.config.item_max_tokens
     n, rows, results = len(texts), [], {}
 
@@ -173,7 +180,7 @@ def main() -> None:
                                            "ndcg10_uniform": uni, "ndcg10_pop": pop, "eval_users": users}
             qrows.append([dtype, f"{cos.mean():.6f}", f"{cos.min():.6f}", f"{uni:.4f}", f"{uni - base[0]:+.4f}",
                           f"{pop:.4f}", f"{pop - base[1]:+.4f}"])
-        print(f"\nquality vs fp32 (goodreads-v1 test users: {users}; untrained checkpoint)")
+        print(f"\nquality vs fp32 (goodreads-v1 test users: {users}; {trained} {model_hash})")
         print(table(["dtype", "cos mean", "cos min", "nDCG@10 uniform", "change", "nDCG@10 pop", "change"], qrows))
     print(f"\nsaved {save('precompute', {'items': n, 'repeats': args.repeats, **results})}")
 

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/refresh.py [--items 0] [--fractions 0.001,0.01,0.1] [--repeats 3]
 
 Full run: the items of a fresh catalog encoded (offline.precompute) and the index built, from
-an untrained checkpoint of the packaged backbone. Then, for each fraction f, from a copy of
+--checkpoint (default: an untrained one of the packaged backbone). Then, for each fraction f, from a copy of
 that state: a nightly TSV in which f of the books have a new description goes through the
 refresh job (offline.refresh.refresh: lock, checkpoint load, ingest, incremental precompute,
 index update or rebuild, swap). Users are left out of both (an item edit changes no history
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-from bench_common import DATA, load_books, median_seconds, save, table, untrained_checkpoint
+from bench_common import DATA, checkpoint_dir, load_books, median_seconds, save, table
 
 from index.catalog import Catalog
 from index.faiss_index import IndexConfig
@@ -39,12 +39,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="repeats of each refresh (and of the full run)")
     p.add_argument("--full-repeats", type=int, default=0, help="repeats of the full run (default: --repeats)")
     p.add_argument("--dtype", default="fp32")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint (default: an untrained one)")
     args = p.parse_args()
 
     ids, titles, descs = load_books(args.data, args.items)
     work = Path(tempfile.mkdtemp(prefix="bench-refresh-"))
-    ckpt = work / "ckpt"
-    untrained_checkpoint(ckpt)
+    ckpt = checkpoint_dir(args.checkpoint, work / "ckpt")
     load_s, _, (model, model_hash) = median_seconds(lambda: load_model(str(ckpt), "cpu"), 3)
     pre = PrecomputeConfig(users=False, dtype=args.dtype)
     idx = IndexConfig()

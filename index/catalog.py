@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +83,9 @@ SCHEMA = [
         args VARCHAR,
         error VARCHAR
     )""",
+    # Which process runs a job, so a later job can tell a crashed run from a live one.
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid BIGINT",
     """CREATE TABLE IF NOT EXISTS rejects (
         run_id VARCHAR,
         source VARCHAR,
@@ -194,11 +199,27 @@ class Catalog:
     def start_run(self, kind: str, args: dict | None = None) -> str:
         run_id = f"{kind}-{now():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
         with self.transaction():
+            self.mark_interrupted_runs()
             self.con.execute(
-                "INSERT INTO runs (run_id, kind, started_at, status, args) VALUES (?, ?, ?, 'running', ?)",
-                [run_id, kind, now(), json.dumps(args or {}, default=str, sort_keys=True)],
+                "INSERT INTO runs (run_id, kind, started_at, status, args, host, pid) "
+                "VALUES (?, ?, ?, 'running', ?, ?, ?)",
+                [run_id, kind, now(), json.dumps(args or {}, default=str, sort_keys=True),
+                 socket.gethostname(), os.getpid()],
             )
         return run_id
+
+    def mark_interrupted_runs(self) -> list[str]:
+        """'running' rows of this host whose process is gone (killed, crashed, power cut) become
+        'interrupted', so `runs` tells what really happened. Rows of other hosts are left alone:
+        their processes cannot be checked from here."""
+        rows = self.con.execute("SELECT run_id, pid FROM runs WHERE status = 'running' AND host = ?",
+                                [socket.gethostname()]).fetchall()
+        gone = [run_id for run_id, pid in rows if pid is not None and not _process_alive(pid)]
+        for run_id in gone:
+            pid = dict(rows)[run_id]
+            self.con.execute("UPDATE runs SET status = 'interrupted', ended_at = ?, error = ? WHERE run_id = ?",
+                             [now(), f"process {pid} ended without finishing the run", run_id])
+        return gone
 
     def finish_run(self, run_id: str, status: str, counts: dict | None = None, error: str | None = None) -> None:
         with self.transaction():
@@ -426,6 +447,16 @@ class Catalog:
         with self.registered("_user_ids", self._ids_table(user_ids)):
             return self.arrow("SELECT user_id, history_hash FROM users"
                               " WHERE user_id IN (SELECT id FROM _user_ids) ORDER BY user_id")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 class RunRecord:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -100,9 +101,13 @@ def setup_logging(verbose: int, quiet: bool) -> None:
               help="TOML config: shared keys at top level, one [table] per subcommand.")
 @click.option("-v", "--verbose", count=True, help="More logging (debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.option("--allow-download", is_flag=True, envvar="EMBSUM_ALLOW_DOWNLOAD",
+              help="Let a backbone or LLM given by hub name be downloaded (default: local files and "
+                   "the Hugging Face cache only; HF_HUB_OFFLINE=1 still wins).")
 @click.version_option(package_name="embsum")
 @click.pass_context
-def cli(ctx: click.Context, db: str | None, config_path: str | None, verbose: int, quiet: bool) -> None:
+def cli(ctx: click.Context, db: str | None, config_path: str | None, verbose: int, quiet: bool,
+        allow_download: bool) -> None:
     """embsum: content-based recommendation with poly-embeddings precomputed offline.
 
     \b
@@ -115,6 +120,8 @@ def cli(ctx: click.Context, db: str | None, config_path: str | None, verbose: in
     Every job records itself in the catalog's `runs` table; bad input rows go to `rejects`.
     """
     setup_logging(verbose, quiet)
+    if allow_download:  # read deep down, where a model name is resolved (embsum/hub.py)
+        os.environ["EMBSUM_ALLOW_DOWNLOAD"] = "1"
     config = load_config(config_path)
     ctx.obj = {
         "db": db or config.get("db") or DEFAULT_DB,

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from embsum.hub import downloads_allowed, why_no_download
 from embsum.summarizer.backends import SMOLLM2_GGUF, Backend, BackendError, model_label
 from embsum.summarizer.config import SummarizerConfig
 from embsum.summarizer.prompt import Prompt, TokenCounter, TokenizerCounter
@@ -52,6 +53,8 @@ class HFBackend(Backend):
         if config.threads:
             torch.set_num_threads(config.threads)
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        if not Path(model).expanduser().exists() and not downloads_allowed():
+            kwargs["local_files_only"] = True  # a hub name: the local cache only, unless allowed
         try:
             model_config = AutoConfig.from_pretrained(model, **kwargs)
             self.tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
@@ -59,8 +62,9 @@ class HFBackend(Backend):
             auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
             self.model = auto.from_pretrained(model, **kwargs).to(config.device).eval()
         except (OSError, ValueError) as err:
+            hint = "" if downloads_allowed() else f"; {why_no_download()}"
             raise BackendError(f"cannot load model {model!r} (a local path, or a name in the Hugging Face "
-                               f"cache; this machine may be offline): {str(err).splitlines()[0]}") from None
+                               f"cache{hint}): {str(err).splitlines()[0]}") from None
         if not self.seq2seq:
             self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:

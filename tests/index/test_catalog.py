@@ -112,3 +112,22 @@ def test_clear_rejects_per_source(cat):
     cat.add_rejects([{"line": 3, "raw": "y", "reason": "missing_id"}], None, "f2")
     assert cat.clear_rejects("f1") == 1
     assert cat.arrow("SELECT source FROM rejects").column(0).to_pylist() == ["f2"]
+
+
+def test_running_row_of_a_dead_process_becomes_interrupted(tmp_path):
+    import subprocess
+    import sys
+
+    db = tmp_path / "c.duckdb"
+    with Catalog(db) as cat:
+        live = cat.start_run("precompute")
+        dead = cat.start_run("refresh")
+        finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True, check=True)
+        cat.con.execute("UPDATE runs SET pid = ? WHERE run_id = ?", [int(finished.stdout), dead])
+        cat.con.execute("INSERT INTO runs (run_id, kind, started_at, status, host, pid) "
+                        "VALUES ('elsewhere', 'train', now(), 'running', 'another-host', 1)")
+        assert cat.mark_interrupted_runs() == [dead]
+        status = dict(cat.con.execute("SELECT run_id, status FROM runs").fetchall())
+    # this process is alive; another host's row cannot be checked from here and stays as it is
+    assert status == {live: "running", dead: "interrupted", "elsewhere": "running"}

@@ -81,3 +81,7 @@ def test_sigkill_mid_ingest_then_rerun_matches_uninterrupted(goodreads_dir, tmp_
     again = contents(killed)
     for table in CONTENT:
         assert again[table] == expected[table], table
+    with Catalog(killed, read_only=True) as cat:  # the killed run is told apart from the re-run
+        runs = cat.runs("ingest").to_pylist()
+    assert [r["status"] for r in runs] == ["interrupted", "ok"]
+    assert f"process {proc.pid} ended" in runs[0]["error"]
