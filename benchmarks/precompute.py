@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from bench_common import DATA, load_books, load_histories, median_seconds, save, table, untrained_checkpoint
+from bench_common import DATA, checkpoint_dir, load_books, load_histories, median_seconds, save, table
 
 from index.catalog import Catalog
 from index.faiss_index import IndexConfig
@@ -124,11 +124,7 @@ def main() -> None:
     ids, titles, descs = load_books(args.data, args.items)
     texts = [item_text(t, d) for t, d in zip(titles, descs)]
     work = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
-    if args.checkpoint:
-        model, model_hash = load_checkpoint(args.checkpoint)
-    else:
-        model_hash = untrained_checkpoint(work / "ckpt")
-        model, _ = load_checkpoint(work / "ckpt")
+    model, model_hash = load_checkpoint(checkpoint_dir(args.checkpoint, work / "ckpt"))
     trained = "trained checkpoint" if args.checkpoint else "untrained checkpoint"
     max_tokens = model.config.item_max_tokens
     n, rows, results = len(texts), [], {}

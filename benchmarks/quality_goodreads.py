@@ -49,7 +49,7 @@ def recipe_configs(name: str, overrides: dict):
 
 
 def train_variants(data, train_cfg, model_cfg, variants, out: Path, cache):
-    """Train one model per (label, folder, config changes [, data]) from the same recipe; a
+    """Train one model per (label, folder, config changes, its CatalogData) from the same recipe; a
     frozen encoder's token states are computed once into `cache` and shared. Returns the
     training figures per label, the inference dtype and the cache key for evaluation."""
     from embsum.checkpoint import build_model
@@ -59,8 +59,7 @@ def train_variants(data, train_cfg, model_cfg, variants, out: Path, cache):
 
     dev = build_eval_set(data.histories, data.item_ids, "dev", limit=train_cfg.dev_users)
     training, dtype, key = {}, "fp32", None
-    for label, folder, changes, *variant_data in variants:
-        variant_data = variant_data[0] if variant_data else data
+    for label, folder, changes, variant_data in variants:
         cfg = train_cfg.replace(out=str(out / folder), resume=False,
                                 **{k: v for k, v in changes.items() if k in train_cfg.__dataclass_fields__})
         examples = train_examples(variant_data.histories, cfg.examples, cfg.train_users)
@@ -140,9 +139,9 @@ def main() -> None:
     print(f"recipe {args.recipe}: {len(data.summaries)} summaries ({summary_source}), "
           f"lambda {train_cfg.summary_weight}", flush=True)
 
-    variants = [("EmbSum (poly-attention)", "embsum", {"pooling": "poly"})]
+    variants = [("EmbSum (poly-attention)", "embsum", {"pooling": "poly"}, data)]
     if not args.no_ablation:
-        variants.append(("single-vector ablation (mean)", "single_vector", {"pooling": "mean"}))
+        variants.append(("single-vector ablation (mean)", "single_vector", {"pooling": "mean"}, data))
     cache = StateCache()
     training, dtype, key = train_variants(data, train_cfg, model_cfg, variants, args.out, cache)
     report = evaluate_variants(data, training, args.out, train_cfg, dtype, key, cache, args.test_users)

@@ -30,12 +30,12 @@ import pyarrow as pa
 from bench_common import (
     DATA,
     OUT,
+    checkpoint_dir,
     load_books,
     load_histories,
     median_seconds,
     save,
     table,
-    checkpoint_dir,
 )
 
 from index import embeddings as E
@@ -50,9 +50,8 @@ from offline.scoring import _unique_by_best, recommend, score_pairs
 
 def prepare(db: Path, data: Path, n_items: int, n_users: int, dtype: str, checkpoint: Path | None = None) -> str:
     """Books and the first `n_users` goodreads-v1 test users (by id) encoded into `db`, once."""
-    from embsum.evaluation import split_of
-
     from embsum.checkpoint import checkpoint_hash
+    from embsum.evaluation import split_of
 
     ckpt = checkpoint_dir(checkpoint, OUT / "scoring-ckpt")
     model_hash = checkpoint_hash(ckpt)

@@ -17,6 +17,7 @@ only those N users are summarized:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import subprocess
@@ -24,7 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-from quality_goodreads import ROOT, ensure_catalog, evaluate_variants, print_training, recipe_configs, train_variants
+from quality_goodreads import (
+    ROOT,
+    ensure_catalog,
+    evaluate_variants,
+    print_training,
+    recipe_configs,
+    train_variants,
+)
 
 SOURCES = (("SmolLM2 summaries (local)", "local"), ("imported llm_interests", "import"), ("no summary loss (lambda 0)", "none"))
 
@@ -55,14 +63,15 @@ def main() -> None:
     from embsum.encoding import StateCache
     from embsum.evaluation import train_examples
     from index.catalog import Catalog
-    from offline.data import load_catalog_data
+    from offline.data import load_catalog_data, read_summaries
     from offline.evaluate import markdown_table
 
     started = time.time()
     ensure_catalog(args.db, args.data)
     train_cfg, model_cfg, _ = recipe_configs(args.recipe, {"max_steps": args.max_steps, "train_users": args.train_users})
-    with Catalog(args.db, read_only=True) as cat:
-        histories = load_catalog_data(cat, "none").histories
+    with Catalog(args.db, read_only=True) as cat:  # items and histories: summarize leaves them as they are
+        base = load_catalog_data(cat, "none")
+    histories = base.histories
     users = sorted({u for u, _, _ in train_examples(histories, "last", args.train_users)})
     args.out.mkdir(parents=True, exist_ok=True)
     users_file = args.out / "users.txt"
@@ -70,13 +79,14 @@ def main() -> None:
 
     summarize_s = summarize_users(args.db, users_file, args.batch_size, args.threads)
     with Catalog(args.db, read_only=True) as cat:
-        data = {source: load_catalog_data(cat, source) for _, source in SOURCES}
+        data = {source: dataclasses.replace(base, summaries=read_summaries(cat, source)) for _, source in SOURCES}
         flagged = cat.con.execute("SELECT count(*) FROM summaries WHERE backend = 'local' AND flagged").fetchall()[0][0]
         runs = cat.runs("summarize").to_pylist()
-    local = {u: s for u, s in data["local"].summaries.items() if u in set(users)}
-    rate = runs[-1]["counts"] if runs else "{}"
+    wanted = set(users)
+    local = {u: s for u, s in data["local"].summaries.items() if u in wanted}
+    last_counts = runs[-1]["counts"] if runs else "{}"
     print(f"summarize: {len(local)}/{len(users)} users with a usable SmolLM2 summary, {flagged} flagged, "
-          f"{summarize_s:.0f}s wall this run (last run's counts: {rate})", flush=True)
+          f"{summarize_s:.0f}s wall this run (last run's counts: {last_counts})", flush=True)
 
     variants = [(label, source, {"summary_weight": 0.0 if source == "none" else train_cfg.summary_weight}, data[source])
                 for label, source in SOURCES]

@@ -220,7 +220,8 @@ class AlignTrainer:
             # chosen and rejected items, and nce_negatives uniform ones), the user's positives excluded.
             all_scores = poly_score(upe.unsqueeze(1), cpe.unsqueeze(0), cpe_prime.unsqueeze(0))
             ids = batch.item_ids.tolist()
-            exclude = torch.tensor([[i in set(p) for i in ids] for p in positives], device=all_scores.device)
+            positive_sets = [set(p) for p in positives]  # once per user, not once per (user, item)
+            exclude = torch.tensor([[i in p for i in ids] for p in positive_sets], device=all_scores.device)
             nce = nce_loss(all_scores, batch.pos_w.to(all_scores.device), exclude, c.nce_temperature)
             loss = loss + c.nce_weight * nce
             stats["nce"] = nce.item()

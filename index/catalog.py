@@ -214,12 +214,11 @@ class Catalog:
         their processes cannot be checked from here."""
         rows = self.con.execute("SELECT run_id, pid FROM runs WHERE status = 'running' AND host = ?",
                                 [socket.gethostname()]).fetchall()
-        gone = [run_id for run_id, pid in rows if pid is not None and not _process_alive(pid)]
-        for run_id in gone:
-            pid = dict(rows)[run_id]
+        gone = [(run_id, pid) for run_id, pid in rows if pid is not None and not _process_alive(pid)]
+        for run_id, pid in gone:
             self.con.execute("UPDATE runs SET status = 'interrupted', ended_at = ?, error = ? WHERE run_id = ?",
                              [now(), f"process {pid} ended without finishing the run", run_id])
-        return gone
+        return [run_id for run_id, _ in gone]
 
     def finish_run(self, run_id: str, status: str, counts: dict | None = None, error: str | None = None) -> None:
         with self.transaction():
