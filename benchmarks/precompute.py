@@ -6,10 +6,13 @@ cost of bf16 and int8.
 Rows (items/s, median of --repeats; every method gets the same texts and token limit):
 - sentence-transformers `encode` (batch 64) with the packaged all-MiniLM-L6-v2;
 - the raw backbone forward (fp32, inference mode, mean pooling) in naive file-order batches,
-  and the same forward over length-sorted batches;
+  the same forward over length-sorted batches, and that in bf16 autocast (the encoder-only
+  ceiling of the bf16 rows);
 - the embsum precompute job (offline.precompute.precompute_items into a fresh DuckDB file:
   chunks, per-chunk dedupe, length-sorted encoding, poly-attention, Arrow writes, one
   transaction per chunk) plus the FAISS index build from the stored vectors, per dtype.
+Also printed: this CPU's fp32 and bf16 matmul GFLOP/s at the backbone's shapes, which bound
+what bf16 can gain over fp32 here.
 Quality per dtype against fp32: cosine of every CPE vector, and nDCG@10 (goodreads-v1 test
 users, uniform and pop candidates) of the checkpoint (--checkpoint: a trained one; default an
 untrained one) whose item AND user vectors come from that dtype.
@@ -44,10 +47,11 @@ def st_encode(texts, max_tokens: int, batch: int):
     return lambda: model.encode(texts, batch_size=batch, show_progress_bar=False)
 
 
-def raw_forward(texts, max_tokens: int, batch: int, sort: bool):
+def raw_forward(texts, max_tokens: int, batch: int, sort: bool, bf16: bool = False):
     import torch
 
     from embsum.backbone import load_encoder
+    from embsum.encoding import autocast
 
     encoder, tok = load_encoder()
 
@@ -55,16 +59,32 @@ def raw_forward(texts, max_tokens: int, batch: int, sort: bool):
         order = np.argsort([len(t) for t in tok(texts, truncation=True, max_length=max_tokens)["input_ids"]],
                            kind="stable") if sort else np.arange(len(texts))
         out = np.zeros((len(texts), encoder.config.hidden_size), np.float32)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(torch.device("cpu"), bf16):
             for start in range(0, len(texts), batch):
                 pos = order[start:start + batch]
                 b = tok([texts[i] for i in pos], padding=True, truncation=True, max_length=max_tokens,
                         return_tensors="pt")
                 h = encoder(**b).last_hidden_state
                 m = b["attention_mask"].unsqueeze(-1).float()
-                out[pos] = ((h * m).sum(1) / m.sum(1)).numpy()
+                out[pos] = ((h.float() * m).sum(1) / m.sum(1)).numpy()
         return out
     return run
+
+
+def gemm_gflops(dtype_name: str, rows: int = 2816, d: int = 384, repeats: int = 30) -> float:
+    """This CPU's matmul throughput at the backbone's FFN shape (batch 64 x ~44 tokens, 384 ->
+    1536): the ceiling every row shares, and the bf16/fp32 speed-up any bf16 row can hope for."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    x, w = torch.randn(rows, d, dtype=dtype), torch.randn(4 * d, d, dtype=dtype)
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            torch.nn.functional.linear(x, w)
+    return 2 * rows * d * 4 * d * repeats / (time.perf_counter() - t0) / 1e9
 
 
 def embsum_job(ids, titles, descs, model, model_hash, dtype, batch, workdir: Path):
@@ -115,7 +135,7 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint to run (default: an untrained one made from the packaged backbone); "
                         "a trained one makes the nDCG@10 column meaningful")
-    p.add_argument("--skip", default="", help="comma list of baselines to skip: st,raw-file,raw-sorted")
+    p.add_argument("--skip", default="", help="comma list of baselines to skip: st,raw-file,raw-sorted,raw-bf16")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -143,6 +163,9 @@ def main() -> None:
         record("raw backbone fp32, file-order batches", raw_forward(texts, max_tokens, args.batch_size, False))
     if "raw-sorted" not in skip:
         record("raw backbone fp32, length-sorted batches", raw_forward(texts, max_tokens, args.batch_size, True))
+    if "raw-bf16" not in skip:
+        record("raw backbone bf16 autocast, length-sorted batches",
+               raw_forward(texts, max_tokens, args.batch_size, True, bf16=True))
     vectors = {}
     for dtype in args.dtypes.split(","):
         job = embsum_job(ids, titles, descs, model, model_hash, dtype, args.batch_size, work)
@@ -158,6 +181,10 @@ def main() -> None:
         results[f"embsum {dtype}"] = {"encode_write_s": enc, "index_s": idx}
         rows[-1][3] = f"encode+write {enc:.1f}s, index {idx:.1f}s"
 
+    gemm = {dt: float(np.median([gemm_gflops(dt) for _ in range(3)])) for dt in ("fp32", "bf16")}
+    results["gemm_gflops"] = gemm
+    print(f"\nthis CPU's matmul ceiling (2816x384 @ 384x1536): fp32 {gemm['fp32']:.0f} GFLOP/s, "
+          f"bf16 {gemm['bf16']:.0f} GFLOP/s, ratio {gemm['bf16'] / gemm['fp32']:.2f}")
     st = next((r[1] for r in rows if r[0].startswith("sentence")), None)
     print("\n" + table(["method", "items/s", "median s", "detail"] + (["x sentence-transformers"] if st else []),
                        [r + ([r[1] / st] if st else []) for r in rows]))

@@ -7,7 +7,8 @@ Streaming and resumable by construction:
   re-run after a kill skips every committed chunk, and a nightly run encodes only new or
   edited items (users: new or changed history hash);
 - each chunk's distinct texts are encoded once (`embsum.encoding` sorts them by token length
-  and runs under inference mode), then the chunk is written in its own transaction.
+  and runs under inference mode), then the chunk is written in its own transaction, while the
+  next chunk encodes on a worker thread (`encode_ahead`).
 Chunk composition depends only on the catalog's id order and what is already stored, so a
 resumed run encodes exactly the batches an uninterrupted one would have.
 """
@@ -15,6 +16,8 @@ resumed run encodes exactly the batches an uninterrupted one would have.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow.compute as pc
@@ -51,26 +54,58 @@ def limit_db_memory(cat: Catalog, cfg: PrecomputeConfig) -> None:
         cat.con.execute(f"SET memory_limit = '{cfg.db_memory}'")
 
 
+def encode_ahead(jobs: Iterable, encode: Callable, write: Callable) -> None:
+    """`write(job, encode(job))` for every job, in order, with job k+1 encoding on a worker
+    thread while job k is written here.
+
+    torch releases the GIL in its kernels, so reading the next chunk and the DuckDB write and
+    commit of this one (Arrow conversion, WAL fsync) overlap the next chunk's forward passes. At
+    most two chunks' vectors are held, and commits stay in chunk order, so memory stays flat and
+    a resumed run sees exactly the committed prefix an unpipelined run would."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="embsum-encode")
+    pending = None
+    try:
+        for job in jobs:
+            submitted = (job, pool.submit(encode, job))
+            if pending is not None:
+                write(pending[0], pending[1].result())
+            pending = submitted
+        if pending is not None:
+            write(pending[0], pending[1].result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def precompute_items(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig, run: RunRecord | None = None,
                      bar=None) -> dict[str, int]:
     limit_db_memory(cat, cfg)
     counts = {"items_encoded": 0, "items_skipped": 0, "item_texts_encoded": 0}
     sp = None
-    for chunk in cat.iter_items(cfg.chunk_size):
-        todo = E.missing(cat, model_hash, E.ITEM, chunk)
-        counts["items_skipped"] += chunk.num_rows - todo.num_rows
-        if todo.num_rows:
-            texts = [item_text(t, d) for t, d in zip(todo["title"].to_pylist(), todo["description"].to_pylist())]
-            cpe, cpe_prime = encode_items(model, texts, cfg)
-            sp = sp or E.ensure_space(cat, model_hash, E.ITEM, cpe.shape[1], cpe.shape[2])
-            with cat.transaction():
-                E.write_items(cat, sp, todo["item_id"].to_pylist(), todo["content_hash"].to_pylist(), cpe,
-                              cpe_prime, dtype=cfg.dtype, run_id=run.run_id if run else None)
-            counts["items_encoded"] += todo.num_rows
-            counts["item_texts_encoded"] += len(set(texts))
-            failpoints.hit("precompute.items.chunk_committed")
+
+    def jobs():
+        for chunk in cat.iter_items(cfg.chunk_size):
+            todo = E.missing(cat, model_hash, E.ITEM, chunk)
+            counts["items_skipped"] += chunk.num_rows - todo.num_rows
+            if bar is not None:
+                bar.update(chunk.num_rows - todo.num_rows)
+            if todo.num_rows:
+                yield todo, [item_text(t, d) for t, d in zip(todo["title"].to_pylist(),
+                                                              todo["description"].to_pylist())]
+
+    def write(job, vectors):
+        nonlocal sp
+        (todo, texts), (cpe, cpe_prime) = job, vectors
+        sp = sp or E.ensure_space(cat, model_hash, E.ITEM, cpe.shape[1], cpe.shape[2])
+        with cat.transaction():
+            E.write_items(cat, sp, todo["item_id"].to_pylist(), todo["content_hash"].to_pylist(), cpe,
+                          cpe_prime, dtype=cfg.dtype, run_id=run.run_id if run else None)
+        counts["items_encoded"] += todo.num_rows
+        counts["item_texts_encoded"] += len(set(texts))
+        failpoints.hit("precompute.items.chunk_committed")
         if bar is not None:
-            bar.update(chunk.num_rows)
+            bar.update(todo.num_rows)
+
+    encode_ahead(jobs(), lambda job: encode_items(model, job[1], cfg), write)
     return counts
 
 
@@ -97,24 +132,36 @@ def precompute_users(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig
     if bar is not None:
         bar.update(counts["users_skipped"])
     sp = None
-    for start in range(0, todo.num_rows, cfg.chunk_size):
-        chunk = todo.slice(start, cfg.chunk_size)
-        ids = chunk["user_id"].to_pylist()
-        texts = _user_texts(cat, ids)
-        keep = [k for k, u in enumerate(ids) if texts[u]]
-        counts["users_empty"] += len(ids) - len(keep)
-        if keep:
-            upe = encode_user_histories(model, [texts[ids[k]] for k in keep], batch_size=cfg.batch_size,
-                                        device=cfg.device, dtype=cfg.dtype, progress=False)
-            sp = sp or E.ensure_space(cat, model_hash, E.USER, upe.shape[1], upe.shape[2])
-            hashes = chunk["history_hash"].to_pylist()
-            with cat.transaction():
-                E.write_users(cat, sp, [ids[k] for k in keep], [hashes[k] for k in keep], upe,
-                              dtype=cfg.dtype, run_id=run.run_id if run else None)
-            counts["users_encoded"] += len(keep)
-            failpoints.hit("precompute.users.chunk_committed")
+
+    def jobs():
+        """(user ids, history hashes, history texts) of each chunk's users with a history."""
+        for start in range(0, todo.num_rows, cfg.chunk_size):
+            chunk = todo.slice(start, cfg.chunk_size)
+            ids, hashes = chunk["user_id"].to_pylist(), chunk["history_hash"].to_pylist()
+            texts = _user_texts(cat, ids)
+            keep = [k for k, u in enumerate(ids) if texts[u]]
+            counts["users_empty"] += len(ids) - len(keep)
+            if bar is not None:
+                bar.update(len(ids) - len(keep))
+            if keep:
+                yield [ids[k] for k in keep], [hashes[k] for k in keep], [texts[ids[k]] for k in keep]
+
+    def encode(job):
+        return encode_user_histories(model, job[2], batch_size=cfg.batch_size, device=cfg.device,
+                                     dtype=cfg.dtype, progress=False)
+
+    def write(job, upe):
+        nonlocal sp
+        ids, hashes, _ = job
+        sp = sp or E.ensure_space(cat, model_hash, E.USER, upe.shape[1], upe.shape[2])
+        with cat.transaction():
+            E.write_users(cat, sp, ids, hashes, upe, dtype=cfg.dtype, run_id=run.run_id if run else None)
+        counts["users_encoded"] += len(ids)
+        failpoints.hit("precompute.users.chunk_committed")
         if bar is not None:
             bar.update(len(ids))
+
+    encode_ahead(jobs(), encode, write)
     return counts
 
 

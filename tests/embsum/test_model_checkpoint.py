@@ -87,6 +87,22 @@ def test_sessions_and_dtypes(tiny_bert_dir):
         assert cos.min() > 0.99, dtype
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_reduced_precision_copy_follows_weight_updates(tiny_bert_dir, dtype):
+    """The bf16/int8 inference copy is cached per model; an optimizer step (an in-place update)
+    must invalidate it, or a training run's dev evaluation would score stale weights."""
+    model = build_model(ModelConfig(backbone=tiny_bert_dir, item_codes=2, user_codes=2)).eval()
+    before, _ = encode_item_texts(model, TEXTS, progress=False, dtype=dtype)
+    again, _ = encode_item_texts(model, TEXTS, progress=False, dtype=dtype)
+    np.testing.assert_array_equal(before, again)
+    with torch.no_grad():
+        model.item_poly.codes.mul_(-3.0)  # in place, as optimizer.step() does
+    after, _ = encode_item_texts(model, TEXTS, progress=False, dtype=dtype)
+    fp32, _ = encode_item_texts(model, TEXTS, progress=False)
+    assert np.abs(after - before).max() > 1e-3
+    assert (after * fp32).sum(-1).min() > 0.99
+
+
 def test_init_checkpoint_mean_pooling(tiny_bert_dir, tmp_path):
     digest = init_checkpoint(ModelConfig(backbone=tiny_bert_dir, pooling="mean"), tmp_path / "init")
     model, digest2 = load_checkpoint(tmp_path / "init")
