@@ -23,7 +23,7 @@ from embsum.model import EmbSumModel
 
 DTYPES = ("fp32", "bf16", "int8")
 # model -> {dtype: (weights version, inference copy)}
-_COPIES: "weakref.WeakKeyDictionary[EmbSumModel, dict]" = weakref.WeakKeyDictionary()
+_COPIES: weakref.WeakKeyDictionary[EmbSumModel, dict] = weakref.WeakKeyDictionary()
 
 
 class StateCache(dict):
@@ -44,9 +44,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast pays off on `device`: GPUs with bf16, and CPUs with native bf16
+    (AVX512-BF16 / AMX); elsewhere it is emulated and slower than fp32. What every `bf16 =
+    auto` setting (train, align) asks."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu"
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -108,8 +108,7 @@ class Trainer:
         self.model, self.cfg, self.data, self.dev = model, config, data, dev
         self.progress = progress
         self.device = resolve_device(config.device)
-        self.bf16 = config.bf16 == "on" or (config.bf16 == "auto" and bf16_supported(self.device)
-                                            and _fast_bf16(self.device))
+        self.bf16 = config.bf16 == "on" or (config.bf16 == "auto" and bf16_supported(self.device))
         self.out = Path(config.out)
         self.model.to(self.device)
         if config.freeze_encoder:
@@ -376,13 +375,3 @@ class Trainer:
             peak_memory_mb=peak_memory_mb(self.device), best_score=self.best_score, best_hash=self.best_hash,
             last_hash=last_hash, dev_history=self.dev_history, wall_s=time.time() - start_wall, losses=self.losses)
 
-
-def _fast_bf16(device: torch.device) -> bool:
-    """bf16 autocast pays off on GPUs and on CPUs with native bf16 (AVX512-BF16 / AMX);
-    elsewhere it is emulated and slower than fp32."""
-    if device.type != "cpu":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False

@@ -124,3 +124,33 @@ def test_invalid_options_are_usage_errors(catalog, tmp_path):
     result = cli("--db", catalog, "precompute", "--checkpoint", tmp_path, "--dtype", "int8", "--device", "cuda",
                  ok=False)
     assert result.exit_code == 2 and "CPU only" in result.output
+
+
+def test_encode_ahead_writes_in_order_and_stops_at_a_failed_encode():
+    """Chunk k+1 encodes on the worker while chunk k is written: writes must still come in
+    job order, each with its own result, and an encode error must surface before any later
+    chunk is written (the committed prefix is what a resumed run skips)."""
+    import threading
+
+    from offline.precompute import encode_ahead
+
+    written, threads = [], set()
+
+    def encode(job):
+        threads.add(threading.current_thread().name)
+        if job == 3:
+            raise ValueError("bad chunk")
+        return job * 10
+
+    def write(job, result):
+        written.append((job, result))
+
+    encode_ahead(range(3), encode, write)
+    assert written == [(0, 0), (1, 10), (2, 20)]
+    assert all(name.startswith("embsum-encode") for name in threads)
+    written.clear()
+    with pytest.raises(ValueError, match="bad chunk"):
+        encode_ahead(range(6), encode, write)
+    assert written == [(0, 0), (1, 10), (2, 20)]
+    encode_ahead([], encode, write)
+    assert written == [(0, 0), (1, 10), (2, 20)]
