@@ -88,9 +88,9 @@ def test_sessions_and_dtypes(tiny_bert_dir):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
-def test_reduced_precision_copy_follows_weight_updates(tiny_bert_dir, dtype):
-    """The bf16/int8 inference copy is cached per model; an optimizer step (an in-place update)
-    must invalidate it, or a training run's dev evaluation would score stale weights."""
+def test_reduced_precision_follows_weight_updates(tiny_bert_dir, dtype):
+    """The int8 copy is cached per model; an optimizer step (an in-place update) must
+    invalidate it, or a training run's dev evaluation would score stale weights."""
     model = build_model(ModelConfig(backbone=tiny_bert_dir, item_codes=2, user_codes=2)).eval()
     before, _ = encode_item_texts(model, TEXTS, progress=False, dtype=dtype)
     again, _ = encode_item_texts(model, TEXTS, progress=False, dtype=dtype)
