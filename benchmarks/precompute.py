@@ -21,6 +21,7 @@ untrained one) whose item AND user vectors come from that dtype.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -104,6 +105,7 @@ def embsum_job(ids, titles, descs, model, model_hash, dtype, batch, workdir: Pat
             sync_index(cat, db.with_suffix(".index"), model_hash, IndexConfig())
             t2 = time.perf_counter()
             block = E.read(cat, model_hash, E.ITEM, current=False)
+        shutil.rmtree(db.parent)  # ~1.2 GB per run: 9 runs would fill a small /tmp
         pos = {i: k for k, i in enumerate(block.ids)}
         order = [pos[i] for i in ids]
         return t1 - t0, t2 - t1, block.vectors["cpe"][order], block.vectors["cpe_prime"][order]
@@ -206,6 +208,7 @@ def main() -> None:
         print(f"\nquality vs fp32 (goodreads-v1 test users: {users}; {trained} {model_hash})")
         print(table(["dtype", "cos mean", "cos min", "nDCG@10 uniform", "change", "nDCG@10 pop", "change"], qrows))
     print(f"\nsaved {save('precompute', {'items': n, 'repeats': args.repeats, **results})}")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

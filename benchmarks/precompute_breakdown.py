@@ -16,6 +16,7 @@ Row 4 vs 5 is the overlap's gain; 3 vs 5 is what reads, writes and commits still
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -91,6 +92,7 @@ def main() -> None:
                     return time.perf_counter() - t0
                 finally:
                     precompute_module.encode_ahead = shipped
+                    shutil.rmtree(db.parent, ignore_errors=True)
         return run
 
     steps = [("encoder forward, one sort over the whole catalog", encoder_only(len(texts))),
@@ -112,6 +114,7 @@ def main() -> None:
     print(f"\n{args.dtype}, {len(texts):,} items, checkpoint {model_hash}")
     print(table(["step", "items/s", "median s"], rows))
     print(f"\nsaved {save('precompute_breakdown', {'dtype': args.dtype, 'items': len(texts), **results})}")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
