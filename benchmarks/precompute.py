@@ -51,7 +51,7 @@ def st_encode(texts, max_tokens: int, batch: int):
 def raw_forward(texts, max_tokens: int, batch: int, sort: bool, bf16: bool = False):
     import torch
 
-    from embsum.backbone import load_encoder
+    from embsum.backbone import load_encoder, mean_pool
     from embsum.encoding import autocast
 
     encoder, tok = load_encoder()
@@ -65,9 +65,7 @@ def raw_forward(texts, max_tokens: int, batch: int, sort: bool, bf16: bool = Fal
                 pos = order[start:start + batch]
                 b = tok([texts[i] for i in pos], padding=True, truncation=True, max_length=max_tokens,
                         return_tensors="pt")
-                h = encoder(**b).last_hidden_state
-                m = b["attention_mask"].unsqueeze(-1).float()
-                out[pos] = ((h.float() * m).sum(1) / m.sum(1)).numpy()
+                out[pos] = mean_pool(encoder(**b).last_hidden_state.float(), b["attention_mask"]).numpy()
         return out
     return run
 
