@@ -20,13 +20,25 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from index import failpoints
 from index.index_config import MODES, IndexConfig  # noqa: F401  (re-exported)
-from index.snapshot import INDEX_FILE, ITEMS_FILE, VECTOR_FILES, Snapshot, Staging, write_items_table
+from index.snapshot import (
+    BASE_FILES,
+    INDEX_FILE,
+    ITEMS_FILE,
+    OVERLAY_FILES,
+    OVERLAY_ROWS,
+    VECTOR_FILES,
+    Snapshot,
+    Staging,
+    save_array,
+    write_items_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +148,18 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k by inner product: (scores [Q, k], ids [Q, k]); missing results are id -1."""
     k = max(1, min(int(k), int(index.ntotal))) if index.ntotal else 1
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def apply_overlay(index, n: int, mode: str, live: np.ndarray, base_rows: int, overlay_rows: np.ndarray,
+                  overlay_cpe: np.ndarray) -> None:
+    """Turn the full build's index into an updated version's, in place: the vectors of base rows
+    that were replaced (now in the overlay) or removed (not live) leave, the overlay's live rows
+    come in. Same contents as removing and adding ids at each update, in one pass."""
+    stale = ~np.asarray(live[:base_rows], dtype=bool)
+    stale[overlay_rows[overlay_rows < base_rows]] = True
+    remove(index, vector_ids(np.flatnonzero(stale), n, mode))
+    keep = np.asarray(live, dtype=bool)[overlay_rows]
+    add(index, item_vectors(np.asarray(overlay_cpe[np.flatnonzero(keep)]), mode), vector_ids(overlay_rows[keep], n, mode))
 
 
 def contents(index) -> tuple[np.ndarray, np.ndarray]:
@@ -301,13 +325,14 @@ def needs_rebuild(snap: Snapshot, d: Diff, n_current: int, cfg: IndexConfig) -> 
 def update(root, snap: Snapshot, d: Diff, blocks: Blocks, cfg: IndexConfig,
            run_id: str | None = None) -> tuple[str, dict]:
     """A new version = `snap` with changed items' vectors replaced, new items appended and
-    removed items' vectors dropped (their rows stay as tombstones until the next full build)."""
-    from numpy.lib.format import open_memmap
+    removed items dropped (their rows stay as tombstones until the next full build).
 
-    faiss = faiss_module()
+    Writes only what changed: the full build's index and vector files are linked, not copied,
+    and the overlay (every row replaced or added since that build) is rewritten; `load` applies
+    it. The cost is the size of the drift since the last build, not of the catalog."""
     t0 = time.perf_counter()
     m = snap.manifest
-    n, dim, mode = m["n"], m["d"], m["mode"]
+    n, mode = m["n"], m["mode"]
     ids = snap.items.column("item_id").to_pylist()
     hashes = snap.items.column("content_hash").to_pylist()
     live = snap.items.column("live").to_pylist()
@@ -317,60 +342,61 @@ def update(root, snap: Snapshot, d: Diff, blocks: Blocks, cfg: IndexConfig,
     missing = [i for i in d.changed + d.new if i not in pos]
     if missing:
         raise RuntimeError(f"{len(missing)} item vectors vanished during the index update (e.g. {missing[0]})")
+    for i in d.removed:
+        live[row_of[i]] = False
+    new_rows = np.arange(len(ids), len(ids) + len(d.new), dtype=np.int64)
+    ids += d.new
+    hashes += [None] * len(d.new)
+    live += [True] * len(d.new)
+    put_rows = np.concatenate([np.array([row_of[i] for i in d.changed], dtype=np.int64), new_rows])
+    take = np.array([pos[i] for i in d.changed + d.new], dtype=np.int64)
+    for r, t in zip(put_rows, take):
+        hashes[r] = fresh.hashes[t]
+    # The overlay so far, less rows replaced now or whose item left, then this update's rows.
+    old_rows = snap.overlay_rows
+    dropped = np.concatenate([put_rows, np.array([row_of[i] for i in d.removed], dtype=np.int64)])
+    kept = np.flatnonzero(~np.isin(old_rows, dropped))
+    rows = np.concatenate([old_rows[kept], put_rows])
+    order = np.argsort(rows, kind="stable")
+    vdir = Path(root) / snap.version
     staging = Staging(root, snap.model_hash)
     try:
-        index = faiss.clone_index(snap.index) if not _on_gpu(snap.index) else faiss.clone_index(to_cpu(snap.index))
-        gone_rows = np.array([row_of[i] for i in d.changed + d.removed], dtype=np.int64)
-        remove(index, vector_ids(gone_rows, n, mode))
-        for i in d.removed:
-            live[row_of[i]] = False
-        new_rows = np.arange(len(ids), len(ids) + len(d.new), dtype=np.int64)
-        ids += d.new
-        hashes += [None] * len(d.new)
-        live += [True] * len(d.new)
-        put_rows = np.concatenate([np.array([row_of[i] for i in d.changed], dtype=np.int64), new_rows])
-        take = np.array([pos[i] for i in d.changed + d.new], dtype=np.int64)
-        for r, t in zip(put_rows, take):
-            hashes[r] = fresh.hashes[t]
-        total = len(ids)
-        for f, col, old in zip(VECTOR_FILES, ("cpe", "cpe_prime"), (snap.cpe, snap.cpe_prime)):
-            arr = open_memmap(staging.file(f), mode="w+", dtype=np.float32, shape=(total, n, dim))
-            for start in range(0, old.shape[0], cfg.chunk_size):
-                stop = min(start + cfg.chunk_size, old.shape[0])
-                arr[start:stop] = old[start:stop]
-            if len(put_rows):
-                arr[put_rows] = fresh.vectors[col][take]
-            arr.flush()
-            del arr
-        add(index, item_vectors(fresh.vectors["cpe"][take], mode), vector_ids(put_rows, n, mode))
+        for name in BASE_FILES:
+            staging.link(vdir / name)
+        save_array(staging.file(OVERLAY_ROWS), rows[order], dtype=np.int64)
+        for f, col, old in zip(OVERLAY_FILES, ("cpe", "cpe_prime"), (snap.cpe, snap.cpe_prime)):
+            previous = np.asarray(old.overlay[kept]) if len(kept) else np.zeros((0, n, m["d"]), np.float32)
+            save_array(staging.file(f), np.concatenate([previous, fresh.vectors[col][take]])[order])
         failpoints.hit("index.update.vectors_written")
+        n_items = int(sum(live))
         manifest = {
             **{k: m[k] for k in ("mode", "factory", "metric", "nprobe", "n", "d", "items_at_build")},
-            "n_items": int(sum(live)), "n_rows": total, "build": "update",
-            "base_version": snap.version, "changed_since_build": int(m.get("changed_since_build", 0) + d.size),
+            "n_items": n_items, "n_rows": len(ids), "build": "update", "base_version": snap.version,
+            "full_build_version": m.get("full_build_version", snap.version),
+            "changed_since_build": int(m.get("changed_since_build", 0) + d.size), "overlay_rows": len(rows),
             "added": len(d.new), "replaced": len(d.changed), "removed": len(d.removed),
+            "n_vectors": n_items * (1 if mode == "pooled" else n),
         }
-        version = _commit(staging, index, _items_table(ids, hashes, live), manifest, t0, run_id, cfg)
+        version = _commit(staging, None, _items_table(ids, hashes, live), manifest, t0, run_id, cfg)
     except BaseException:
         staging.abort()
         raise
-    log.info("index %s: +%d new, %d replaced, -%d removed (update of %s, %.1fs)", version, len(d.new),
-             len(d.changed), len(d.removed), snap.version, manifest["build_seconds"])
+    log.info("index %s: +%d new, %d replaced, -%d removed (update of %s, overlay of %d rows, %.1fs)", version,
+             len(d.new), len(d.changed), len(d.removed), snap.version, len(rows), manifest["build_seconds"])
     return version, manifest
 
 
 def _commit(staging: Staging, index, items: pa.Table, manifest: dict, t0: float, run_id: str | None,
             cfg: IndexConfig) -> str:
-    """Write the index and the row table beside the vectors, complete the manifest, swap in."""
-    _write_index(index, staging)
+    """Write the index (None: already linked in) and the row table beside the vectors, complete
+    the manifest, swap in."""
+    if index is not None:
+        _write_index(index, staging)
+        manifest["n_vectors"] = int(index.ntotal)
     write_items_table(staging.file(ITEMS_FILE), items)
-    manifest.update(n_vectors=int(index.ntotal), build_seconds=round(time.perf_counter() - t0, 3),
-                    built_at=_stamp(), run_id=run_id, faiss_version=_faiss_version())
+    manifest.update(build_seconds=round(time.perf_counter() - t0, 3), built_at=_stamp(), run_id=run_id,
+                    faiss_version=_faiss_version())
     return staging.commit(manifest, keep=cfg.keep)
-
-
-def _on_gpu(index) -> bool:
-    return "Gpu" in type(index).__name__
 
 
 def _write_index(index, staging: Staging) -> None:

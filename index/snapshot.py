@@ -5,17 +5,29 @@
   CURRENT                  the name of the live version (one line)
   v000007-<hash12>/        one immutable version
     manifest.json          format version, model hash, factory, counts, sizes of the files
-    index.faiss            the FAISS index (ids: item row * n + code, or item row when pooled)
+    index.faiss            the FAISS index of the last full build (ids: item row * n + code, or
+                           item row when pooled)
     items.parquet          row -> item_id, content_hash, live (False: removed, awaiting rebuild)
-    cpe.npy, cpe_prime.npy the items' vectors by row: the exact re-rank needs no catalog
+    cpe.npy, cpe_prime.npy the items' vectors by row at the last full build: the exact re-rank
+                           needs no catalog
+    overlay_rows.npy       (updates only) rows whose vectors changed or were added since then,
+    overlay_cpe.npy, ...   and those vectors
 ```
+
+An incremental update writes only what changed: the full build's three large files are
+hard-linked into the new version (same inode, no copy; a copy where links are unsupported) and
+the changed rows go to the overlay, cumulative since the full build (so a version is always
+base + one overlay, and the overlay stays under `max_drift` of the catalog). A reader applies
+the overlay when it loads: the base index loses the vectors of replaced and removed rows and
+gains the overlay's live rows, giving exactly the index an in-place update would have written.
 
 A writer fills `.tmp-<pid>-<rand>/`, fsyncs every file and the folder, renames the folder to
 its version name, then writes `CURRENT` the same way (temp file, fsync, rename, fsync the
 folder). A reader resolves `CURRENT` once and opens that version's files: a swap during or
 after its load never changes what it holds, and a reload sees the new version. The newest
-`keep` versions stay on disk so readers that resolved an older one can still open it. A killed
-writer leaves only a temp folder, removed by the next writer once its pid is gone.
+`keep` versions stay on disk so readers that resolved an older one can still open it (pruning
+an old version only drops its links to shared files). A killed writer leaves only a temp
+folder, removed by the next writer once its pid is gone.
 
 Because the re-rank vectors travel with the index, a scoring process needs the catalog only
 for the users' vectors: it never waits on a refresh that holds the catalog's write lock.
@@ -37,12 +49,16 @@ import pyarrow.parquet as pq
 
 from index import failpoints
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: incremental versions carry an overlay over hard-linked base files
+READABLE_FORMATS = (1, 2)  # a format-1 version is a format-2 one without an overlay
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
 VECTOR_FILES = ("cpe.npy", "cpe_prime.npy")
+OVERLAY_ROWS = "overlay_rows.npy"
+OVERLAY_FILES = ("overlay_cpe.npy", "overlay_cpe_prime.npy")
+BASE_FILES = (INDEX_FILE, *VECTOR_FILES)
 
 
 class IndexFileError(Exception):
@@ -100,6 +116,17 @@ class Staging:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def link(self, src: Path) -> None:
+        """Put the immutable file `src` into this version under its own name: a hard link (no
+        bytes written), or a copy on a filesystem without them."""
+        dst = self.file(src.name)
+        try:
+            os.link(src, dst)
+        except OSError as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            shutil.copyfile(src, dst)
+
     def _clean_stale_temps(self) -> None:
         for p in self.root.glob(".tmp-*"):
             try:
@@ -150,8 +177,46 @@ def write_items_table(path: Path, items: pa.Table) -> None:
     pq.write_table(items, path)
 
 
-def save_array(path: Path, x: np.ndarray) -> None:
-    np.save(path, np.ascontiguousarray(x, dtype=np.float32), allow_pickle=False)
+def save_array(path: Path, x: np.ndarray, dtype=np.float32) -> None:
+    np.save(path, np.ascontiguousarray(x, dtype=dtype), allow_pickle=False)
+
+
+class RowVectors:
+    """[rows, n, d] vectors by item row, indexed like a numpy array (int, slice, array of rows):
+    the base arrays of the last full build (memory-mapped) under an overlay of the rows that
+    updates replaced or appended since."""
+
+    def __init__(self, base: np.ndarray, overlay: np.ndarray | None = None, overlay_rows: np.ndarray | None = None,
+                 n_rows: int | None = None):
+        self.base, self.overlay = base, overlay
+        self.shape = (int(n_rows if n_rows is not None else base.shape[0]), *base.shape[1:])
+        self.dtype = base.dtype
+        self._where = None  # row -> position in the overlay, -1: in the base
+        if overlay_rows is not None and len(overlay_rows):
+            self._where = np.full(self.shape[0], -1, dtype=np.int64)
+            self._where[overlay_rows] = np.arange(len(overlay_rows))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if self._where is None:
+            return self.base[key]
+        if isinstance(key, slice):
+            rows = np.arange(*key.indices(self.shape[0]))
+        else:
+            rows = np.asarray(key, dtype=np.int64)
+            rows = np.where(rows < 0, rows + self.shape[0], rows)
+        flat = rows.reshape(-1)
+        pos = self._where[flat]
+        out = np.empty((len(flat), *self.shape[1:]), dtype=self.dtype)
+        in_base = pos < 0
+        out[in_base] = self.base[flat[in_base]]
+        out[~in_base] = self.overlay[pos[~in_base]]
+        return out.reshape(*rows.shape, *self.shape[1:])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
 
 
 @dataclass
@@ -164,8 +229,9 @@ class Snapshot:
     manifest: dict
     index: object  # faiss.Index
     items: pa.Table
-    cpe: np.ndarray
-    cpe_prime: np.ndarray
+    cpe: RowVectors
+    cpe_prime: RowVectors
+    overlay_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     _row_of: dict | None = field(default=None, repr=False)
 
     @property
@@ -214,9 +280,9 @@ def read_manifest(root: str | Path, version: str | None = None) -> tuple[str, di
                              " rebuild with `embsum index`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise IndexFileError(f"index manifest {path} is unreadable ({err}): rebuild with `embsum index`") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMATS:
         raise IndexFileError(f"index at {root} has format {manifest.get('format_version')}, this embsum reads "
-                             f"{FORMAT_VERSION}: rebuild with `embsum index`")
+                             f"{', '.join(map(str, READABLE_FORMATS))}: rebuild with `embsum index`")
     return version, manifest
 
 
@@ -253,11 +319,23 @@ def load(root: str | Path, model_hash: str | None = None, mmap: bool = True, gpu
                              "`embsum index`") from None
     try:
         items = pq.read_table(vdir / ITEMS_FILE)
-        arrays = [np.load(vdir / f, mmap_mode="r" if mmap else None, allow_pickle=False) for f in VECTOR_FILES]
+        mode = "r" if mmap else None
+        base = [np.load(vdir / f, mmap_mode=mode, allow_pickle=False) for f in VECTOR_FILES]
+        has_overlay = OVERLAY_ROWS in manifest.get("files", {})
+        overlay_rows = (np.load(vdir / OVERLAY_ROWS, allow_pickle=False) if has_overlay
+                        else np.zeros(0, np.int64))
+        overlay = [np.load(vdir / f, mmap_mode=mode, allow_pickle=False) for f in OVERLAY_FILES] if has_overlay \
+            else [None, None]
     except (OSError, ValueError, pa.ArrowException) as err:
         raise IndexFileError(f"index version {vdir} is unreadable ({err}): rebuild with `embsum index`") from None
+    cpe, cpe_prime = (RowVectors(b, o, overlay_rows, items.num_rows) for b, o in zip(base, overlay))
+    if has_overlay:
+        from index.faiss_index import apply_overlay
+
+        live = items.column("live").to_numpy(zero_copy_only=False)
+        apply_overlay(index, manifest["n"], manifest["mode"], live, base[0].shape[0], overlay_rows, cpe.overlay)
     if "nprobe" in manifest and hasattr(index, "nprobe"):
         index.nprobe = int(manifest["nprobe"])
     if gpu:
         index = to_gpu(index)
-    return Snapshot(root, version, manifest, index, items, arrays[0], arrays[1])
+    return Snapshot(root, version, manifest, index, items, cpe, cpe_prime, overlay_rows)

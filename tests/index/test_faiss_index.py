@@ -87,6 +87,52 @@ def test_incremental_update_equals_rebuild(cat, tmp_path):
     assert F.diff(S.load(tmp_path / "idx"), E.keys(cat, H, E.ITEM)).size == 0
 
 
+def _edit(cat, changed, new, removed, seed):
+    cat.upsert_items(_items(changed + new, title=f"edit {seed}"))
+    _put(cat, changed + new, seed=seed)
+    for i in removed:
+        cat.con.execute("DELETE FROM items WHERE item_id = ?", [i])
+
+
+@pytest.mark.parametrize("mode", ["multi", "pooled"])
+def test_chained_updates_write_only_the_overlay_and_equal_a_rebuild(cat, tmp_path, mode):
+    cfg = F.IndexConfig(mode=mode, keep=2)
+    root = tmp_path / "idx"
+    first, _ = F.build(root, H, _blocks(cat), cfg)
+    inode = (root / first / S.INDEX_FILE).stat().st_ino
+    _edit(cat, [f"i{k:04d}" for k in range(0, 10, 2)], ["n0", "n1"], ["i0100"], seed=1)
+    snap = S.load(root, H)
+    F.update(root, snap, F.diff(snap, E.keys(cat, H, E.ITEM)), _blocks(cat), cfg)
+    # again: an overlay row edited twice, a base row, an overlay item and an overlay row removed
+    _edit(cat, ["i0000", "i0050"], ["n9"], ["n1", "i0002"], seed=2)
+    snap = S.load(root, H)
+    version, man = F.update(root, snap, F.diff(snap, E.keys(cat, H, E.ITEM)), _blocks(cat), cfg)
+    assert first not in S.versions(root)  # the full build's folder is pruned; its files live on in links
+    vdir = root / version
+    assert (vdir / S.INDEX_FILE).stat().st_ino == inode
+    updated = S.load(root, H)
+    names = updated.item_ids()
+    # every row edited or added since the full build, less the removed ones; nothing else
+    assert sorted(names[r] for r in np.load(vdir / S.OVERLAY_ROWS)) == \
+        ["i0000", "i0004", "i0006", "i0008", "i0050", "n0", "n9"]
+    assert man["overlay_rows"] == 7 and man["changed_since_build"] == 8 + 5 and man["n_items"] == N + 3 - 3
+    assert updated.index.ntotal == man["n_vectors"]
+    F.build(tmp_path / "full", H, _blocks(cat), cfg)
+    _assert_same(updated, S.load(tmp_path / "full", H))
+    assert F.diff(updated, E.keys(cat, H, E.ITEM)).size == 0
+
+
+def test_row_vectors_index_like_an_array():
+    base = np.arange(5 * 2, dtype=np.float32).reshape(5, 2, 1)
+    rows = S.RowVectors(base, np.full((2, 2, 1), -1, np.float32), np.array([1, 5]), n_rows=6)
+    full = np.concatenate([base, np.full((1, 2, 1), -1, np.float32)])
+    full[1] = -1
+    assert rows.shape == (6, 2, 1) and len(rows) == 6
+    for key in (0, 1, -1, slice(None), slice(2, 6), np.array([5, 0, 1]), np.array([[1, 2], [3, 5]])):
+        np.testing.assert_array_equal(rows[key], full[key])
+    np.testing.assert_array_equal(np.asarray(rows), full)
+
+
 def test_drift_and_size_call_for_rebuild(cat, tmp_path):
     F.build(tmp_path / "idx", H, _blocks(cat), F.IndexConfig())
     snap = S.load(tmp_path / "idx")
