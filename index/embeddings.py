@@ -17,6 +17,7 @@ numpy shape [n, d].
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -153,6 +154,30 @@ def write(cat: Catalog, sp: Space, ids: list[str], hashes: list[str], vectors: d
                         [sp.model_hash])
         cat.con.execute(f"INSERT INTO {sp.table} ({names}) SELECT {names} FROM _emb_in")
     return count
+
+
+# Settings for a job that commits many vector chunks (`bulk_writes`). Measured with 24 commits of
+# 2,048 rows of 2x[8][384] floats under a 512 MB memory limit: 27.8 s with DuckDB's defaults, 15.8 s
+# with these, same peak RSS (795 MB), a 19% smaller file. By default every commit of such a chunk
+# (50 MB, over the 16 MiB threshold) triggers a checkpoint that rewrites the open row group and
+# runs ALP-RD compression over floats it barely compresses (1.6% smaller).
+BULK_WRITE_SETTINGS = {"checkpoint_threshold": "256MB", "disabled_compression_methods": "alp,alprd"}
+
+
+@contextlib.contextmanager
+def bulk_writes(cat: Catalog) -> Iterator[None]:
+    """Checkpoint every ~256 MB of WAL instead of at every chunk, and store vector floats
+    uncompressed, for the duration of a job; the previous settings come back after. Committed
+    chunks are durable either way (the WAL is fsynced at commit and replayed after a kill)."""
+    names = list(BULK_WRITE_SETTINGS)
+    before = cat.con.execute("SELECT " + ", ".join(f"current_setting('{k}')" for k in names)).fetchall()[0]
+    try:
+        for k, v in BULK_WRITE_SETTINGS.items():
+            cat.con.execute(f"SET {k} = '{v}'")
+        yield
+    finally:
+        for k, v in zip(names, before):
+            cat.con.execute(f"SET {k} = '{v}'")
 
 
 def write_items(cat: Catalog, sp: Space, item_ids, content_hashes, cpe, cpe_prime, **kw) -> int:

@@ -130,7 +130,8 @@ def precompute_items(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig
         if bar is not None:
             bar.update(todo.num_rows)
 
-    encode_ahead(jobs(), lambda job: encode_items(model, job[1], cfg), write)
+    with E.bulk_writes(cat):
+        encode_ahead(jobs(), lambda job: encode_items(model, job[1], cfg), write)
     return counts
 
 
@@ -186,7 +187,8 @@ def precompute_users(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig
         if bar is not None:
             bar.update(len(ids))
 
-    encode_ahead(jobs(), encode, write)
+    with E.bulk_writes(cat):
+        encode_ahead(jobs(), encode, write)
     return counts
 
 

@@ -92,3 +92,39 @@ def test_user_vectors(cat):
     block = E.read(cat, H1, E.USER, current=False)
     assert block.ids == ["u1", "u2"] and np.array_equal(block.vectors["upe"], upe)
     assert len(E.read(cat, H1, E.USER)) == 0  # no such users in `users`: not current
+
+
+def test_bulk_writes_survive_a_kill_before_any_checkpoint_and_restore_settings(cat):
+    """Chunks committed under `bulk_writes` live only in the WAL until ~256 MB accumulate: a
+    process killed then must still find them, exact, when the catalog is reopened."""
+    import os
+    import subprocess
+    import sys
+
+    settings = "SELECT current_setting('checkpoint_threshold'), current_setting('disabled_compression_methods')"
+    before = cat.con.execute(settings).fetchall()
+    with E.bulk_writes(cat):
+        assert cat.con.execute(settings).fetchall() != before
+    assert cat.con.execute(settings).fetchall() == before
+    path = cat.path
+    cat.close()
+    code = (
+        "import os, numpy as np\n"
+        "from index.catalog import Catalog\n"
+        "from index import embeddings as E\n"
+        f"cat = Catalog({str(path)!r})\n"
+        "keys = cat.items().select(['item_id', 'content_hash'])\n"
+        f"sp = E.ensure_space(cat, {H1!r}, E.ITEM, {n}, {d})\n"
+        f"x = np.random.default_rng(0).standard_normal(({N}, {n}, {d})).astype(np.float32)\n"
+        "with E.bulk_writes(cat):\n"
+        "    with cat.transaction():\n"
+        "        E.write_items(cat, sp, keys['item_id'].to_pylist(), keys['content_hash'].to_pylist(), x, -x)\n"
+        "    os.kill(os.getpid(), 9)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    with Catalog(path) as again:
+        block = E.read(again, H1, E.ITEM)
+    assert len(block.ids) == N
+    np.testing.assert_array_equal(block.vectors["cpe"], _vectors(0))
+    np.testing.assert_array_equal(block.vectors["cpe_prime"], -_vectors(0))
