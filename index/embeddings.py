@@ -216,6 +216,40 @@ def missing(cat: Catalog, model_hash: str, kind: str, keys: pa.Table) -> pa.Tabl
     return keys.take(rows.column("_row")).drop_columns(["_row"])
 
 
+def missing_items_by_length(cat: Catalog, model_hash: str, chunk_size: int) -> tuple[int, Iterator[pa.Table]]:
+    """(how many, their chunks): the items with no vector for their current text under
+    `model_hash`, shortest text first (ties by id), `chunk_size` rows at a time (the columns of
+    `cat.iter_items`).
+
+    One global length order instead of id-ordered pages sorted one by one: a chunk then holds
+    texts of about the same length, so its batches carry almost no padding. The order is fixed
+    when the job starts (a temp table of ids, so memory holds one chunk), and chunks are
+    committed whole: a resumed run's missing set is the first run's less a prefix of this
+    order, so it cuts exactly the chunks an uninterrupted run would have."""
+    sp = space(cat, model_hash, ITEM)
+    unstored = "" if sp is None else (
+        f" WHERE NOT EXISTS (SELECT 1 FROM {sp.table} e WHERE e.item_id = i.item_id"
+        " AND e.content_hash = i.content_hash AND e.model_hash = ?)")
+    order = "_missing_items_order"
+    cat.con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {order} AS SELECT item_id, row_number() OVER (ORDER BY"
+        " length(coalesce(title, '')) + length(coalesce(description, '')), item_id) AS pos"
+        f" FROM items i{unstored}", [] if sp is None else [model_hash])
+    total = int(cat.scalar(f"SELECT count(*) FROM {order}"))
+
+    def chunks() -> Iterator[pa.Table]:
+        try:
+            for start in range(0, total, chunk_size):
+                yield cat.arrow(
+                    "SELECT i.item_id, i.title, i.description, i.category, i.content_hash FROM"
+                    f" {order} o JOIN items i USING (item_id) WHERE o.pos > ? AND o.pos <= ? ORDER BY o.pos",
+                    [start, start + chunk_size])
+        finally:
+            cat.con.execute(f"DROP TABLE IF EXISTS {order}")
+
+    return total, chunks()
+
+
 def _select(sp: Space, current: bool, filtered: bool = False, vectors: bool = True) -> str:
     """SELECT id, hash[, vectors] of one model; `current` keeps rows whose hash is the catalog's
     current one; `filtered` restricts to the ids registered as `_emb_ids`."""

@@ -1,30 +1,27 @@
 """The precompute job: items -> CPE, users -> UPE, from a checkpoint into the catalog.
 
 Streaming and resumable by construction:
-- items come in keyset pages (`cat.iter_items`), so memory holds one chunk whatever the
-  catalog's size;
-- a page keeps only rows with no vector for (item_id, model hash, content hash) yet, so a
-  re-run after a kill skips every committed chunk, and a nightly run encodes only new or
-  edited items (users: new or changed history hash);
-- what is left is cut into chunks of exactly `chunk_size` rows across pages (`rebatch`): the 168
-  edits of a nightly run scattered over nine pages encode as one length-sorted chunk, not as
-  nine small ones;
+- only items with no vector for (item_id, model hash, content hash) are read, so a re-run
+  after a kill skips every committed chunk, and a nightly run encodes only new or edited items
+  (users: new or changed history hash);
+- items come in chunks of `chunk_size` in one global order by text length
+  (`E.missing_items_by_length`), so memory holds one chunk whatever the catalog's size and a
+  chunk's batches are nearly free of padding; a nightly run's scattered edits are one chunk;
 - each chunk's distinct texts are encoded once (`embsum.encoding` sorts them by token length
   and runs under inference mode), then the chunk is written in its own transaction, while the
   next chunk encodes on a worker thread (`encode_ahead`).
-Chunk composition depends only on the catalog's id order and what is already stored: chunks
-are consecutive slices of the stream of missing rows and are committed whole, so a resumed run
-encodes exactly the chunks an uninterrupted one would have.
+Chunk composition depends only on the catalog and what is already stored: chunks are
+consecutive slices of the missing rows in that fixed order and are committed whole, so a
+resumed run encodes exactly the chunks an uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from index import embeddings as E
@@ -59,24 +56,6 @@ def limit_db_memory(cat: Catalog, cfg: PrecomputeConfig) -> None:
         cat.con.execute(f"SET memory_limit = '{cfg.db_memory}'")
 
 
-def rebatch(tables: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
-    """The rows of `tables`, in order, as tables of exactly `size` rows (the last may be short)."""
-    pending: list[pa.Table] = []
-    rows = 0
-    for table in tables:
-        if table.num_rows == 0:
-            continue
-        pending.append(table)
-        rows += table.num_rows
-        while rows >= size:
-            whole = pa.concat_tables(pending)
-            yield whole.slice(0, size)
-            rest = whole.slice(size)
-            pending, rows = ([rest] if rest.num_rows else []), rest.num_rows
-    if rows:
-        yield pa.concat_tables(pending)
-
-
 def encode_ahead(jobs: Iterable, encode: Callable, write: Callable) -> None:
     """`write(job, encode(job))` for every job, in order, with job k+1 encoding on a worker
     thread while job k is written here.
@@ -105,16 +84,13 @@ def precompute_items(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig
     counts = {"items_encoded": 0, "items_skipped": 0, "item_texts_encoded": 0}
     sp = None
 
-    def missing_pages():
-        for page in cat.iter_items(cfg.chunk_size):
-            todo = E.missing(cat, model_hash, E.ITEM, page)
-            counts["items_skipped"] += page.num_rows - todo.num_rows
-            if bar is not None:
-                bar.update(page.num_rows - todo.num_rows)
-            yield todo
+    todo_total, chunks = E.missing_items_by_length(cat, model_hash, cfg.chunk_size)
+    counts["items_skipped"] = cat.count("items") - todo_total
+    if bar is not None:
+        bar.update(counts["items_skipped"])
 
     def jobs():
-        for todo in rebatch(missing_pages(), cfg.chunk_size):
+        for todo in chunks:
             yield todo, [item_text(t, d) for t, d in zip(todo["title"].to_pylist(), todo["description"].to_pylist())]
 
     def write(job, vectors):

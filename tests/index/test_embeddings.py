@@ -128,3 +128,19 @@ def test_bulk_writes_survive_a_kill_before_any_checkpoint_and_restore_settings(c
     assert len(block.ids) == N
     np.testing.assert_array_equal(block.vectors["cpe"], _vectors(0))
     np.testing.assert_array_equal(block.vectors["cpe_prime"], -_vectors(0))
+
+
+def test_missing_items_come_shortest_first_in_whole_chunks(cat):
+    lengths = {f"i{k:03d}": len(f"title {k}") + 1 for k in range(N)}
+    total, chunks = E.missing_items_by_length(cat, H1, 16)
+    chunks = list(chunks)
+    assert total == N and [c.num_rows for c in chunks] == [16, 16, 8]
+    got = [i for c in chunks for i in c["item_id"].to_pylist()]
+    assert got == sorted(lengths, key=lambda i: (lengths[i], i))  # by text length, then id
+    assert chunks[0].column_names == ["item_id", "title", "description", "category", "content_hash"]
+    _write_all(cat, H1)
+    cat.upsert_items(pa.table({"item_id": ["i005", "i017"], "title": ["a much longer title now", "t"],
+                               "description": ["d", "d"]}))
+    total, chunks = E.missing_items_by_length(cat, H1, 16)
+    assert total == 2 and [c["item_id"].to_pylist() for c in chunks] == [["i017", "i005"]]
+    assert E.missing_items_by_length(cat, H2, 100)[0] == N  # another model: everything

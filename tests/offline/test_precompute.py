@@ -156,16 +156,6 @@ def test_encode_ahead_writes_in_order_and_stops_at_a_failed_encode():
     assert written == [(0, 0), (1, 10), (2, 20)]
 
 
-def test_rebatch_cuts_exact_chunks_across_pages():
-    from offline.precompute import rebatch
-
-    pages = [pa.table({"x": list(range(a, b))}) for a, b in [(0, 3), (3, 3), (3, 4), (4, 11), (11, 12)]]
-    out = list(rebatch(pages, 5))
-    assert [t.num_rows for t in out] == [5, 5, 2]
-    assert sum((t["x"].to_pylist() for t in out), []) == list(range(12))
-    assert list(rebatch([], 5)) == [] and [t.num_rows for t in rebatch(pages[:1], 3)] == [3]
-
-
 def test_scattered_edits_encode_as_one_chunk(catalog, tiny_checkpoint, monkeypatch):
     """A nightly run's few edits, spread over many catalog pages, are encoded together: one
     length-sorted chunk, not one small batch per page."""
@@ -181,7 +171,7 @@ def test_scattered_edits_encode_as_one_chunk(catalog, tiny_checkpoint, monkeypat
     with Catalog(catalog) as cat:
         assert P.precompute_items(cat, model, digest, cfg)["items_encoded"] == 48
         assert calls == [8] * 6
-        edited = cat.items().column("item_id").to_pylist()[::9]  # one per page of 8, and more
+        edited = cat.items().column("item_id").to_pylist()[::9]  # one per id page of 8, and more
         cat.upsert_items(pa.table({"item_id": edited, "title": ["Edited"] * len(edited),
                                    "description": [f"new {i}" for i in edited]}))
         calls.clear()
