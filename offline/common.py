@@ -22,7 +22,7 @@ def quiet(ctx: click.Context | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def open_catalog(ctx: click.Context, read_only: bool = False) -> Iterator["Catalog"]:  # noqa: F821
+def open_catalog(ctx: click.Context, read_only: bool = False) -> Iterator[Catalog]:  # noqa: F821
     """The catalog named by --db, with catalog errors turned into one clear line."""
     from index.catalog import Catalog, CatalogError
 

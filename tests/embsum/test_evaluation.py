@@ -5,8 +5,17 @@ import hashlib
 import numpy as np
 import pytest
 
-from embsum.evaluation import (build_eval_set, bucket, embedding_scorer, evaluate, pair_scorer,
-                               popularity_scorer, random_scorer, split_of, train_examples)
+from embsum.evaluation import (
+    bucket,
+    build_eval_set,
+    embedding_scorer,
+    evaluate,
+    pair_scorer,
+    popularity_scorer,
+    random_scorer,
+    split_of,
+    train_examples,
+)
 
 
 def _users(n=60, items=200, seed=0):

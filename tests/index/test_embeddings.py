@@ -97,7 +97,6 @@ def test_user_vectors(cat):
 def test_bulk_writes_survive_a_kill_before_any_checkpoint_and_restore_settings(cat):
     """Chunks committed under `bulk_writes` live only in the WAL until ~256 MB accumulate: a
     process killed then must still find them, exact, when the catalog is reopened."""
-    import os
     import subprocess
     import sys
 

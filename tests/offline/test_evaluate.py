@@ -7,8 +7,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from jobs_fixtures import build_catalog, tiny_checkpoint  # noqa: F401
+
 from offline.cli import cli
 
 
