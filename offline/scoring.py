@@ -83,6 +83,10 @@ class Ranked:
     searched: np.ndarray  # hits per UPE vector finally used
 
 
+# Widening stops once a query would fetch more than 1/WIDEN_LIMIT of the index's vectors.
+WIDEN_LIMIT = 16
+
+
 def recommend(snap: S.Snapshot, upe: np.ndarray, cfg: ScoreConfig,
               exclude: list[np.ndarray] | None = None) -> Ranked:
     """Retrieve with every UPE vector, dedupe to items, exact poly-score, keep top-N."""
@@ -126,7 +130,39 @@ def recommend(snap: S.Snapshot, upe: np.ndarray, cfg: ScoreConfig,
                     still.append(u)
         pending = np.array(still, dtype=np.int64)
         k = min(k * 4, ntotal)
+        if len(pending) and k > ntotal // WIDEN_LIMIT:
+            # Certifying would mean searching a large share of the index per query (trained
+            # vectors give loose bounds), and the hit arrays grow as users x m x k: score every
+            # live item exactly instead, which is certified by construction and memory-bounded.
+            sub = [exclude[u] for u in pending] if exclude is not None else None
+            for u, (r, sc) in zip(pending, zip(*score_all_items(snap, upe[pending], cfg, sub))):
+                rows_out[u], scores_out[u], certified[u], searched[u] = r, sc, True, ntotal
+            pending = pending[:0]
     return Ranked(rows_out, scores_out, certified, searched)
+
+
+def score_all_items(snap: S.Snapshot, upe: np.ndarray, cfg: ScoreConfig,
+                    exclude: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Exact top-N of every live item for each user (rows, scores, best first): the poly-score
+    matrix over item chunks, keeping a running top-N per user."""
+    from embsum.scoring import poly_score_matrix
+
+    live = snap.live_rows()
+    n_users = len(upe)
+    top = cfg.top if cfg.top > 0 else len(live)
+    chunk = max(256, (1 << 22) // max(1, n_users))  # ~4M scores per chunk
+    best_rows = [np.zeros(0, np.int64)] * n_users
+    best_scores = [np.zeros(0, np.float32)] * n_users
+    for start in range(0, len(live), chunk):
+        rows = live[start:start + chunk]
+        scores = poly_score_matrix(upe, np.asarray(snap.cpe[rows]), np.asarray(snap.cpe_prime[rows]))
+        for u in range(n_users):
+            keep = ~np.isin(rows, exclude[u]) if exclude is not None and len(exclude[u]) else slice(None)
+            r = np.concatenate([best_rows[u], rows[keep]])
+            sc = np.concatenate([best_scores[u], scores[u][keep]])
+            order = np.argsort(-sc, kind="stable")[:top]
+            best_rows[u], best_scores[u] = r[order], sc[order]
+    return best_rows, best_scores
 
 
 def exclude_rows(snap: S.Snapshot, histories: list[list[str]]) -> list[np.ndarray]:

@@ -39,9 +39,18 @@ def _exact_top(cat, model_hash, top):
     return out
 
 
+@pytest.mark.parametrize("widen_limit", [1, 16])  # 1: widen the FAISS search up to the whole index
 @pytest.mark.parametrize("retrieve", [1, 4, 50])
-def test_retrieval_plus_exact_rerank_is_exact_top_n(indexed, retrieve):
+def test_retrieval_plus_exact_rerank_is_exact_top_n(indexed, retrieve, widen_limit, monkeypatch):
+    """Exact either way: certified by widening the search, or (past 1/widen_limit of the index
+    per query) by scoring every live item."""
     from embsum.checkpoint import checkpoint_hash
+    from offline import scoring
+
+    monkeypatch.setattr(scoring, "WIDEN_LIMIT", widen_limit)
+    calls = []
+    score_all = scoring.score_all_items
+    monkeypatch.setattr(scoring, "score_all_items", lambda *a: calls.append(1) or score_all(*a))
 
     top = 5
     root = indexed.with_suffix(".index")
@@ -51,6 +60,10 @@ def test_retrieval_plus_exact_rerank_is_exact_top_n(indexed, retrieve):
         users = read_users(cat, h, None, histories=True)
     result = rank_users(S.load(root, h), users, ScoreConfig(top=top, retrieve=retrieve), "run")
     assert result.counts["users_certified_exact"] == len(users.ids)
+    if widen_limit == 1 or retrieve == 50:  # widened to the end, or exhausted at once
+        assert not calls
+    elif retrieve == 1:  # the narrow first search certifies few: the rest are scored in full
+        assert calls
     got = {}
     for u, i, s in zip(*(result.table[c].to_pylist() for c in ("user_id", "item_id", "score"))):
         got.setdefault(u, []).append((i, s))
