@@ -83,8 +83,13 @@ class Ranked:
     searched: np.ndarray  # hits per UPE vector finally used
 
 
-# Widening stops once a query would fetch more than 1/WIDEN_LIMIT of the index's vectors.
-WIDEN_LIMIT = 16
+# Widening stops once a query would fetch more than 1/WIDEN_LIMIT of the index's vectors; the
+# users left are scored against every live item (`score_all_items`). Scoring the whole catalog as
+# a matrix runs ~10x more pairs/s than re-ranking gathered candidates (benchmarks/scoring.py), so a
+# round that would re-rank more than ~1/10 of the items per user costs more than scoring them all.
+# Certifying only happens on Flat indexes (< IndexConfig.flat_threshold vectors), so the hit
+# arrays stay under users x m x (1M / 64) x 12 bytes.
+WIDEN_LIMIT = 64
 
 
 def recommend(snap: S.Snapshot, upe: np.ndarray, cfg: ScoreConfig,
