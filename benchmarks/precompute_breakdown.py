@@ -3,9 +3,10 @@ the job to the one before.
 
     .venv/bin/python benchmarks/precompute_breakdown.py --checkpoint <ckpt> [--dtype bf16] [--repeats 1]
 
-Rows (items/s over the 16,833 Goodreads books, catalog id order as the job reads them):
+Rows (items/s over the 16,833 Goodreads books, in the order the job reads them: text length,
+then id, as `index.embeddings.missing_items_by_length`):
 1. the checkpoint's encoder forward only, one length-sorted pass over the whole catalog;
-2. the same, sorted within chunks of --chunk-size, as the streaming job must (padding cost);
+2. the same, sorted within chunks of --chunk-size, as the streaming job does (padding cost);
 3. + poly-attention and CPE' (`encode_item_texts` per chunk, distinct texts once);
 4. the whole job serially: read chunk, encode, write and commit, next chunk;
 5. the whole job as shipped: chunk k+1 encodes on a worker thread while chunk k is written
@@ -54,7 +55,8 @@ def main() -> None:
     from embsum.encoding import autocast, encode_item_texts, length_batches
 
     ids, titles, descs = load_books(args.data, args.items)
-    order = np.argsort(ids, kind="stable")  # the catalog's item_id order: the job's chunks
+    # the job's chunks: text length (title + description characters), then id
+    order = sorted(range(len(ids)), key=lambda i: (len(titles[i] or "") + len(descs[i] or ""), ids[i]))
     ids, titles, descs = ([col[i] for i in order] for col in (ids, titles, descs))
     texts = [item_text(t, d) for t, d in zip(titles, descs)]
     work = Path(tempfile.mkdtemp(prefix="bench-breakdown-"))
