@@ -22,14 +22,16 @@ from bench_common import peak_rss_mb, save, table
 
 from index import embeddings as E
 from index.catalog import Catalog
+from offline.indexing import model_hashes
 from offline.job_configs import PrecomputeConfig
+from offline.precompute import limit_db_memory
 
 CHUNK = 2048
 
 
 def real_vectors(db: Path):
     with Catalog(db, read_only=True) as cat:
-        hashes = [h for (h,) in cat.con.execute("SELECT model_hash FROM embedding_spaces WHERE kind = 'item'").fetchall()]
+        hashes = model_hashes(cat)
         if not hashes:
             raise SystemExit(f"{db} holds no item vectors: run `embsum precompute` on it first")
         block = next(E.iterate(cat, hashes[0], E.ITEM, CHUNK))
@@ -39,7 +41,7 @@ def real_vectors(db: Path):
 def write_all(path: Path, cpe, cpe_prime, chunks: int, bulk: bool) -> tuple[float, float, int]:
     _, n, d = cpe.shape
     with Catalog(path) as cat:
-        cat.con.execute(f"SET memory_limit = '{PrecomputeConfig().db_memory}'")
+        limit_db_memory(cat, PrecomputeConfig())
         sp = E.ensure_space(cat, "b" * 40, E.ITEM, n, d)
         per = []
         t0 = time.perf_counter()

@@ -122,9 +122,9 @@ class Staging:
         dst = self.file(src.name)
         try:
             os.link(src, dst)
-        except OSError as err:
-            if isinstance(err, FileNotFoundError):
-                raise
+        except FileNotFoundError:
+            raise
+        except OSError:  # no hard links on this filesystem
             shutil.copyfile(src, dst)
 
     def _clean_stale_temps(self) -> None:

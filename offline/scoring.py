@@ -140,7 +140,8 @@ def recommend(snap: S.Snapshot, upe: np.ndarray, cfg: ScoreConfig,
             # vectors give loose bounds), and the hit arrays grow as users x m x k: score every
             # live item exactly instead, which is certified by construction and memory-bounded.
             sub = [exclude[u] for u in pending] if exclude is not None else None
-            for u, (r, sc) in zip(pending, zip(*score_all_items(snap, upe[pending], cfg, sub))):
+            all_rows, all_scores = score_all_items(snap, upe[pending], cfg, sub)
+            for u, r, sc in zip(pending, all_rows, all_scores):
                 rows_out[u], scores_out[u], certified[u], searched[u] = r, sc, True, ntotal
             pending = pending[:0]
     return Ranked(rows_out, scores_out, certified, searched)
