@@ -53,12 +53,27 @@ def checkpoint_dir(given: Path | None, fallback: Path) -> Path:
 
 def median_seconds(fn, repeats: int) -> tuple[float, list[float], object]:
     """Median wall time of `fn()` over `repeats` calls, all times, and the last result."""
-    times, result = [], None
+    return interleaved_seconds({"fn": fn}, repeats)["fn"]
+
+
+def interleaved_seconds(fns: dict[str, object], repeats: int) -> dict[str, tuple[float, list[float], object]]:
+    """`median_seconds` for several methods, run round-robin (A, B, C, A, B, C, ...) rather than
+    one after another: this machine's speed drifts by ~15% over an hour, and a round-robin
+    spreads that drift over every method alike, so their ratios (and the per-round ratios of
+    `round_ratios`) are fair. Each method keeps only its last result."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    results: dict[str, object] = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, result
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(t), t, results[name]) for name, t in times.items()}
+
+
+def round_ratios(baseline: list[float], other: list[float]) -> float:
+    """Median over rounds of baseline time / other time (speed-up, each round's pair run minutes apart)."""
+    return statistics.median(b / o for b, o in zip(baseline, other))
 
 
 def peak_rss_mb() -> float:

@@ -3,7 +3,10 @@ cost of bf16 and int8.
 
     .venv/bin/python benchmarks/precompute.py [--items 0] [--repeats 3] [--eval-users 300]
 
-Rows (items/s, median of --repeats; every method gets the same texts and token limit):
+Rows (items/s, median of --repeats; every method gets the same texts and token limit). The
+methods run round-robin, one of each per round, so the machine's drift over the ~40 minutes
+spreads over all of them alike; the last column is the median over rounds of each round's
+sentence-transformers time / that method's time:
 - sentence-transformers `encode` (batch 64) with the packaged all-MiniLM-L6-v2;
 - the raw backbone forward (fp32, inference mode, mean pooling) in naive file-order batches,
   the same forward over length-sorted batches, and that in bf16 autocast (the encoder-only
@@ -28,7 +31,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from bench_common import DATA, checkpoint_dir, load_books, load_histories, median_seconds, save, table
+from bench_common import (
+    DATA,
+    checkpoint_dir,
+    interleaved_seconds,
+    load_books,
+    load_histories,
+    round_ratios,
+    save,
+    table,
+)
 
 from index.catalog import Catalog
 from index.faiss_index import IndexConfig
@@ -147,47 +159,60 @@ def main() -> None:
     model, model_hash = load_checkpoint(checkpoint_dir(args.checkpoint, work / "ckpt"))
     trained = "trained checkpoint" if args.checkpoint else "untrained checkpoint"
     max_tokens = model.config.item_max_tokens
-    n, rows, results = len(texts), [], {}
+    n, results = len(texts), {}
 
-    def record(name, fn, extra=""):
-        med, times, out = median_seconds(fn, args.repeats)
-        results[name] = {"median_s": med, "times": times, "items_per_s": n / med}
-        rows.append([name, n / med, med, extra])
-        print(f"{name}: {n / med:.1f} items/s (median of {times})", flush=True)
-        return out
-
+    runners = {}
     if "st" not in skip:
-        record(f"sentence-transformers encode, batch {args.batch_size}, max {max_tokens} tokens",
-               st_encode(texts, max_tokens, args.batch_size))
+        runners[f"sentence-transformers encode, batch {args.batch_size}, max {max_tokens} tokens"] = \
+            st_encode(texts, max_tokens, args.batch_size)
     if "raw-file" not in skip:
-        record("raw backbone fp32, file-order batches", raw_forward(texts, max_tokens, args.batch_size, False))
+        runners["raw backbone fp32, file-order batches"] = raw_forward(texts, max_tokens, args.batch_size, False)
     if "raw-sorted" not in skip:
-        record("raw backbone fp32, length-sorted batches", raw_forward(texts, max_tokens, args.batch_size, True))
+        runners["raw backbone fp32, length-sorted batches"] = raw_forward(texts, max_tokens, args.batch_size, True)
     if "raw-bf16" not in skip:
-        record("raw backbone bf16 autocast, length-sorted batches",
-               raw_forward(texts, max_tokens, args.batch_size, True, bf16=True))
-    vectors = {}
+        runners["raw backbone bf16 autocast, length-sorted batches"] = \
+            raw_forward(texts, max_tokens, args.batch_size, True, bf16=True)
+    job_times = {}
     for dtype in args.dtypes.split(","):
         job = embsum_job(ids, titles, descs, model, model_hash, dtype, args.batch_size, work)
-        times = []
+        job_times[dtype] = []
 
-        def timed_total(job=job, times=times):
+        def timed_total(job=job, times=job_times[dtype]):
             enc, idx, cpe, cpe_prime = job()
             times.append((enc, idx))
             return cpe, cpe_prime
-        vectors[dtype] = record(f"embsum precompute {dtype} (+DuckDB writes +FAISS build)", timed_total)
-        enc = float(np.median([t[0] for t in times]))
-        idx = float(np.median([t[1] for t in times]))
-        results[f"embsum {dtype}"] = {"encode_write_s": enc, "index_s": idx}
-        rows[-1][3] = f"encode+write {enc:.1f}s, index {idx:.1f}s"
+        runners[f"embsum precompute {dtype} (+DuckDB writes +FAISS build)"] = timed_total
+
+    # Round-robin: every method runs once per round, so the machine's drift hits all alike.
+    timed = interleaved_seconds(runners, args.repeats)
+    st_name = next((name for name in timed if name.startswith("sentence")), None)
+    rows, vectors = [], {}
+    for name, (med, times, out) in timed.items():
+        results[name] = {"median_s": med, "times": times, "items_per_s": n / med}
+        detail = ""
+        dtype = next((dt for dt in job_times if name.startswith(f"embsum precompute {dt} ")), None)
+        if dtype:
+            vectors[dtype] = out
+            enc = float(np.median([t[0] for t in job_times[dtype]]))
+            idx = float(np.median([t[1] for t in job_times[dtype]]))
+            results[f"embsum {dtype}"] = {"encode_write_s": enc, "index_s": idx}
+            detail = f"encode+write {enc:.1f}s, index {idx:.1f}s"
+        row = [name, n / med, med, detail, ", ".join(f"{t:.1f}" for t in times)]
+        if st_name:
+            paired = round_ratios(timed[st_name][1], times)
+            results[name]["x_st_paired"] = paired
+            row += [timed[st_name][0] / med, paired]
+        rows.append(row)
 
     gemm = {dt: float(np.median([gemm_gflops(dt) for _ in range(3)])) for dt in ("fp32", "bf16")}
     results["gemm_gflops"] = gemm
     print(f"\nthis CPU's matmul ceiling (2816x384 @ 384x1536): fp32 {gemm['fp32']:.0f} GFLOP/s, "
           f"bf16 {gemm['bf16']:.0f} GFLOP/s, ratio {gemm['bf16'] / gemm['fp32']:.2f}")
-    st = next((r[1] for r in rows if r[0].startswith("sentence")), None)
-    print("\n" + table(["method", "items/s", "median s", "detail"] + (["x sentence-transformers"] if st else []),
-                       [r + ([r[1] / st] if st else []) for r in rows]))
+    headers = ["method", "items/s", "median s", "detail", "each round's s"]
+    if st_name:
+        headers += ["x sentence-transformers (medians)", "x sentence-transformers (median of rounds)"]
+    print(f"\nround-robin over {args.repeats} rounds")
+    print(table(headers, rows))
 
     if "fp32" in vectors:
         histories = load_histories(args.data)

@@ -87,10 +87,11 @@ def test_sessions_and_dtypes(tiny_bert_dir):
         assert cos.min() > 0.99, dtype
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "int8"])
-def test_reduced_precision_follows_weight_updates(tiny_bert_dir, dtype):
-    """The int8 copy is cached per model; an optimizer step (an in-place update) must
-    invalidate it, or a training run's dev evaluation would score stale weights."""
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_inference_copies_follow_weight_updates(tiny_bert_dir, dtype):
+    """The CPU inference copy (packed fp32/bf16, int8) is cached per model; an optimizer step (an
+    in-place update) must invalidate it, or a training run's dev evaluation would score stale
+    weights."""
     model = build_model(ModelConfig(backbone=tiny_bert_dir, item_codes=2, user_codes=2)).eval()
     before, _ = encode_item_texts(model, TEXTS, progress=False, dtype=dtype)
     again, _ = encode_item_texts(model, TEXTS, progress=False, dtype=dtype)
