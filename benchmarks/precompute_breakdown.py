@@ -5,13 +5,18 @@ the job to the one before.
 
 Rows (items/s over the 16,833 Goodreads books, in the order the job reads them: text length,
 then id, as `index.embeddings.missing_items_by_length`):
-1. the checkpoint's encoder forward only, one length-sorted pass over the whole catalog;
-2. the same, sorted within chunks of --chunk-size, as the streaming job does (padding cost);
-3. + poly-attention and CPE' (`encode_item_texts` per chunk, distinct texts once);
-4. the whole job serially: read chunk, encode, write and commit, next chunk;
-5. the whole job as shipped: chunk k+1 encodes on a worker thread while chunk k is written
+1. the checkpoint's encoder forward only (the model as loaded: nn.Linear, i.e. MKL's sgemm on
+   CPU), one length-sorted pass over the whole catalog;
+2. the same with the copy the job runs (`embsum.encoding.inference_model`: on CPU, Linear
+   weights prepacked for oneDNN);
+3. that, sorted within chunks of --chunk-size, as the streaming job does (padding cost);
+4. + poly-attention and CPE' (`encode_item_texts` per chunk, distinct texts once);
+5. the whole job serially: read chunk, encode, write and commit, next chunk;
+6. the whole job as shipped: chunk k+1 encodes on a worker thread while chunk k is written
    (`offline.precompute.encode_ahead`).
-Row 4 vs 5 is the overlap's gain; 3 vs 5 is what reads, writes and commits still cost.
+Row 1 vs 2 is the packing's gain; 5 vs 6 the overlap's; 4 vs 6 what reads, writes and commits
+still cost. The rows run round-robin (one of each per round), so the machine's drift over the
+run hits them alike.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from bench_common import DATA, checkpoint_dir, load_books, median_seconds, save, table
+from bench_common import DATA, checkpoint_dir, load_books, save, table
 
 import offline.precompute as precompute_module
 from index.catalog import Catalog
@@ -52,7 +57,7 @@ def main() -> None:
     import torch
 
     from embsum.checkpoint import load_checkpoint
-    from embsum.encoding import autocast, encode_item_texts, length_batches
+    from embsum.encoding import autocast, encode_item_texts, inference_model, length_batches
 
     ids, titles, descs = load_books(args.data, args.items)
     # the job's chunks: text length (title + description characters), then id
@@ -65,19 +70,23 @@ def main() -> None:
     cfg = PrecomputeConfig(users=False, dtype=args.dtype, chunk_size=args.chunk_size, batch_size=args.batch_size)
     cpu, bf16, chunk = torch.device("cpu"), args.dtype == "bf16", args.chunk_size
 
-    def encoder_only(sort_window: int):
+    def encoder_only(sort_window: int, runner):
         def run():
+            t0 = time.perf_counter()
             with torch.inference_mode(), autocast(cpu, bf16):
                 for start in range(0, len(texts), sort_window):
                     for _, batch in length_batches(model.tokenizer, texts[start:start + sort_window],
                                                    model.config.item_max_tokens, args.batch_size):
-                        model.encode_tokens(batch["input_ids"], batch["attention_mask"])
+                        runner.encode_tokens(batch["input_ids"], batch["attention_mask"])
+            return time.perf_counter() - t0
         return run
 
     def items_per_chunk():
+        t0 = time.perf_counter()
         for start in range(0, len(texts), chunk):
             encode_item_texts(model, texts[start:start + chunk], batch_size=args.batch_size, dtype=args.dtype,
                               progress=False)
+        return time.perf_counter() - t0
 
     items = pa.table({"item_id": ids, "title": titles, "description": descs})
 
@@ -97,24 +106,30 @@ def main() -> None:
                     shutil.rmtree(db.parent, ignore_errors=True)
         return run
 
-    steps = [("encoder forward, one sort over the whole catalog", encoder_only(len(texts))),
-             (f"encoder forward, sorted per chunk of {chunk}", encoder_only(chunk)),
+    plain = model if args.dtype != "int8" else inference_model(model, args.dtype, cpu)
+    shipped = inference_model(model, args.dtype, cpu)
+    steps = [("encoder forward, the model as loaded, one sort over the whole catalog",
+              encoder_only(len(texts), plain)),
+             ("encoder forward, the job's inference copy, one sort", encoder_only(len(texts), shipped)),
+             (f"encoder forward, the job's inference copy, sorted per chunk of {chunk}",
+              encoder_only(chunk, shipped)),
              ("+ poly-attention and CPE' (encode_item_texts per chunk)", items_per_chunk),
              ("whole job, serial (encode, then write and commit)", whole_job(serial)),
              ("whole job as shipped (next chunk encodes while this one is written)",
               whole_job(precompute_module.encode_ahead))]
+    # Each step times itself (the whole job's catalog load is not the job); round-robin rounds.
+    times = {name: [] for name, _ in steps}
+    for _ in range(args.repeats):
+        for name, fn in steps:
+            times[name].append(fn())
+            print(f"{name}: {times[name][-1]:.1f} s", flush=True)
     rows, results = [], {}
-    for name, fn in steps:
-        if name.startswith("whole job"):
-            times = [fn() for _ in range(args.repeats)]  # timed inside: the catalog load is not the job
-            med = float(np.median(times))
-        else:
-            med, times, _ = median_seconds(fn, args.repeats)
-        results[name] = {"median_s": med, "times": times, "items_per_s": len(texts) / med}
-        rows.append([name, len(texts) / med, med])
-        print(f"{name}: {len(texts) / med:.1f} items/s (median of {[round(t, 1) for t in times]})", flush=True)
+    for name, _ in steps:
+        med = float(np.median(times[name]))
+        results[name] = {"median_s": med, "times": times[name], "items_per_s": len(texts) / med}
+        rows.append([name, len(texts) / med, med, ", ".join(f"{t:.1f}" for t in times[name])])
     print(f"\n{args.dtype}, {len(texts):,} items, checkpoint {model_hash}")
-    print(table(["step", "items/s", "median s"], rows))
+    print(table(["step", "items/s", "median s", "each round's s"], rows))
     print(f"\nsaved {save('precompute_breakdown', {'dtype': args.dtype, 'items': len(texts), **results})}")
     shutil.rmtree(work, ignore_errors=True)
 

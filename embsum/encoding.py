@@ -1,9 +1,10 @@
 """Batch inference: texts -> CPE, histories -> UPE, as numpy float32.
 
 Texts are sorted by token length so a batch pads to similar lengths, run under
-`torch.inference_mode()`, optionally in bf16 autocast (about 3x faster on CPUs with
+`torch.inference_mode()`, optionally in bf16 autocast (about 2x faster on CPUs with
 AVX512-BF16, cosine to fp32 about 0.99999) or int8 (dynamic quantization of the Linear layers,
-CPU only). Results come back in the input order.
+CPU only). On CPU a copy of the model with its Linear weights prepacked for oneDNN runs
+(packed_linear.py). Results come back in the input order.
 
 A `StateCache` (text -> encoder token states) lets one pass over the catalog's item texts serve
 the item side, the users' history items (session_size 1) and a frozen-encoder training run.
@@ -102,7 +103,7 @@ def _inference_copy(model: EmbSumModel, dtype: str) -> EmbSumModel:
     return made
 
 
-def _runner(model: EmbSumModel, dtype: str, device: torch.device) -> EmbSumModel:
+def inference_model(model: EmbSumModel, dtype: str, device: torch.device) -> EmbSumModel:
     """The module that runs inference: on CPU a packed (fp32, bf16) or int8 copy, elsewhere the
     model itself (bf16 by autocast)."""
     from embsum import packed_linear
@@ -142,7 +143,7 @@ def encode_token_states(model: EmbSumModel, texts: Sequence[str], batch_size: in
     """Encoder token states of each text ([L_i, d], CPU, `storage_dtype`), each distinct text
     encoded once; texts already in `cache` are not encoded again, new ones are added to it."""
     device = resolve_device(device)
-    runner = _runner(model, dtype, device)
+    runner = inference_model(model, dtype, device)
     cache = StateCache() if cache is None else cache
     todo = sorted({t for t in texts if t not in cache})
     was_training = model.training
@@ -170,7 +171,7 @@ def encode_item_texts(model: EmbSumModel, texts: Sequence[str], batch_size: int 
     With `cache`, the encoder's token states are kept (or reused) so user histories over the same
     texts need no second encoder pass."""
     device = resolve_device(device)
-    runner = _runner(model, dtype, device)
+    runner = inference_model(model, dtype, device)
     n, d = model.config.item_codes, model.d
     cpe = np.zeros((len(texts), n, d), dtype=np.float32)
     cpe_prime = np.zeros_like(cpe)
@@ -230,7 +231,7 @@ def encode_user_histories(model: EmbSumModel, histories_texts: Sequence[Sequence
     """Users' history item texts (oldest first) -> UPE float32 [U, m, d], in input order.
     No summary is needed: the global vector is the decoder state at the start position."""
     device = resolve_device(device)
-    runner = _runner(model, dtype, device)
+    runner = inference_model(model, dtype, device)
     sessions = [user_sessions(model, h) for h in histories_texts]
     max_tokens = model.config.item_max_tokens if model.config.session_size == 1 else model.config.session_max_tokens
     upe = np.zeros((len(sessions), model.config.user_codes, model.d), dtype=np.float32)
