@@ -63,11 +63,13 @@ def interleaved_seconds(fns: dict[str, object], repeats: int) -> dict[str, tuple
     `round_ratios`) are fair. Each method keeps only its last result."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     results: dict[str, object] = {}
-    for _ in range(repeats):
+    for round_no in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             results[name] = fn()
             times[name].append(time.perf_counter() - t0)
+            if len(fns) > 1:
+                print(f"round {round_no + 1}/{repeats}: {name}: {times[name][-1]:.1f} s", flush=True)
     return {name: (statistics.median(t), t, results[name]) for name, t in times.items()}
 
 

@@ -9,7 +9,9 @@ layers are ~80% of the encoder's time, so the whole encoder runs ~1.1x (fp32) an
 saved on the 16.8k-item catalog).
 
 A packed copy is for inference only: the packed weights are not parameters (no gradients,
-not in the state dict), so it is made from a model and thrown away, never trained or saved.
+not in the state dict), so it is made from a model and thrown away, never trained or saved. It
+shares the model's other parameters (made again whenever the model's weights change:
+`embsum.encoding.inference_model`).
 `EMBSUM_PACK_LINEARS=0` switches it off (then the plain model runs).
 """
 
@@ -69,9 +71,15 @@ def packed_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
     `PackedLinear` computing in `dtype` (float32, or bfloat16 to run under bf16 autocast)."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"packed linears compute in float32 or bfloat16, not {dtype}")
-    clone = copy.deepcopy(model).cpu().eval()
-    for p in clone.parameters():
-        p.requires_grad_(False)
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device.type == "cpu" for t in tensors):
+        # Share every parameter and buffer (embeddings, LayerNorms) instead of copying them: only
+        # the packed Linear weights cost memory. (A copy off another device must copy: `.cpu()`
+        # on shared parameters would move the model's own.)
+        clone = copy.deepcopy(model, memo={id(t): t for t in tensors})
+    else:
+        clone = copy.deepcopy(model).cpu()
+    clone.eval()
     with torch.no_grad():
         _pack_children(clone, dtype)
     return clone

@@ -46,6 +46,10 @@ def test_packed_copy_leaves_the_model_alone_and_adapters_unpacked(tiny_bert_dir)
         if type(module) is nn.Linear:  # the only plain Linear layers left sit in LoRA layers
             assert "lora_" in name or name.endswith("base_layer"), name
     assert model.training and all(p.requires_grad for n, p in adapted.named_parameters() if "lora_" in n)
+    # other parameters are shared, not copied (only the packed weights cost memory)
+    shared = dict(packed.named_parameters())
+    assert all(shared[n] is p for n, p in adapted.named_parameters() if n in shared)
+    assert any("embeddings" in n for n in shared)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         packed_linear.packed_copy(model, torch.float16)
