@@ -14,8 +14,9 @@ sentence-transformers time / that method's time:
 - the embsum precompute job (offline.precompute.precompute_items into a fresh DuckDB file:
   chunks, per-chunk dedupe, length-sorted encoding, poly-attention, Arrow writes, one
   transaction per chunk) plus the FAISS index build from the stored vectors, per dtype.
-Also printed: this CPU's fp32 and bf16 matmul GFLOP/s at the backbone's shapes, which bound
-what bf16 can gain over fp32 here.
+Also printed: this CPU's fp32 and bf16 matmul GFLOP/s at the backbone's shapes, through
+F.linear (MKL) and through oneDNN-prepacked weights (what the job runs), which bound what bf16
+can gain over fp32 here.
 Quality per dtype against fp32: cosine of every CPE vector, and nDCG@10 (goodreads-v1 test
 users, uniform and pop candidates) of the checkpoint (--checkpoint: a trained one; default an
 untrained one) whose item AND user vectors come from that dtype.
@@ -82,19 +83,24 @@ def raw_forward(texts, max_tokens: int, batch: int, sort: bool, bf16: bool = Fal
     return run
 
 
-def gemm_gflops(dtype_name: str, rows: int = 2816, d: int = 384, repeats: int = 30) -> float:
+def gemm_gflops(dtype_name: str, packed: bool, rows: int = 2816, d: int = 384, repeats: int = 30) -> float:
     """This CPU's matmul throughput at the backbone's FFN shape (batch 64 x ~44 tokens, 384 ->
-    1536): the ceiling every row shares, and the bf16/fp32 speed-up any bf16 row can hope for."""
+    1536), through `F.linear` (MKL's sgemm in fp32: what sentence-transformers and the raw rows
+    run) or a oneDNN-prepacked weight (what the embsum job runs on CPU): the ceilings the rows
+    share, and the bf16/fp32 speed-up any bf16 row can hope for."""
     import torch
 
+    from embsum.packed_linear import PackedLinear
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    x, w = torch.randn(rows, d, dtype=dtype), torch.randn(4 * d, d, dtype=dtype)
+    x, linear = torch.randn(rows, d, dtype=dtype), torch.nn.Linear(d, 4 * d, bias=False).to(dtype)
+    layer = PackedLinear(linear, dtype) if packed else linear
     with torch.inference_mode():
         for _ in range(3):
-            torch.nn.functional.linear(x, w)
+            layer(x)
         t0 = time.perf_counter()
         for _ in range(repeats):
-            torch.nn.functional.linear(x, w)
+            layer(x)
     return 2 * rows * d * 4 * d * repeats / (time.perf_counter() - t0) / 1e9
 
 
@@ -204,10 +210,11 @@ def main() -> None:
             row += [timed[st_name][0] / med, paired]
         rows.append(row)
 
-    gemm = {dt: float(np.median([gemm_gflops(dt) for _ in range(3)])) for dt in ("fp32", "bf16")}
+    gemm = {f"{dt} {kind}": float(np.median([gemm_gflops(dt, kind == "oneDNN-packed") for _ in range(3)]))
+            for dt in ("fp32", "bf16") for kind in ("F.linear", "oneDNN-packed")}
     results["gemm_gflops"] = gemm
-    print(f"\nthis CPU's matmul ceiling (2816x384 @ 384x1536): fp32 {gemm['fp32']:.0f} GFLOP/s, "
-          f"bf16 {gemm['bf16']:.0f} GFLOP/s, ratio {gemm['bf16'] / gemm['fp32']:.2f}")
+    print("\nthis CPU's matmul ceiling (2816x384 @ 384x1536), GFLOP/s: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in gemm.items()))
     headers = ["method", "items/s", "median s", "detail", "each round's s"]
     if st_name:
         headers += ["x sentence-transformers (medians)", "x sentence-transformers (median of rounds)"]
