@@ -178,7 +178,7 @@ def main() -> None:
     if "raw-bf16" not in skip:
         runners["raw backbone bf16 autocast, length-sorted batches"] = \
             raw_forward(texts, max_tokens, args.batch_size, True, bf16=True)
-    job_times = {}
+    job_times, job_dtype = {}, {}
     for dtype in args.dtypes.split(","):
         job = embsum_job(ids, titles, descs, model, model_hash, dtype, args.batch_size, work)
         job_times[dtype] = []
@@ -187,7 +187,8 @@ def main() -> None:
             enc, idx, cpe, cpe_prime = job()
             times.append((enc, idx))
             return cpe, cpe_prime
-        runners[f"embsum precompute {dtype} (+DuckDB writes +FAISS build)"] = timed_total
+        name = f"embsum precompute {dtype} (+DuckDB writes +FAISS build)"
+        runners[name], job_dtype[name] = timed_total, dtype
 
     # Round-robin: every method runs once per round, so the machine's drift hits all alike.
     timed = interleaved_seconds(runners, args.repeats)
@@ -196,7 +197,7 @@ def main() -> None:
     for name, (med, times, out) in timed.items():
         results[name] = {"median_s": med, "times": times, "items_per_s": n / med}
         detail = ""
-        dtype = next((dt for dt in job_times if name.startswith(f"embsum precompute {dt} ")), None)
+        dtype = job_dtype.get(name)
         if dtype:
             vectors[dtype] = out
             enc = float(np.median([t[0] for t in job_times[dtype]]))

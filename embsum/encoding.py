@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from embsum import packed_linear
 from embsum.model import EmbSumModel
 
 DTYPES = ("fp32", "bf16", "int8")
@@ -71,16 +72,12 @@ def _weights_version(model: torch.nn.Module) -> tuple[int, ...]:
 
 
 def _int8_copy(model: EmbSumModel) -> EmbSumModel:
-    """A dynamically quantized copy (int8 Linear layers, CPU)."""
-    import copy as copy_module
-
+    """A dynamically quantized copy (int8 Linear layers, CPU), sharing the model's other
+    parameters."""
     from torch.ao.quantization import quantize_dynamic
 
-    copy = copy_module.deepcopy(model).cpu().eval()
-    for p in copy.parameters():
-        p.grad = None
-        p.requires_grad_(False)
-    return quantize_dynamic(copy, {torch.nn.Linear}, dtype=torch.qint8)
+    return quantize_dynamic(packed_linear.shared_cpu_copy(model), {torch.nn.Linear}, dtype=torch.qint8,
+                            inplace=True)
 
 
 def _inference_copy(model: EmbSumModel, dtype: str) -> EmbSumModel:
@@ -89,8 +86,6 @@ def _inference_copy(model: EmbSumModel, dtype: str) -> EmbSumModel:
     remade when the model's weights change, so a training run's evaluation never scores stale
     weights. (bf16 keeps its other weights in fp32 under autocast: a model-wide bf16-weight copy
     was tried and was no faster, at a lower cosine to fp32.)"""
-    from embsum import packed_linear
-
     version = _weights_version(model)
     copies = _INFERENCE_COPIES.setdefault(model, {})
     if dtype in copies and copies[dtype][0] == version:
@@ -106,8 +101,6 @@ def _inference_copy(model: EmbSumModel, dtype: str) -> EmbSumModel:
 def inference_model(model: EmbSumModel, dtype: str, device: torch.device) -> EmbSumModel:
     """The module that runs inference: on CPU a packed (fp32, bf16) or int8 copy, elsewhere the
     model itself (bf16 by autocast)."""
-    from embsum import packed_linear
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
     if dtype == "int8" and device.type != "cpu":

@@ -66,20 +66,23 @@ def _pack_children(module: nn.Module, dtype: torch.dtype) -> None:
             _pack_children(child, dtype)
 
 
-def packed_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A CPU copy of `model` in eval mode with every plain `nn.Linear` replaced by a
-    `PackedLinear` computing in `dtype` (float32, or bfloat16 to run under bf16 autocast)."""
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"packed linears compute in float32 or bfloat16, not {dtype}")
+def shared_cpu_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s modules in eval mode for inference on CPU, sharing its parameters and
+    buffers (a copy swaps layers without touching the model, and costs only what it swaps in).
+    A model off the CPU is copied whole: `.cpu()` on shared parameters would move the model's own."""
     tensors = [*model.parameters(), *model.buffers()]
     if all(t.device.type == "cpu" for t in tensors):
-        # Share every parameter and buffer (embeddings, LayerNorms) instead of copying them: only
-        # the packed Linear weights cost memory. (A copy off another device must copy: `.cpu()`
-        # on shared parameters would move the model's own.)
-        clone = copy.deepcopy(model, memo={id(t): t for t in tensors})
-    else:
-        clone = copy.deepcopy(model).cpu()
-    clone.eval()
+        return copy.deepcopy(model, memo={id(t): t for t in tensors}).eval()
+    return copy.deepcopy(model).cpu().eval()
+
+
+def packed_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A CPU copy of `model` in eval mode with every plain `nn.Linear` replaced by a
+    `PackedLinear` computing in `dtype` (float32, or bfloat16 to run under bf16 autocast). Other
+    parameters are shared with `model`: only the packed weights cost memory."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"packed linears compute in float32 or bfloat16, not {dtype}")
+    clone = shared_cpu_copy(model)
     with torch.no_grad():
         _pack_children(clone, dtype)
     return clone
