@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from embsum.errors import EmbsumError
 from embsum.hub import downloads_allowed, why_no_download
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ PACKAGED = "packaged"
 PACKAGED_ALIASES = {PACKAGED, "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
 
-class BackboneError(Exception):
+class BackboneError(EmbsumError):
     """A backbone that cannot be found or loaded (one clear line for the user)."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from embsum.config import ModelConfig
+from embsum.errors import EmbsumError
 from embsum.model import EmbSumModel
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ BACKBONE = "backbone"
 HASH = "hash"
 
 
-class CheckpointError(Exception):
+class CheckpointError(EmbsumError):
     """A missing or unreadable checkpoint (one clear line for the user)."""
 
 

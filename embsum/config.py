@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from embsum.errors import EmbsumError
 
-class ConfigError(ValueError):
+
+class ConfigError(EmbsumError, ValueError):
     """An invalid configuration value (shown to the user as one line)."""
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from index.errors import StorageError
+
 SCHEMA_VERSION = 1
 
 # Tables owned by the catalog core. Embedding tables are created per model shape by
@@ -108,7 +110,7 @@ def _column(table: pa.Table, name: str, type_: pa.DataType) -> pa.Array:
     return table.column(name).combine_chunks().cast(type_)
 
 
-class CatalogError(Exception):
+class CatalogError(StorageError):
     """A catalog problem worth one clear line to the user (no traceback)."""
 
 

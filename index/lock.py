@@ -14,8 +14,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from index.errors import StorageError
 
-class LockHeld(Exception):
+
+class LockHeld(StorageError):
     """Another process holds the lock (one clear line for the user)."""
 
 

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index import failpoints
+from index.errors import StorageError
 
 FORMAT_VERSION = 2  # 2: incremental versions carry an overlay over hard-linked base files
 READABLE_FORMATS = (1, 2)  # a format-1 version is a format-2 one without an overlay
@@ -61,7 +62,7 @@ OVERLAY_FILES = ("overlay_cpe.npy", "overlay_cpe_prime.npy")
 BASE_FILES = (INDEX_FILE, *VECTOR_FILES)
 
 
-class IndexFileError(Exception):
+class IndexFileError(StorageError):
     """A missing, truncated, foreign or unreadable index: one clear line for the user."""
 
 

@@ -19,12 +19,13 @@ from embsum.encoding import StateCache
 from embsum.evaluation import EvalSet, build_eval_set, dev_score, evaluate, poly_scorer, train_examples
 from embsum.policy import Policy
 from index.catalog import Catalog
+from offline.errors import UserError
 from offline.texts import item_text
 
 log = logging.getLogger("embsum.align")
 
 
-class AlignError(Exception):
+class AlignError(UserError):
     """A problem with the inputs of an alignment run (one clear line for the user)."""
 
 

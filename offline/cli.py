@@ -103,10 +103,14 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 @click.option("--allow-download", is_flag=True, envvar="EMBSUM_ALLOW_DOWNLOAD",
               help="Let a backbone or LLM given by hub name be downloaded (default: local files and "
                    "the Hugging Face cache only; HF_HUB_OFFLINE=1 still wins).")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              envvar="EMBSUM_WAIT",
+              help="Seconds to wait for a catalog another job is writing (readers wait only while a "
+                   "chunk commits; a second writer waits for the running job), then exit 75.")
 @click.version_option(package_name="embsum")
 @click.pass_context
 def cli(ctx: click.Context, db: str | None, config_path: str | None, verbose: int, quiet: bool,
-        allow_download: bool) -> None:
+        allow_download: bool, wait_s: float) -> None:
     """embsum: content-based recommendation with poly-embeddings precomputed offline.
 
     \b
@@ -125,6 +129,7 @@ def cli(ctx: click.Context, db: str | None, config_path: str | None, verbose: in
     ctx.obj = {
         "db": db or config.get("db") or DEFAULT_DB,
         "quiet": quiet,
+        "wait_s": wait_s,
         "config": config,
     }
     ctx.default_map = {k: v for k, v in config.items() if isinstance(v, dict)}

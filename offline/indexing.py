@@ -16,11 +16,12 @@ from index import embeddings as E
 from index import faiss_index as F
 from index import snapshot as S
 from index.catalog import Catalog, RunRecord
+from offline.errors import UserError
 
 log = logging.getLogger("embsum.index")
 
 
-class JobError(Exception):
+class JobError(UserError):
     """A condition the user must fix (one clear line, no traceback)."""
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from offline.errors import UserError
 
-class RecipeError(ValueError):
+
+class RecipeError(UserError, ValueError):
     pass
 
 
