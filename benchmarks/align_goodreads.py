@@ -11,7 +11,7 @@ Everything runs in one process on the same data (../shared/data/goodreads, EVAL.
   alignment steps and every evaluation reuse the cache (the 'all' scope re-encodes per model);
 - each strategy aligns a fresh copy of the SFT model (`offline.align.align`, the code behind
   `embsum align`), writes its checkpoint, and the evaluated model is that checkpoint loaded
-  back (`embsum.policy.load_model`): what precompute and score would serve;
+  back (`embsum.checkpoint.load_checkpoint`): what precompute and score would serve;
 - metrics: `embsum.evaluation.evaluate` (uniform and pop candidates: AUC, MRR, nDCG@5,
   nDCG@10; full ranking: Recall@10/100, NDCG@10);
 - inference cost per model: precompute items/s (`encode_item_texts`, no cache, the recipe's
@@ -83,7 +83,7 @@ def inference_cost(model, data: CatalogData, cpe, cpe_prime, upe, cfg: AlignConf
 
 
 def measure(name: str, model, data, eval_set, cfg, cache, args) -> dict:
-    fusion = getattr(model, "fusion", None)
+    fusion = model.fusion
     if fusion is not None:
         fusion.reset_stats()
     t0 = time.perf_counter()
@@ -163,15 +163,15 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     from embsum.align_trainer import build_bank
+    from embsum.checkpoint import load_checkpoint
     from embsum.encoding import StateCache
-    from embsum.policy import load_model
 
     start = time.perf_counter()
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("beta", args.beta), ("pool_size", args.pool_size)) if v}
     base = AlignConfig(**{**recipe_values(args.recipe), **overrides})
     data = catalog_data(Path(args.data))
     eval_set = build_eval_set(data.histories, data.item_ids, "test", limit=args.test_users)
-    sft, sft_hash = load_model(args.sft)
+    sft, sft_hash = load_checkpoint(args.sft)
     shared = base.lora_scope == "decoder"
     cache = StateCache() if shared else None
     cache_file = Path(args.state_cache) if args.state_cache and shared else None
@@ -188,10 +188,10 @@ def main() -> None:
     training = {}
     for name, cfg in runs_to_do(args, base):
         cfg = dataclasses.replace(cfg, out=str(Path(args.out) / name.replace(" ", "_").replace("=", "")), resume=False)
-        fresh, _ = load_model(args.sft)
+        fresh, _ = load_checkpoint(args.sft)
         summary = align(fresh, sft_hash, data, cfg, progress=None, bank=bank, evaluate_dev=False, cache=cache)
         training[name] = {k: summary[k] for k in ("steps", "wall_s", "examples_per_s", "pools_refreshed", "experts")}
-        aligned, digest = load_model(Path(cfg.out) / "best")
+        aligned, digest = load_checkpoint(Path(cfg.out) / "best")
         results[name] = measure(name, aligned, data, eval_set, cfg, cache, args)
         results[name]["hash"] = digest
 

@@ -13,7 +13,7 @@ STRATEGIES = ("rodpo", "hard", "random")
 
 @dataclass
 class AlignConfig(_Base):
-    out: str = field(default="runs/align", metadata={"help": "Output directory (OUT/best, OUT/last, OUT/state, OUT/adapters)."})
+    out: str = field(default="runs/align", metadata={"help": "Output directory (OUT/best, OUT/last: resumable, OUT/adapters)."})
     strategy: str = field(default="rodpo", metadata={"choices": STRATEGIES, "help": (
         "Rejected items: 'rodpo' (sampled from the policy's top-K, positives excluded), 'hard' "
         "(deterministic top-1 of that pool), 'random' (uniform over the catalog).")})
@@ -59,11 +59,11 @@ class AlignConfig(_Base):
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu', 'cuda'."})
     encode_batch: int = field(default=64, metadata={"help": "Texts per forward when building the item bank."})
     eval_every: int = field(default=0, metadata={"help": "Dev evaluation every N steps (0: at the end only)."})
-    save_every: int = field(default=100, metadata={"help": "Write OUT/last and OUT/state every N steps."})
+    save_every: int = field(default=100, metadata={"help": "Write OUT/last (checkpoint + train state) every N steps."})
     dev_users: int = field(default=200, metadata={"help": "Dev users in the evaluation (0: all)."})
     log_every: int = field(default=10, metadata={"help": "Log losses and expert shares every N steps."})
     seed: int = field(default=0, metadata={"help": "Seed for shuffling and negative sampling."})
-    resume: bool = field(default=True, metadata={"help": "Continue from OUT/state when it exists."})
+    resume: bool = field(default=True, metadata={"help": "Continue from OUT/last when it holds a train state."})
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")

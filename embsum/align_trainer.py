@@ -1,4 +1,5 @@
-"""RoDPO alignment loop: policy (SFT + LoRA + MoE) against the SFT reference.
+"""RoDPO alignment: a method of the shared training loop (embsum/training.py) that trains the
+policy (SFT + LoRA + MoE) against the SFT reference.
 
 One step, for a batch of (user, history, chosen item w):
 1. the policy encodes the users (UPE, with gradients);
@@ -13,19 +14,17 @@ starts) kept current with every vector the steps compute anyway: refreshing a po
 over the bank, never a forward pass over the catalog.
 
 Files under `out` follow `embsum train`: `best/` and `last/` are checkpoints (adapters merged,
-MoE attached: what precompute and score load), `state/` holds what a resumed run needs
-(trainable weights and optimizer moments in safetensors, counters in JSON: no pickle) and
-`adapters/` the LoRA adapters alone.
+MoE attached: what precompute and score load); `last/` also holds the loop's train state (the
+trainable weights, the sampler's pools and RNG, the bank rows the steps rewrote, the optimizer:
+safetensors + JSON, no pickle), so a resumed run continues exactly; `adapters/` holds the LoRA
+adapters alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +36,6 @@ from embsum.align_config import AlignConfig
 from embsum.dpo import NegativeSampler, dpo_loss, dpo_stats, scores_to_candidates
 from embsum.encoding import (
     StateCache,
-    autocast,
-    bf16_supported,
     encode_token_states,
     pad_states,
     resolve_device,
@@ -49,13 +46,7 @@ from embsum.lora import save_adapters
 from embsum.losses import nce_loss
 from embsum.policy import Policy
 from embsum.scoring import poly_score, poly_score_matrix
-
-log = logging.getLogger("embsum.align")
-
-STATE = "state"
-TRAINABLE = "trainable.safetensors"
-OPTIMIZER = "optimizer.safetensors"
-PROGRESS = "progress.json"
+from embsum.training import LoopConfig, ResumeError, TrainingLoop, TrainingMethod, schedule_length
 
 
 @dataclass
@@ -151,33 +142,88 @@ class Batch:
                 poly_score(upe, cpe[self.pos_l], cpe_prime[self.pos_l]))
 
 
-class AlignTrainer:
+class AlignTrainer(TrainingMethod):
+    name = "align"
+    progress_keys = ("loss", "reward_acc")
+
     def __init__(self, policy: Policy, config: AlignConfig, data: AlignData,
                  evaluate_fn: Callable | None = None, progress: Callable | None = None,
                  run_meta: dict | None = None):
         self.policy, self.config, self.data = policy, config, data
         self.evaluate_fn = evaluate_fn  # model -> (report dict, score to maximise)
-        self.progress = progress
         self.run_meta = run_meta or {}
-        self.device = resolve_device(config.device)
-        policy.to(self.device)
-        self.use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and bf16_supported(self.device))
         self.out = Path(config.out)
         self.sampler = NegativeSampler(config.strategy, num_items=len(data.item_texts), pool_size=config.pool_size,
                                        refresh=config.pool_refresh, temperature=config.pool_temperature,
                                        seed=config.seed)
-        groups = policy.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(
-            [{"params": groups["lora"], "lr": config.lr}, {"params": groups["moe"], "lr": config.moe_lr}],
-            weight_decay=config.weight_decay)
-        per_epoch = math.ceil(len(data.examples) / config.batch_size)
-        self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
-        warmup = int(self.total_steps * config.warmup_ratio)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min((s + 1) / max(1, warmup), max(0.0, (self.total_steps - s) / max(1, self.total_steps - warmup))))
-        self.step = 0
-        self.best: float | None = None
-        self.history: list[dict] = []
+        self.bank_rows: set[int] = set()  # bank rows the steps rewrote (saved: a resumed run needs them)
+        self._order: tuple[int, list[int]] | None = None  # (epoch, shuffled example order)
+        self.device = resolve_device(config.device)
+        policy.to(self.device)  # before the loop builds the optimizer over its parameters
+        total = schedule_length(config.max_steps, config.epochs, len(data.examples), config.batch_size,
+                                epoch_ends_batch=True)
+        self.loop = TrainingLoop(self, LoopConfig.of(config), total, progress)
+        self.use_bf16 = self.loop.bf16
+
+    # -- what the loop asks -----------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        groups = self.policy.trainable_parameters()
+        return [{"params": groups["lora"], "lr": self.config.lr}, {"params": groups["moe"], "lr": self.config.moe_lr}]
+
+    def micro_batches(self, step: int) -> list[list]:
+        """One batch a step: epoch e is a shuffle seeded by (seed, e); its last batch may be short."""
+        c, n = self.config, len(self.data.examples)
+        epoch, b = divmod(step, math.ceil(n / c.batch_size))
+        if self._order is None or self._order[0] != epoch:
+            order = list(range(n))
+            random.Random(c.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = (epoch, order)
+        rows = self._order[1][b * c.batch_size:(b + 1) * c.batch_size]
+        return [[self.data.examples[i] for i in rows]]
+
+    def train_mode(self) -> None:
+        self.policy.train()
+
+    def export(self):
+        return self.policy.export()
+
+    def evaluate(self) -> tuple[dict, float] | None:
+        return None if self.evaluate_fn is None else self.evaluate_fn(self.policy.model)
+
+    def checkpoint_meta(self) -> dict:
+        return {"align_config": self.config.to_dict(), "expert_shares": self.policy.moe.expert_shares(),
+                **self.run_meta}
+
+    def log_extra(self) -> str:
+        return " experts " + " ".join(f"{s:.2f}" for s in self.policy.moe.expert_shares())
+
+    def resume_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"trainable.{n}": p for n, p in self.policy.named_parameters() if p.requires_grad}
+        # + the MoE's routing statistics (buffers, not parameters)
+        out.update({f"trainable.moe.{n}": t for n, t in self.policy.moe.state_dict().items()})
+        sampler_tensors, _ = self.sampler.state()
+        out.update({f"sampler.{k}": v for k, v in sampler_tensors.items()})
+        if self.data.bank is not None and self.bank_rows:
+            rows = torch.tensor(sorted(self.bank_rows), dtype=torch.long)
+            out.update({"bank.rows": rows, "bank.cpe": self.data.bank[0][rows], "bank.cpe_prime": self.data.bank[1][rows]})
+        return out
+
+    def resume_state(self) -> dict:
+        return {"sampler": self.sampler.state()[1]}
+
+    def restore(self, directory: Path, tensors: dict, state: dict) -> None:
+        def part(prefix: str) -> dict:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        loaded = self.policy.load_state_dict(part("trainable."), strict=False)
+        if loaded.unexpected_keys:
+            raise ResumeError(f"{directory} does not match this policy: unexpected {loaded.unexpected_keys[:3]}")
+        self.sampler.load_state(part("sampler."), state["sampler"])
+        bank = part("bank.")
+        if bank and self.data.bank is not None:
+            self.data.bank[0][bank["rows"]] = bank["cpe"]
+            self.data.bank[1][bank["rows"]] = bank["cpe_prime"]
+            self.bank_rows = set(bank["rows"].tolist())
 
     # -- one step ------------------------------------------------------------------------------
     def pool_fn(self, upe: torch.Tensor, positives: list[list[int]]):
@@ -190,28 +236,27 @@ class AlignTrainer:
             return scores_to_candidates(scores, [positives[r] for r in rows], k)
         return fn
 
-    def loss(self, examples) -> tuple[torch.Tensor, dict]:
+    def loss(self, examples, step: int, micro: int = 0) -> tuple[torch.Tensor, dict]:
         c, model, device = self.config, self.policy.model, self.device
-        self.policy.train()
         batch = Batch(model, self.data.item_texts, examples, self.data.cache)
         positives = [self.data.positives[u] for u in batch.users]
-        with autocast(device, self.use_bf16):
-            upe = batch.encode_users(model, device)
-            rejected = self.sampler.sample(batch.users, positives, self.step,
-                                           None if c.strategy == "random" else self.pool_fn(upe, positives))
-            extra = None
-            if c.nce_weight > 0 and c.nce_negatives > 0:
-                extra = torch.randint(len(self.data.item_texts), (c.nce_negatives,), generator=self.sampler.generator)
-            batch.with_rejected(rejected, extra)
-            cpe, cpe_prime = batch.encode_items(model, device)
-            s_w, s_l = batch.pair_scores(upe, cpe, cpe_prime)
-            aux = self.policy.pop_aux()
-            with self.policy.reference() as ref:
-                r_upe = batch.encode_users(ref, device)
-                r_w, r_l = batch.pair_scores(r_upe, *batch.encode_items(ref, device))
+        upe = batch.encode_users(model, device)
+        rejected = self.sampler.sample(batch.users, positives, step,
+                                       None if c.strategy == "random" else self.pool_fn(upe, positives))
+        extra = None
+        if c.nce_weight > 0 and c.nce_negatives > 0:
+            extra = torch.randint(len(self.data.item_texts), (c.nce_negatives,), generator=self.sampler.generator)
+        batch.with_rejected(rejected, extra)
+        cpe, cpe_prime = batch.encode_items(model, device)
+        s_w, s_l = batch.pair_scores(upe, cpe, cpe_prime)
+        aux = self.policy.pop_aux()
+        with self.policy.reference() as ref:
+            r_upe = batch.encode_users(ref, device)
+            r_w, r_l = batch.pair_scores(r_upe, *batch.encode_items(ref, device))
         if self.data.bank is not None:
             self.data.bank[0][batch.item_ids] = cpe.detach().float().cpu()
             self.data.bank[1][batch.item_ids] = cpe_prime.detach().float().cpu()
+            self.bank_rows.update(batch.item_ids.tolist())
         dpo = dpo_loss(s_w.float(), s_l.float(), r_w.float(), r_l.float(), c.beta)
         loss = dpo + c.aux_weight * aux
         stats = {"dpo": dpo.item(), "aux": aux.item(), **dpo_stats(s_w.float(), s_l.float(), r_w.float(), r_l.float())}
@@ -229,147 +274,19 @@ class AlignTrainer:
         return loss, stats
 
     def train_step(self, examples) -> dict:
-        loss, stats = self.loss(examples)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.max_grad_norm > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
-        return stats
+        """One optimizer step on `examples` (outside `fit`: tests, benchmarks)."""
+        self.policy.train()
+        return self.loop.train_step([examples])
 
-    # -- the loop ------------------------------------------------------------------------------
-    def batches(self):
-        """Shuffled batches, epoch after epoch, from where a resumed run left off."""
-        c, n = self.config, len(self.data.examples)
-        per_epoch = math.ceil(n / c.batch_size)
-        step = self.step
-        while True:
-            epoch, offset = divmod(step, per_epoch)
-            order = list(range(n))
-            random.Random(c.seed * 1_000_003 + epoch).shuffle(order)
-            for b in range(offset, per_epoch):
-                yield [self.data.examples[i] for i in order[b * c.batch_size:(b + 1) * c.batch_size]]
-            step = (epoch + 1) * per_epoch
-
+    # -- the run ------------------------------------------------------------------------------
     def fit(self) -> dict:
-        c = self.config
-        if c.resume and (self.out / STATE / PROGRESS).exists():
-            self.load_state()
-            log.info("resumed from %s at step %d/%d", self.out / STATE, self.step, self.total_steps)
-        if self.data.bank is None and c.strategy != "random":
-            raise ValueError(f"strategy {c.strategy!r} needs the item bank (precomputed item embeddings)")
-        bar = self.progress(total=self.total_steps, initial=self.step, desc=f"align ({c.strategy})", unit="step") \
-            if self.progress else None
-        start, done = time.perf_counter(), 0
-        batches = self.batches()
-        while self.step < self.total_steps:
-            stats = self.train_step(next(batches))
-            done += 1
-            rate = done * c.batch_size / (time.perf_counter() - start)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['reward_acc']:.2f}", ex_s=f"{rate:.1f}")
-            if c.log_every and self.step % c.log_every == 0:
-                shares = self.policy.moe.expert_shares()
-                log.info("step %d/%d loss %.4f dpo %.4f aux %.4f reward_acc %.2f margin %.4f ex/s %.1f experts %s",
-                         self.step, self.total_steps, stats["loss"], stats["dpo"], stats["aux"], stats["reward_acc"],
-                         stats["margin"], rate, " ".join(f"{s:.2f}" for s in shares))
-                self.history.append({"step": self.step, **stats, "expert_shares": shares})
-            if c.eval_every and self.step % c.eval_every == 0 and self.step < self.total_steps:
-                self.evaluate()
-            if c.save_every and self.step % c.save_every == 0 and self.step < self.total_steps:
-                self.save_state()
-        if bar is not None:
-            bar.close()
-        report = self.evaluate()
-        self.save_state()
+        if self.data.bank is None and self.config.strategy != "random":
+            raise ValueError(f"strategy {self.config.strategy!r} needs the item bank (precomputed item embeddings)")
+        run = self.loop.run()
         save_adapters(self.policy.peft, self.out / "adapters")
-        return {"steps": self.step, "best": self.best, "dev": report, "expert_shares": self.policy.moe.expert_shares(),
-                "pools_refreshed": self.sampler.refreshed, "examples_per_s": done * c.batch_size / max(1e-9, time.perf_counter() - start)}
-
-    # -- evaluation and checkpoints ----------------------------------------------------------------
-    def evaluate(self) -> dict | None:
-        """Dev evaluation of the policy; keeps OUT/best. Without an evaluate_fn the last is the best."""
-        from embsum.checkpoint import save_checkpoint
-
-        report, score = (None, None)
-        if self.evaluate_fn is not None:
-            report, score = self.evaluate_fn(self.policy.model)
-            log.info("step %d dev score %.4f", self.step, score)
-        if score is None or self.best is None or score > self.best:
-            self.best = score
-            save_checkpoint(self.policy.export(), self.out / "best", extra=self.checkpoint_meta(report))
-        return report
-
-    def checkpoint_meta(self, report) -> dict:
-        return {"step": self.step, "dev": report, "align_config": self.config.to_dict(),
-                "expert_shares": self.policy.moe.expert_shares(), **self.run_meta}
-
-    def save_state(self) -> None:
-        """OUT/last (a checkpoint) and OUT/state (trainable weights, optimizer, counters)."""
-        from safetensors.torch import save_file
-
-        from embsum.checkpoint import save_checkpoint
-
-        save_checkpoint(self.policy.export(), self.out / "last", extra=self.checkpoint_meta(None))
-        state = self.out / STATE
-        tmp = state.with_name(f".{state.name}.tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        trainable = {n: p.detach().cpu().contiguous() for n, p in self.policy.named_parameters() if p.requires_grad}
-        # + the MoE's routing statistics (buffers, not parameters)
-        trainable.update({f"moe.{n}": t.detach().cpu().contiguous() for n, t in self.policy.moe.state_dict().items()})
-        save_file(trainable, str(tmp / TRAINABLE))
-        tensors, scalars = optimizer_state(self.optimizer)
-        save_file(tensors, str(tmp / OPTIMIZER))
-        progress = {"step": self.step, "best": self.best, "total_steps": self.total_steps, "optimizer": scalars,
-                    "scheduler": self.scheduler.state_dict(), "config": self.config.to_dict(),
-                    "sampler_rng": self.sampler.generator.get_state().tolist()}
-        (tmp / PROGRESS).write_text(json.dumps(progress, default=str))
-        if state.exists():
-            import shutil
-
-            shutil.rmtree(state)
-        tmp.rename(state)
-
-    def load_state(self) -> None:
-        from safetensors.torch import load_file
-
-        state = self.out / STATE
-        progress = json.loads((state / PROGRESS).read_text())
-        missing = self.policy.load_state_dict(load_file(str(state / TRAINABLE)), strict=False)
-        if missing.unexpected_keys:
-            raise ValueError(f"{state} does not match this policy: unexpected {missing.unexpected_keys[:3]}")
-        load_optimizer_state(self.optimizer, load_file(str(state / OPTIMIZER)), progress["optimizer"])
-        self.scheduler.load_state_dict(progress["scheduler"])
-        self.step, self.best = progress["step"], progress["best"]
-        self.sampler.generator.set_state(torch.tensor(progress["sampler_rng"], dtype=torch.uint8))
-
-
-def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state as named tensors (safetensors) + JSON scalars, instead of torch.save."""
-    sd = optimizer.state_dict()
-    tensors, per_param = {}, {}
-    for pid, st in sd["state"].items():
-        for key, value in st.items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                per_param.setdefault(str(pid), {})[key] = float(value)
-    return tensors, {"param_groups": sd["param_groups"], "scalars": per_param}
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    for pid, values in scalars["scalars"].items():
-        for key, value in values.items():
-            state.setdefault(int(pid), {})[key] = torch.tensor(value)
-    optimizer.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+        return {"steps": run.steps, "best": run.best_score, "dev": run.final_report,
+                "expert_shares": self.policy.moe.expert_shares(), "pools_refreshed": self.sampler.refreshed,
+                "examples_per_s": run.examples_per_s_this_session}
 
 
 def expert_utilisation(shares: Sequence[float], floor: float = 0.05) -> dict:

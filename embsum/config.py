@@ -60,8 +60,12 @@ class ModelConfig(_Base):
     normalize: bool = field(default=True, metadata={"help": (
         "L2-normalise every CPE/UPE vector, so dot products are cosines (the backbone was trained "
         "for cosine similarity; keeps the NCE temperature meaningful).")})
+    fusion: dict = field(default_factory=dict, metadata={"cli": False, "help": (
+        "MoE fusion layer applied to every CPE/UPE vector right before L2 normalisation "
+        "(embsum.moe.MoEConfig as a dict, or an MoEConfig; empty: none). Set by `embsum align`.")})
 
     def __post_init__(self):
+        self.fusion = _fusion_dict(self.fusion)
         _check(bool(self.backbone), "backbone must be set")
         _check(self.pooling in ("poly", "mean"), f"pooling must be 'poly' or 'mean', not {self.pooling!r}")
         for name in ("item_codes", "user_codes", "session_size", "item_max_tokens",
@@ -72,10 +76,32 @@ class ModelConfig(_Base):
             # One vector a side: the softmax over a single dot product is 1, so s = <u, v>.
             self.item_codes = self.user_codes = 1
 
+    def to_dict(self) -> dict:
+        values = super().to_dict()
+        if not values["fusion"]:
+            # A model without fusion writes the config.json (so the content hash) it wrote before
+            # the field existed: re-saving an unchanged SFT model keeps its hash and its vectors.
+            del values["fusion"]
+        return values
+
+
+def _fusion_dict(fusion) -> dict:
+    """ModelConfig.fusion as a complete, validated MoEConfig dict ({} for no fusion layer)."""
+    if not fusion:
+        return {}
+    if not isinstance(fusion, dict):
+        fusion = fusion.to_dict()  # an embsum.moe.MoEConfig
+    from embsum.moe import MoEConfig  # here, not at the top: torch stays out of `--help`
+
+    try:
+        return MoEConfig(**fusion).to_dict()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"fusion: {err}") from None
+
 
 @dataclass
 class TrainConfig(_Base):
-    out: str = field(default="runs/embsum", metadata={"help": "Output directory (OUT/best, OUT/last, OUT/state)."})
+    out: str = field(default="runs/embsum", metadata={"help": "Output directory (OUT/best, OUT/last: resumable)."})
     epochs: float = field(default=1.0, metadata={"help": "Passes over the training examples (fractions allowed)."})
     max_steps: int = field(default=0, metadata={"help": "Stop after this many optimizer steps (0: from epochs)."})
     batch_size: int = field(default=32, metadata={"help": "Examples per micro-batch."})
@@ -95,6 +121,9 @@ class TrainConfig(_Base):
         "Training examples per train user: 'prefixes' (every prefix -> next item) or 'last' "
         "(history -> last item).")})
     train_users: int = field(default=0, metadata={"help": "Use only this many train users (0: all; deterministic subset)."})
+    all_users: bool = field(default=False, metadata={"help": (
+        "Production model: train on every user, dev and test users' full histories included (no "
+        "held-out split, so no dev evaluation; OUT/best is OUT/last). Not for measuring quality.")})
     freeze_encoder: bool = field(default=False, metadata={"help": (
         "Keep the backbone encoder fixed (train poly-attention, W_s and the decoder). With "
         "session_size 1 the item token states are then computed once and cached: far cheaper on CPU.")})

@@ -119,6 +119,23 @@ class NegativeSampler:
         self.pools: dict[Hashable, _Pool] = {}
         self.refreshed = 0  # pools (re)built so far, for logging
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a resumed run needs to draw the same negatives: (tensors: the generator state and
+        the pools stacked in key order; JSON: the pool keys and the refresh count)."""
+        keys = list(self.pools)
+        tensors = {"generator": self.generator.get_state()}
+        if keys:
+            tensors.update({"pool_items": torch.stack([self.pools[k].items for k in keys]),
+                            "pool_scores": torch.stack([self.pools[k].scores for k in keys]),
+                            "pool_steps": torch.tensor([self.pools[k].step for k in keys], dtype=torch.long)})
+        return tensors, {"pool_keys": keys, "refreshed": self.refreshed}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        self.generator.set_state(tensors["generator"])
+        self.pools = {key: _Pool(tensors["pool_items"][j], tensors["pool_scores"][j], int(tensors["pool_steps"][j]))
+                      for j, key in enumerate(state["pool_keys"])}
+        self.refreshed = state["refreshed"]
+
     def stale(self, key: Hashable, step: int) -> bool:
         pool = self.pools.get(key)
         return pool is None or step - pool.step >= self.refresh

@@ -105,7 +105,8 @@ def inference_model(model: EmbSumModel, dtype: str, device: torch.device) -> Emb
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
     if dtype == "int8" and device.type != "cpu":
         raise ValueError("int8 (dynamic quantization) runs on CPU only")
-    if device.type == "cpu" and (dtype == "int8" or packed_linear.available()):
+    packs = packed_linear.available(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    if device.type == "cpu" and (dtype == "int8" or packs):
         return _inference_copy(model, dtype)
     return model
 

@@ -1,23 +1,32 @@
-"""Protocol `goodreads-v1` (../shared/EVAL.md), on plain ids and histories (no storage here).
+"""Protocol `leave-last-out-v1`: goodreads-v1's rules (../shared/EVAL.md) on any catalog, on
+plain ids and histories (no storage here).
 
-Any dataset gets the same rules with its own ids: users split by sha1 bucket, leave-last-out
-targets, 49 uniform and 49 popularity-weighted negatives seeded per user, full ranking over
-every item not in the input history. Scorers give score rows ([users, items]) so one code
-path ranks a model, a baseline or an imported scores file.
+Users split by sha1 bucket (0 test, 1 dev), target = the last positive interaction (histories
+arrive ordered by time, then position), 49 uniform and 49 popularity-weighted negatives
+seeded per user, full ranking over every item not in the input history; ties count against
+the model. On the Goodreads catalog it IS goodreads-v1. `holdout-v1` keeps every rule but
+takes each user's targets from a file of (user, item) pairs instead of the split and the
+last-item rule. Scorers give score rows ([users, items]) so one code path ranks a model, a
+baseline or an imported scores file; the metrics come back per user too, for the paired
+bootstrap of embsum/bootstrap.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from embsum import metrics
 
-PROTOCOL = "goodreads-v1"
+LEAVE_LAST_OUT = "leave-last-out-v1"
+HOLDOUT = "holdout-v1"
+PROTOCOL = LEAVE_LAST_OUT
 N_NEGATIVES = 49
+HOLDOUT_SPLIT = "holdout"  # EvalSet.split of a holdout eval set
 
 
 def bucket(user_id: str) -> int:
@@ -33,15 +42,49 @@ def _user_rng(prefix: str, user_id: str) -> np.random.Generator:
     return np.random.default_rng(int(hashlib.sha1((prefix + user_id).encode()).hexdigest()[:16], 16))
 
 
+def protocol_parameters(holdout: dict | None = None) -> dict:
+    """The rules a report records (name + parameters). `holdout`: what describes the holdout
+    file (path, pairs, ...) when its targets replace the split and the last-item rule."""
+    params = {
+        "name": LEAVE_LAST_OUT,
+        "same_rules_as": "goodreads-v1 (../shared/EVAL.md) on the Goodreads catalog",
+        "split": "bucket = int(sha1(user_id).hexdigest(), 16) % 10: 0 test, 1 dev, otherwise train",
+        "target": "the last positive interaction (by time, then position); input history = the earlier "
+                  "positives; users with 2+ positives",
+        "uniform_negatives": f"{N_NEGATIVES}, default_rng(int(sha1('neg:' + user_id).hexdigest()[:16], 16))"
+                             f".choice(eligible, {N_NEGATIVES}, replace=False)",
+        "pop_negatives": f"{N_NEGATIVES}, default_rng(int(sha1('pop:' + user_id).hexdigest()[:16], 16))"
+                         f".choice(eligible, {N_NEGATIVES}, replace=False, p=weights / weights.sum())",
+        "eligible": "items not in the user's full history, sorted as strings",
+        "popularity": "number of train users whose history holds the item (pop weights: + 1)",
+        "full_ranking": "every item not in the user's input history",
+        "ties": "count against the model",
+    }
+    if holdout is not None:
+        params.update({
+            "name": HOLDOUT,
+            "split": "users with a held-out (user, item) pair in the holdout file",
+            "target": "each held-out item of the user (metrics: mean over the user's targets, then over users); "
+                      "input history = the user's positives that are not held out",
+            "popularity": "number of users whose input history holds the item (pop weights: + 1)",
+            "holdout": holdout,
+        })
+    return params
+
+
+def count_holders(histories: dict[str, list[str]], item_index: dict[str, int]) -> np.ndarray:
+    """Number of the given users whose history holds each item."""
+    counts = np.zeros(len(item_index), dtype=np.int64)
+    for history in histories.values():
+        for item in set(history):
+            if item in item_index:
+                counts[item_index[item]] += 1
+    return counts
+
+
 def train_popularity(histories: dict[str, list[str]], item_index: dict[str, int]) -> np.ndarray:
     """Number of train users whose history holds each item (the popularity baseline)."""
-    counts = np.zeros(len(item_index), dtype=np.int64)
-    for user, history in histories.items():
-        if split_of(user) == "train":
-            for item in set(history):
-                if item in item_index:
-                    counts[item_index[item]] += 1
-    return counts
+    return count_holders({u: h for u, h in histories.items() if split_of(u) == "train"}, item_index)
 
 
 @dataclass
@@ -57,15 +100,51 @@ class EvalUser:
 class EvalSet:
     split: str
     item_ids: list[str]  # every catalog item, sorted as strings (column order of score rows)
-    users: list[EvalUser]
+    users: list[EvalUser]  # one per (user, target): a holdout user with k targets appears k times
     popularity: np.ndarray  # train-user counts per item
     split_sizes: dict = field(default_factory=dict)
+    protocol: dict = field(default_factory=protocol_parameters)
 
     def __post_init__(self):
         self.item_index = {item: i for i, item in enumerate(self.item_ids)}
+        first_seen: dict[str, int] = {}
+        # case -> its user's position among the distinct users (the bootstrap's unit)
+        self.groups = np.array([first_seen.setdefault(u.user_id, len(first_seen)) for u in self.users], dtype=np.int64)
+        self.user_ids = list(first_seen)
 
     def positions(self, items: Sequence[str]) -> np.ndarray:
         return np.array([self.item_index[i] for i in items], dtype=np.int64)
+
+    def per_user(self, case_values: np.ndarray) -> np.ndarray:
+        """Values per case (one per EvalUser) -> per distinct user: the mean over its targets."""
+        if len(self.user_ids) == len(self.users):
+            return np.asarray(case_values, dtype=np.float64)
+        totals = np.bincount(self.groups, weights=case_values, minlength=len(self.user_ids))
+        return totals / np.bincount(self.groups, minlength=len(self.user_ids))
+
+
+class _Candidates:
+    """Negative draws of the protocol over one catalog (sorted ids, pop weights)."""
+
+    def __init__(self, item_ids, popularity_of: Callable[[dict[str, int]], np.ndarray]):
+        self.sorted_ids = np.array(sorted(set(item_ids)), dtype=object)
+        self.index = {item: i for i, item in enumerate(self.sorted_ids)}
+        self.popularity = popularity_of(self.index)
+        self.weights = self.popularity.astype(np.float64) + 1.0
+
+    def negatives(self, user_id: str, full_history: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(uniform, pop) negatives among the items not in `full_history`, seeded by the user."""
+        eligible = np.ones(len(self.sorted_ids), dtype=bool)
+        eligible[[self.index[i] for i in full_history]] = False
+        pool = self.sorted_ids[eligible]
+        k = min(N_NEGATIVES, len(pool))
+        uniform = _user_rng("neg:", user_id).choice(pool, k, replace=False)
+        w = self.weights[eligible]
+        pop = _user_rng("pop:", user_id).choice(pool, k, replace=False, p=w / w.sum())
+        return list(uniform), list(pop)
+
+    def eval_user(self, user_id: str, history: list[str], target: str, uniform: list[str], pop: list[str]) -> EvalUser:
+        return EvalUser(user_id, history, target, [target, *uniform], [target, *pop])
 
 
 def build_eval_set(histories: dict[str, list[str]], item_ids, split: str = "test", limit: int = 0) -> EvalSet:
@@ -73,36 +152,67 @@ def build_eval_set(histories: dict[str, list[str]], item_ids, split: str = "test
     train popularity. `limit` keeps the first users in user_id order (deterministic subset)."""
     if split not in ("test", "dev"):
         raise ValueError(f"split must be 'test' or 'dev', not {split!r}")
-    sorted_ids = np.array(sorted(set(item_ids)), dtype=object)
-    index = {item: i for i, item in enumerate(sorted_ids)}
-    popularity = train_popularity(histories, index)
-    weights = popularity.astype(np.float64) + 1.0
+    cands = _Candidates(item_ids, lambda index: train_popularity(histories, index))
     sizes = {"train": 0, "dev": 0, "test": 0}
     users: list[EvalUser] = []
     for user in sorted(histories):
         sizes[split_of(user)] += 1
-        history = [i for i in histories[user] if i in index]
+        history = [i for i in histories[user] if i in cands.index]
         if split_of(user) != split or len(history) < 2 or (limit and len(users) >= limit):
             continue
-        eligible = np.ones(len(sorted_ids), dtype=bool)
-        eligible[[index[i] for i in history]] = False
-        pool = sorted_ids[eligible]
-        k = min(N_NEGATIVES, len(pool))
-        uniform = _user_rng("neg:", user).choice(pool, k, replace=False)
-        w = weights[eligible]
-        pop = _user_rng("pop:", user).choice(pool, k, replace=False, p=w / w.sum())
-        users.append(EvalUser(user, history[:-1], history[-1], [history[-1], *uniform], [history[-1], *pop]))
+        users.append(cands.eval_user(user, history[:-1], history[-1], *cands.negatives(user, history)))
     sizes[f"{split}_evaluated"] = len(users)
-    sizes["items"] = len(sorted_ids)
-    return EvalSet(split, list(sorted_ids), users, popularity, sizes)
+    sizes["items"] = len(cands.sorted_ids)
+    return EvalSet(split, list(cands.sorted_ids), users, cands.popularity, sizes)
+
+
+def build_holdout_eval_set(histories: dict[str, list[str]], item_ids, holdout: Iterable[tuple[str, str]],
+                           limit: int = 0, source: dict | None = None) -> EvalSet:
+    """Protocol holdout-v1: each user of `holdout` (user, item pairs) is evaluated on its own
+    held-out items; its input history is its positives that are not held out (users with none
+    are skipped). Negatives are drawn once per user (seeded as always) and shared by its
+    targets; popularity counts every user's input history. `limit` keeps the first users in
+    user_id order; `source` (the file's description) goes into the protocol parameters."""
+    known = {str(i) for i in item_ids}
+    held: dict[str, list[str]] = {}
+    pairs = unknown = 0
+    for user, item in holdout:
+        pairs += 1
+        if item not in known:
+            unknown += 1
+            continue
+        targets = held.setdefault(user, [])
+        if item not in targets:
+            targets.append(item)
+    inputs = {u: [i for i in h if i in known and i not in held.get(u, ())] for u, h in histories.items()}
+    cands = _Candidates(item_ids, lambda index: count_holders(inputs, index))
+    users: list[EvalUser] = []
+    evaluated = no_history = 0
+    for user in sorted(held):
+        history = inputs.get(user, [])
+        if not history:
+            no_history += 1
+            continue
+        if limit and evaluated >= limit:
+            break
+        evaluated += 1
+        uniform, pop = cands.negatives(user, history + held[user])
+        users.extend(cands.eval_user(user, history, t, uniform, pop) for t in held[user])
+    sizes = {"users": len(histories), "holdout_pairs": pairs, "holdout_users": len(held),
+             "holdout_unknown_items": unknown, "holdout_no_history": no_history,
+             f"{HOLDOUT_SPLIT}_evaluated": evaluated, "evaluated_targets": len(users), "items": len(cands.sorted_ids)}
+    return EvalSet(HOLDOUT_SPLIT, list(cands.sorted_ids), users, cands.popularity, sizes,
+                   protocol_parameters(source or {}))
 
 
 # A scorer: (user positions in eval_set.users, item positions or None for all) -> [u, items].
 Scorer = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
 
 
-def evaluate(eval_set: EvalSet, scorer: Scorer, full_ranking: bool = True, chunk_users: int = 256) -> dict:
-    """Impression metrics over the uniform and pop candidates, and (optionally) full-ranking
+def evaluate_per_user(eval_set: EvalSet, scorer: Scorer, full_ranking: bool = True,
+                      chunk_users: int = 256) -> dict[str, dict[str, np.ndarray]]:
+    """Per-user metrics (group -> metric -> [distinct users], eval_set.user_ids order): the
+    impression metrics over the uniform and pop candidates and (optionally) the full-ranking
     metrics over every item not in the user's input history."""
     users = eval_set.users
     uni = np.stack([eval_set.positions(u.uniform) for u in users]) if users else np.zeros((0, 1), np.int64)
@@ -125,13 +235,25 @@ def evaluate(eval_set: EvalSet, scorer: Scorer, full_ranking: bool = True, chunk
                 competitors[target] = False
                 competitors[eval_set.positions(user.history)] = False
                 ranks.append(1 + int(np.count_nonzero(row[competitors] >= row[target])))
-    report = {}
+    per_case = {}
     for name, chunks in parts.items():
         scores = np.concatenate(chunks) if chunks else np.zeros((0, N_NEGATIVES + 1))
-        report[name] = metrics.impression_metrics(scores[:, 0], scores[:, 1:])
+        per_case[name] = metrics.impression_per_user(scores[:, 0], scores[:, 1:])
     if full_ranking:
-        report["full"] = metrics.full_ranking_metrics(np.array(ranks))
-    return report
+        per_case["full"] = metrics.full_ranking_per_user(np.array(ranks, dtype=np.int64))
+    return {group: {name: eval_set.per_user(values) for name, values in found.items()}
+            for group, found in per_case.items()}
+
+
+def summarize(per_user: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+    """Per-user metrics -> the reported figures (means over users)."""
+    return {group: metrics.means(found) for group, found in per_user.items()}
+
+
+def evaluate(eval_set: EvalSet, scorer: Scorer, full_ranking: bool = True, chunk_users: int = 256) -> dict:
+    """Impression metrics over the uniform and pop candidates, and (optionally) full-ranking
+    metrics over every item not in the user's input history: means over users."""
+    return summarize(evaluate_per_user(eval_set, scorer, full_ranking, chunk_users))
 
 
 def dev_score(report: dict) -> float:
@@ -194,9 +316,31 @@ def poly_scorer(upe: np.ndarray, cpe: np.ndarray, cpe_prime: np.ndarray, item_po
     return score
 
 
-def pair_scorer(eval_set: EvalSet, scores: dict[str, dict[str, float]]) -> tuple[Scorer, float]:
-    """Scores from a file (user -> item -> score). A missing pair scores -inf: it counts against
-    the model. Returns the scorer and the coverage of the uniform + pop candidate pairs."""
+@dataclass(frozen=True)
+class Coverage:
+    """How many of the evaluated (user, candidate item) pairs a scores file scores."""
+    covered: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.covered / self.total if self.total else 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.covered == self.total
+
+    def describe(self) -> str:
+        # rounded down so an incomplete file never reads 100.0%
+        percent = math.floor(1000 * self.fraction) / 10
+        return f"{self.covered:,} of {self.total:,} candidate pairs ({percent:.1f}%)"
+
+
+def pair_scorer(eval_set: EvalSet, scores: dict[str, dict[str, float]]) -> tuple[Scorer, Coverage]:
+    """Scores from a file (user -> item -> score). A missing pair scores -inf, the lowest score:
+    a missing target ties with missing negatives, and ties count against the model. Returns
+    the scorer and its coverage of the distinct (user, item) pairs of the uniform + pop
+    candidates."""
     def score(pos, cols):
         cols_ids = eval_set.item_ids if cols is None else [eval_set.item_ids[c] for c in cols]
         out = np.full((len(pos), len(cols_ids)), -np.inf)
@@ -206,16 +350,18 @@ def pair_scorer(eval_set: EvalSet, scores: dict[str, dict[str, float]]) -> tuple
                 out[row] = [user_scores.get(i, -np.inf) for i in cols_ids]
         return out
 
-    wanted = [(u.user_id, i) for u in eval_set.users for i in {*u.uniform, *u.pop}]
+    wanted = {(u.user_id, i) for u in eval_set.users for i in (*u.uniform, *u.pop)}
     covered = sum(1 for u, i in wanted if i in scores.get(u, {}))
-    return score, (covered / len(wanted) if wanted else 0.0)
+    return score, Coverage(covered, len(wanted))
 
 
-def train_examples(histories: dict[str, list[str]], mode: str = "prefixes", limit_users: int = 0) -> list[tuple[str, list[str], str]]:
+def train_examples(histories: dict[str, list[str]], mode: str = "prefixes", limit_users: int = 0,
+                   all_users: bool = False) -> list[tuple[str, list[str], str]]:
     """(user, input history, target) for train-split users: every prefix -> next item
     ('prefixes') or the history -> last item ('last'). `limit_users` keeps a deterministic
-    subset (first users in sha1 order, which is random-like)."""
-    users = sorted((u for u, h in histories.items() if split_of(u) == "train" and len(h) >= 2),
+    subset (first users in sha1 order, which is random-like). `all_users`: dev and test users
+    too, full histories (a production model: nothing is held out)."""
+    users = sorted((u for u, h in histories.items() if (all_users or split_of(u) == "train") and len(h) >= 2),
                    key=lambda u: hashlib.sha1(("train:" + u).encode()).hexdigest())
     if limit_users:
         users = users[:limit_users]
@@ -228,11 +374,13 @@ def train_examples(histories: dict[str, list[str]], mode: str = "prefixes", limi
 
 
 def evaluate_model(model, eval_set: EvalSet, item_texts: Sequence[str], full_ranking: bool = True,
-                   cache=None, dtype: str = "fp32", device=None, batch_size: int = 64, progress: bool = False) -> dict:
+                   cache=None, dtype: str = "fp32", device=None, batch_size: int = 64, progress: bool = False,
+                   per_user: bool = False) -> dict:
     """A model under the protocol: CPE of the items (all, or only the candidates when
     `full_ranking` is off), UPE of the evaluated users from their input histories, scored with
     THE poly score (encode_item_texts / encode_user_histories, as precompute does).
-    `item_texts` follow eval_set.item_ids; `cache` (a StateCache) shares encoder states."""
+    `item_texts` follow eval_set.item_ids; `cache` (a StateCache) shares encoder states.
+    `per_user`: the per-user arrays of evaluate_per_user instead of their means."""
     from embsum.encoding import encode_item_texts, encode_user_histories
 
     if len(item_texts) != len(eval_set.item_ids):
@@ -247,4 +395,5 @@ def evaluate_model(model, eval_set: EvalSet, item_texts: Sequence[str], full_ran
     histories = [[item_texts[eval_set.item_index[i]] for i in u.history] for u in eval_set.users]
     upe = encode_user_histories(model, histories, batch_size=batch_size, device=device, dtype=dtype,
                                 progress=progress, cache=cache)
-    return evaluate(eval_set, poly_scorer(upe, cpe, cpe_prime, positions), full_ranking=full_ranking)
+    run = evaluate_per_user if per_user else evaluate
+    return run(eval_set, poly_scorer(upe, cpe, cpe_prime, positions), full_ranking=full_ranking)

@@ -23,35 +23,64 @@ def auc(target_scores: np.ndarray, negative_scores: np.ndarray) -> np.ndarray:
     return higher + 0.5 * ties
 
 
+def reciprocal_ranks(ranks: np.ndarray) -> np.ndarray:
+    return 1.0 / np.asarray(ranks, dtype=np.float64)
+
+
+def ndcg_gains(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user nDCG@k with one relevant item: 1/log2(rank+1) when rank <= k, else 0."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def hits(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per-user Recall@k with one relevant item: 1 when rank <= k."""
+    return (np.asarray(ranks) <= k).astype(np.float64)
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
 def mrr(ranks: np.ndarray) -> float:
-    return float(np.mean(1.0 / ranks)) if len(ranks) else float("nan")
+    return _mean(reciprocal_ranks(ranks))
 
 
 def ndcg_at(ranks: np.ndarray, k: int) -> float:
     """One relevant item: 1/log2(rank+1) when rank <= k, else 0; averaged over users."""
-    if not len(ranks):
-        return float("nan")
-    return float(np.mean(np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)))
+    return _mean(ndcg_gains(ranks, k))
 
 
 def recall_at(ranks: np.ndarray, k: int) -> float:
-    return float(np.mean(ranks <= k)) if len(ranks) else float("nan")
+    return _mean(hits(ranks, k))
+
+
+# Per-user arrays are what the paired bootstrap resamples (embsum/bootstrap.py); a reported
+# metric is the mean of its per-user array.
+def impression_per_user(target_scores: np.ndarray, negative_scores: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-user AUC, MRR, nDCG@5, nDCG@10 over candidate lists (target + negatives)."""
+    target_scores = np.asarray(target_scores, dtype=np.float64)
+    negative_scores = np.asarray(negative_scores, dtype=np.float64)
+    ranks = target_ranks(target_scores, negative_scores)
+    return {"auc": auc(target_scores, negative_scores), "mrr": reciprocal_ranks(ranks),
+            "ndcg@5": ndcg_gains(ranks, 5), "ndcg@10": ndcg_gains(ranks, 10)}
+
+
+def full_ranking_per_user(ranks: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-user Recall@10, Recall@100, NDCG@10 from full-catalog ranks."""
+    return {"recall@10": hits(ranks, 10), "recall@100": hits(ranks, 100), "ndcg@10": ndcg_gains(ranks, 10)}
+
+
+def means(per_user: dict[str, np.ndarray]) -> dict[str, float]:
+    """metric -> mean over users (NaN for no users)."""
+    return {name: _mean(values) for name, values in per_user.items()}
 
 
 def impression_metrics(target_scores: np.ndarray, negative_scores: np.ndarray) -> dict[str, float]:
     """AUC, MRR, nDCG@5, nDCG@10 over candidate lists (target + negatives)."""
-    target_scores = np.asarray(target_scores, dtype=np.float64)
-    negative_scores = np.asarray(negative_scores, dtype=np.float64)
-    ranks = target_ranks(target_scores, negative_scores)
-    return {
-        "auc": float(np.mean(auc(target_scores, negative_scores))) if len(ranks) else float("nan"),
-        "mrr": mrr(ranks),
-        "ndcg@5": ndcg_at(ranks, 5),
-        "ndcg@10": ndcg_at(ranks, 10),
-    }
+    return means(impression_per_user(target_scores, negative_scores))
 
 
 def full_ranking_metrics(ranks: np.ndarray) -> dict[str, float]:
     """Recall@10, Recall@100, NDCG@10 from full-catalog ranks."""
-    ranks = np.asarray(ranks)
-    return {"recall@10": recall_at(ranks, 10), "recall@100": recall_at(ranks, 100), "ndcg@10": ndcg_at(ranks, 10)}
+    return means(full_ranking_per_user(ranks))

@@ -11,6 +11,9 @@ hidden state at the first (start-token) position is the user's global vector. Th
 sees only the start token and the history, so inference needs no summary. Gamma =
 poly-attention with m codes over [global vector; history token states].
 
+Aligned models (RoDPO, embsum/policy.py) add an MoE fusion layer (`fusion`, configured by
+`ModelConfig.fusion`) that maps every pooled CPE/UPE vector right before the L2 normalisation.
+
 The lower-level methods (`item_embeddings`, `user_embeddings`) take token states, so training
 can encode every distinct text of a batch once, or reuse cached states of a frozen encoder.
 """
@@ -24,13 +27,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from embsum.backbone import hidden_size, mean_pool
-from embsum.config import ModelConfig
+from embsum.config import ConfigError, ModelConfig
+from embsum.moe import MoEConfig, MoEFusion
 from embsum.poly_attention import PolyAttention
 
 # Parameters created by EmbSum itself (or by warm-starting a decoder): trained with the higher
 # "new layers" learning rate.
 NEW_PARAMETER_MARKERS = ("item_poly.", "user_poly.", "item_ws.", "item_proj.", "user_proj.",
-                         "global_proj.", "crossattention", "enc_to_dec_proj")
+                         "global_proj.", "fusion.", "crossattention", "enc_to_dec_proj")
+
+# What each top-level module is (a checkpoint's modules.json lists those that hold weights).
+MODULE_ROLES = {
+    "backbone": "seq2seq backbone (its HF config and tokenizer are in backbone/)",
+    "item_poly": "item pooling: poly-attention with n codes (CPE)",
+    "user_poly": "user pooling: poly-attention with m codes (UPE)",
+    "item_proj": "item pooling: masked mean + linear map (CPE, pooling 'mean')",
+    "user_proj": "user pooling: masked mean + linear map (UPE, pooling 'mean')",
+    "item_ws": "W_s of the precomputed Lambda' = gelu(Lambda W_s)",
+    "global_proj": "decoder width -> encoder width of the user's global (summary) vector",
+    "fusion": "MoE fusion of every CPE/UPE vector (config: model_config.fusion)",
+}
+
+
+def module_names(config: ModelConfig) -> tuple[set[str], set[str]]:
+    """(modules holding weights that a model of `config` always has, those it may have): what a
+    checkpoint's weights can be checked against before any model is built. `global_proj` holds
+    weights only when the decoder is wider or narrower than the encoder."""
+    pooling = {"item_poly", "user_poly"} if config.pooling == "poly" else {"item_proj", "user_proj"}
+    fusion = {"fusion"} if config.fusion else set()
+    return {"backbone", "item_ws", *pooling, *fusion}, {"global_proj"}
 
 
 @dataclass
@@ -65,6 +90,9 @@ class EmbSumModel(nn.Module):
             self.item_proj = _identity_linear(d)
             self.user_proj = _identity_linear(d)
         self.item_ws = nn.Linear(d, d, bias=False)  # W_s of Lambda' = gelu(Lambda W_s)
+        self.fusion: MoEFusion | None = None
+        if config.fusion:
+            self.set_fusion(MoEFusion(MoEConfig(**config.fusion)))
         bt = backbone.config
         self.start_token_id = int(bt.decoder_start_token_id)
         self.pad_token_id = int(bt.pad_token_id if bt.pad_token_id is not None else 0)
@@ -77,6 +105,22 @@ class EmbSumModel(nn.Module):
 
     def new_parameter_names(self) -> set[str]:
         return {name for name, _ in self.named_parameters() if any(m in name for m in NEW_PARAMETER_MARKERS)}
+
+    def set_fusion(self, fusion: MoEFusion | None) -> None:
+        """Attach (or with None remove) the MoE fusion layer. The config follows, so a saved
+        checkpoint rebuilds the same model."""
+        if fusion is not None and fusion.config.d_model != self.d:
+            raise ConfigError(f"fusion d_model {fusion.config.d_model} does not match the model's width {self.d}")
+        self.fusion = fusion
+        self.config = self.config.replace(fusion=fusion.config if fusion is not None else {})
+
+    def describe_modules(self) -> list[dict]:
+        """The top-level modules holding weights, in order (a checkpoint's modules.json): name,
+        class, role, and the key prefix of their tensors in model.safetensors."""
+        prefixes = {key.split(".", 1)[0] for key in self.state_dict()}
+        return [{"name": name, "type": f"{type(module).__module__}.{type(module).__qualname__}",
+                 "role": MODULE_ROLES.get(name, ""), "weights": f"{name}."}
+                for name, module in self.named_children() if name in prefixes]
 
     # -- tokenization -----------------------------------------------------------------------
     def tokenize(self, texts: list[str], max_tokens: int | None = None) -> dict[str, torch.Tensor]:
@@ -116,6 +160,13 @@ class EmbSumModel(nn.Module):
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x.float(), dim=-1) if self.config.normalize else x.float()
 
+    def _output_vectors(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled vectors [B, k, d] -> CPE/UPE vectors: the fusion layer (if any), then L2
+        normalisation. Its aux loss stays with the layer (MoEFusion.pop_aux)."""
+        if self.fusion is not None:
+            pooled, _aux = self.fusion(pooled)
+        return self._normalize(pooled)
+
     # -- item side (CPE) ----------------------------------------------------------------------
     def item_embeddings(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states [B, L, d] -> (Lambda, Lambda') each [B, n, d] (float32)."""
@@ -123,7 +174,7 @@ class EmbSumModel(nn.Module):
             lam = self.item_poly(states, mask)
         else:
             lam = self.item_proj(mean_pool(states, mask)).unsqueeze(1)
-        lam = self._normalize(lam)
+        lam = self._output_vectors(lam)
         lam_prime = F.gelu(self.item_ws(lam.to(states.dtype))).float()
         return lam, lam_prime
 
@@ -202,7 +253,7 @@ class EmbSumModel(nn.Module):
             gamma = self.user_poly(keys, keys_mask)
         else:
             gamma = self.user_proj(mean_pool(keys, keys_mask)).unsqueeze(1)
-        return UserOutput(upe=self._normalize(gamma), summary_nll=nll)
+        return UserOutput(upe=self._output_vectors(gamma), summary_nll=nll)
 
     def encode_users(self, session_input_ids: torch.Tensor, session_attention_mask: torch.Tensor,
                      user_sessions: torch.Tensor, summaries: dict | None = None) -> torch.Tensor:

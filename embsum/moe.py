@@ -99,7 +99,17 @@ class MoEFusion(nn.Module):
         self.register_buffer("input_var", torch.ones(d))
         self.register_buffer("input_seen", torch.zeros((), dtype=torch.float64))
         self.bypass = False
+        # The model applies the layer inside its forward and returns only vectors, so the aux
+        # losses of training forwards are kept here until the trainer takes them (`pop_aux`).
+        # Off by default: a model trained without a load-balancing term must not pile them up.
+        self.record_aux = False
+        self.pending_aux: list[torch.Tensor] = []
         self.reset_parameters()
+
+    def __getstate__(self) -> dict:
+        # Pending aux losses carry autograd graphs, which deepcopy cannot copy (an exported or
+        # inference copy of a model in training): a copy starts with none.
+        return {**super().__getstate__(), "pending_aux": []}
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.w_in, std=self.config.d_model ** -0.5)
@@ -153,12 +163,19 @@ class MoEFusion(nn.Module):
         with torch.no_grad():
             self.routed_counts += torch.bincount(top_i.reshape(-1), minlength=self.config.num_experts).double()
         aux = load_balancing_loss(probs, top_i, self.config.num_experts)
+        if self.record_aux and torch.is_grad_enabled():
+            self.pending_aux.append(aux)
         if self.config.norm:
             # The experts read LayerNorm'd vectors; their output is scaled back to the input's
             # RMS, so a step changes a vector by the same relative amount whatever its scale
             # (item and user vectors differ), and the learning rate keeps one meaning.
             out = out * flat.float().pow(2).mean(-1, keepdim=True).sqrt().to(out.dtype)
         return (flat + out).reshape(shape), aux
+
+    def pop_aux(self) -> torch.Tensor | None:
+        """Mean aux loss of the recorded forwards since the last call (None if there were none)."""
+        aux, self.pending_aux = self.pending_aux, []
+        return torch.stack(aux).mean() if aux else None
 
     def expert_shares(self) -> list[float]:
         """Share of routed assignments per expert since the last reset (sums to 1; zeros if none)."""

@@ -24,12 +24,17 @@ import torch
 from torch import nn
 
 
-def available() -> bool:
-    """oneDNN linear kernels are in this torch build and not switched off."""
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN linear kernels for `dtype` are in this torch build, run on this CPU, and are not
+    switched off. oneDNN's bf16 kernels need AVX512-BW at least (on an AVX2-only CPU they raise
+    'bf16 path needs avx512bw'): there bf16 runs under plain autocast instead."""
     if os.environ.get("EMBSUM_PACK_LINEARS", "1").lower() in ("0", "false", "no", "off"):
         return False
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
+    kernels = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    if not kernels or dtype != torch.bfloat16:
+        return kernels
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):

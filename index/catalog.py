@@ -7,8 +7,22 @@ Rules every writer follows (see DESIGN.md, "Storage"):
   leaves whole batches only and a re-run picks up from there;
 - every job opens a row in `runs` and every bad input row lands in `rejects`.
 
-DuckDB allows one writer process per file; readers of another process wait for the lock, so
-jobs open the catalog for as short as they can and fetch results completely.
+Sharing the file between processes (issue 13). DuckDB lets one process at a time have the file
+open for writing, and while any process has it open (even read-only) no other can open it to
+write; an unfinished query result blocks its connection. So:
+- a long job (precompute) opens the catalog with `keep_open=False` and calls `release()` while
+  its model computes: it holds the file only while it reads its work list or commits a chunk
+  (a second or so), and the next use reconnects (settings made with `configured()` are
+  re-applied; temp tables and registered Arrow views die with the connection, so nothing may
+  rely on them across a release);
+- every open retries for up to `wait_s` seconds while another process holds the file, so a
+  reader (`info`, `evaluate`, `score`) gets in between two commits and a job's commit waits out
+  a reader; past the deadline it raises `CatalogBusy` (exit 75) naming the holder. This class is
+  the one place a catalog is opened, so DuckDB's raw lock message never reaches the user;
+- writer jobs (`job="precompute"`, ...) first take the catalog's job lock (index/lock.py): they
+  take turns, a waiting one says for whom (`waiting for precompute run <id> (pid N, started
+  HH:MM)`), and it is taken before any model is loaded, so a busy catalog fails in a second.
+All results are fetched completely (`arrow`, `scalar`).
 """
 
 from __future__ import annotations
@@ -16,16 +30,26 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
+import re
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
 
-from index.errors import StorageError
+from index.errors import CatalogBusy, StorageError
+from index.lock import JobLock, busy_holder
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+log = logging.getLogger("embsum.catalog")
 
 SCHEMA_VERSION = 1
 
@@ -99,6 +123,11 @@ SCHEMA = [
 ]
 
 
+# A positive interaction (clicked/read, or an implicit one from a history list): what a history holds.
+_POSITIVE = "(i.label IS NULL OR i.label = 1)"
+# Every user the catalog knows of: in `users`, or with interactions only.
+_KNOWN_USERS = "WITH known AS (SELECT user_id FROM users UNION SELECT user_id FROM interactions)"
+
 # The item columns a source provides (content_hash, source, updated_at are derived).
 ITEM_COLUMNS = ("item_id", "title", "description", "category")
 
@@ -119,32 +148,90 @@ def now() -> dt.datetime:
 
 
 class Catalog:
-    """A DuckDB catalog file. Use as a context manager; `read_only=True` for readers."""
+    """A DuckDB catalog file. Use as a context manager; `read_only=True` for readers.
 
-    def __init__(self, path: str | Path, read_only: bool = False):
+    `wait_s`: how long an open (or a reconnect after `release()`) waits while another process
+    holds the file before raising CatalogBusy; 0, the library default, fails at once.
+    `job`: a writer job's kind ("precompute", "ingest", ...): take the catalog's job lock first,
+    waiting up to `wait_s` for the job that holds it (see the module docstring).
+    `keep_open=False`: `release()` really closes the connection, for a job that wants readers
+    in while it computes; with the default True, `release()` does nothing."""
+
+    def __init__(self, path: str | Path, read_only: bool = False, *, wait_s: float = 0.0,
+                 job: str | None = None, keep_open: bool = True):
         self.path = str(path)
         self.read_only = read_only
+        self.wait_s = wait_s
+        self.keep_open = keep_open
+        self.job_lock: JobLock | None = None
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._settings: dict[str, str] = {}
         self._tx_depth = 0
         if read_only and not Path(self.path).exists():
             raise CatalogError(f"catalog {self.path} does not exist (run `embsum ingest` first)")
         try:
-            self.con = duckdb.connect(self.path, read_only=read_only)
-        except duckdb.IOException as err:
-            raise CatalogError(f"cannot open catalog {self.path}: {err}") from None
-        except duckdb.Error as err:
-            raise CatalogError(f"{self.path} is not a readable DuckDB catalog: {err}") from None
-        if not read_only:
-            self._migrate()
+            if job is not None and not read_only:
+                self.job_lock = JobLock(self.path, job).acquire(wait_s)
+            self.connect()
+            if not read_only:
+                self._migrate()
+        except BaseException:
+            self.close()
+            raise
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def __enter__(self) -> Catalog:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The DuckDB connection, reopened on first use after a `release()`."""
+        return self.connect()
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            self._con = _open(self.path, self.read_only, self.wait_s)
+            for name, value in self._settings.items():
+                self._con.execute(f"SET {name} = '{value}'")
+        return self._con
+
+    def release(self) -> None:
+        """Let other processes open the file until the next use (`keep_open=False` only; never
+        inside a transaction). Closing checkpoints what this connection wrote into the file."""
+        if self.keep_open or self._tx_depth or self._con is None:
+            return
+        con, self._con = self._con, None
+        con.close()
+
     def close(self) -> None:
-        self.con.close()
+        con, self._con = self._con, None
+        try:
+            if con is not None:
+                con.close()
+        finally:
+            if self.job_lock is not None:
+                self.job_lock.release()
+
+    @contextlib.contextmanager
+    def configured(self, **settings: str) -> Iterator[None]:
+        """DuckDB settings (`SET name = 'value'`) for the block, re-applied on every reconnect;
+        the previous values come back after."""
+        names = list(settings)
+        before = self.con.execute("SELECT " + ", ".join(f"current_setting('{k}')" for k in names)).fetchall()[0]
+        outer = dict(self._settings)
+        self._settings.update(settings)
+        for name, value in settings.items():
+            self.con.execute(f"SET {name} = '{value}'")
+        try:
+            yield
+        finally:
+            self._settings = outer
+            if self._con is not None:  # released: a reconnect starts from the defaults anyway
+                for name, value in zip(names, before):
+                    self._con.execute(f"SET {name} = '{value}'")
 
     def _migrate(self) -> None:
         with self.transaction():
@@ -153,6 +240,7 @@ class Catalog:
             self.con.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )
+        self.upgrade_keys()  # item/user keys: see `upgrade_keys` (hashes region, issue 13)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -222,24 +310,39 @@ class Catalog:
                              [now(), f"process {pid} ended without finishing the run", run_id])
         return [run_id for run_id, _ in gone]
 
-    def finish_run(self, run_id: str, status: str, counts: dict | None = None, error: str | None = None) -> None:
+    def finish_run(self, run_id: str, status: str, counts: dict | None = None, error: str | None = None,
+                   args: dict | None = None) -> None:
+        """End a run. `args` (when given) replaces the recorded arguments: a job may only learn some
+        of them (a model hash, a resolved device) after it started."""
         with self.transaction():
             self.con.execute(
                 "UPDATE runs SET ended_at = ?, status = ?, counts = ?, error = ? WHERE run_id = ?",
                 [now(), status, json.dumps(counts or {}, default=str, sort_keys=True), error, run_id],
             )
+            if args is not None:
+                self.con.execute("UPDATE runs SET args = ? WHERE run_id = ?",
+                                 [json.dumps(args, default=str, sort_keys=True), run_id])
 
     @contextlib.contextmanager
     def run(self, kind: str, args: dict | None = None) -> Iterator[RunRecord]:
-        """Record a job in `runs`: 'running' now, then 'ok' or 'failed' (with the error)."""
-        record = RunRecord(self.start_run(kind, args))
+        """Record a job in `runs`: 'running' now, then 'ok', 'failed' (with the error) or
+        'interrupted' (Ctrl-C/SIGTERM, with the counts so far). Open it before the job's first
+        step that can fail (loading a model, reading inputs), so every failure leaves its row."""
+        record = RunRecord(self.start_run(kind, args), args)
         try:
             yield record
         except BaseException as err:
-            self.finish_run(record.run_id, "failed", record.counts, error=f"{type(err).__name__}: {err}")
+            status, error = run_outcome(err)
+            try:
+                self.finish_run(record.run_id, status, record.counts, error=error, args=record.args)
+            except Exception as ledger_err:  # noqa: BLE001 - e.g. the connection died with the job: keep its error
+                import logging
+
+                logging.getLogger("embsum").warning("could not record run %s as %s: %s", record.run_id, status,
+                                                    one_line(ledger_err))
             raise
         else:
-            self.finish_run(record.run_id, record.status, record.counts)
+            self.finish_run(record.run_id, record.status, record.counts, error=record.error, args=record.args)
 
     def runs(self, kind: str | None = None) -> pa.Table:
         where, params = ("WHERE kind = ?", [kind]) if kind else ("", [])
@@ -286,9 +389,11 @@ class Catalog:
 
     # -- items -----------------------------------------------------------------------------------
     def upsert_items(self, table: pa.Table, source: str | None = None) -> dict[str, int]:
-        """Insert new items, update those whose text changed, leave the others untouched (their
-        `updated_at` stays). `table`: `item_id`, `title`, `description`, optional `category`;
-        ids must be unique within the table. Returns counts `new`, `updated`, `unchanged`."""
+        """Insert new items, update those whose model text (`item_text`) changed, leave the others
+        untouched (their `updated_at` stays). `table`: `item_id`, `title`, `description`, optional
+        `category`; ids must be unique within the table. The users whose history holds an updated
+        item get their new history hash in the same transaction, so a refresh re-encodes them.
+        Returns counts `new`, `updated`, `unchanged` (items) and `users_changed`."""
         n = table.num_rows
         cols = {c: (table.column(c).to_pylist() if c in table.column_names else [None] * n)
                 for c in ITEM_COLUMNS}
@@ -296,23 +401,32 @@ class Catalog:
         incoming = pa.table({
             **{c: pa.array(cols[c], pa.string()) for c in ITEM_COLUMNS},
             "content_hash": pa.array(
-                [content_hash(t, d, c) for t, d, c in zip(cols["title"], cols["description"], cols["category"])],
+                [item_key(t, d, c) for t, d, c in zip(cols["title"], cols["description"], cols["category"])],
                 pa.string()),
             "source": pa.array([source] * n, pa.string()),
             "updated_at": pa.array([stamp] * n, pa.timestamp("us")),
         })
         names = ", ".join(incoming.column_names)
         with self.transaction(), self.registered("_items_in", incoming):
-            new, changed = self.con.execute(
-                "SELECT count(*) FILTER (WHERE i.item_id IS NULL),"
-                "       count(*) FILTER (WHERE i.content_hash <> n.content_hash)"
-                " FROM _items_in n LEFT JOIN items i USING (item_id)").fetchall()[0]
+            new = self.scalar("SELECT count(*) FROM _items_in n ANTI JOIN items i USING (item_id)")
+            changed = [r[0] for r in self.con.execute(
+                "SELECT n.item_id FROM _items_in n JOIN items i USING (item_id)"
+                " WHERE i.content_hash <> n.content_hash").fetchall()]
             updates = ", ".join(f"{c} = excluded.{c}" for c in incoming.column_names[1:])
             self.con.execute(
                 f"INSERT INTO items ({names}) SELECT {names} FROM _items_in"
                 f" ON CONFLICT (item_id) DO UPDATE SET {updates}"
                 " WHERE items.content_hash <> excluded.content_hash")
-        return {"new": int(new), "updated": int(changed), "unchanged": n - int(new) - int(changed)}
+            users_changed = self.refresh_users(self._users_holding(changed)) if changed else 0
+        return {"new": int(new), "updated": len(changed), "unchanged": n - int(new) - len(changed),
+                "users_changed": users_changed}
+
+    def _users_holding(self, item_ids) -> list[str]:
+        """Users with any of `item_ids` among their positive items (whose history hash covers them)."""
+        with self.registered("_held_ids", self._ids_table(item_ids)):
+            return [r[0] for r in self.con.execute(
+                f"SELECT DISTINCT i.user_id FROM interactions i WHERE {_POSITIVE}"
+                " AND i.item_id IN (SELECT id FROM _held_ids) ORDER BY 1").fetchall()]
 
     def items(self, item_ids=None) -> pa.Table:
         """Items in `item_id` order (all, or those of `item_ids` that exist): columns
@@ -402,9 +516,9 @@ class Catalog:
                 "users_changed": users_changed}
 
     def refresh_users(self, user_ids, source: str | None = None) -> int:
-        """Set `users.history_hash = history_hash(histories()[user])` for these users (adding
+        """Set `users.history_hash = history_hash(history_keys()[user])` for these users (adding
         missing users); only users whose hash changed get a new `updated_at`. Returns that count."""
-        hashes = {u: history_hash(h) for u, h in self.histories(user_ids).items()}
+        hashes = {u: history_hash(keys) for u, keys in self.history_keys(user_ids).items()}
         incoming = pa.table({
             "user_id": pa.array(list(hashes), pa.string()),
             "history_hash": pa.array(list(hashes.values()), pa.string()),
@@ -421,25 +535,88 @@ class Catalog:
                 " WHERE users.history_hash IS DISTINCT FROM excluded.history_hash")
         return int(changed)
 
+    def upgrade_keys(self) -> bool:
+        """Once per catalog written before KEY_VERSION: every item and user gets its key under
+        today's definition (a one-time re-encode follows, since stored vectors carry the old
+        keys); summaries written for a user's unchanged history are carried over to the new
+        key instead of being asked for again. Returns whether it re-keyed."""
+        if self.scalar("SELECT value FROM meta WHERE key = 'key_version'") == KEY_VERSION:
+            return False
+        from index.summaries import summary_key  # index.summaries imports this module
+
+        with self.transaction():
+            old = dict(self.con.execute("SELECT user_id, history_hash FROM users").fetchall())
+            for chunk in self.iter_items(50_000):
+                keys = [item_key(*row) for row in zip(*(chunk[c].to_pylist() for c in ITEM_COLUMNS[1:]))]
+                rekeyed = pa.table({"item_id": chunk["item_id"], "content_hash": pa.array(keys, pa.string())})
+                with self.registered("_rekeyed", rekeyed):
+                    self.con.execute("UPDATE items SET content_hash = r.content_hash FROM _rekeyed r"
+                                     " WHERE items.item_id = r.item_id AND items.content_hash <> r.content_hash")
+            self.refresh_users(list(old))
+            new = dict(self.con.execute("SELECT user_id, history_hash FROM users").fetchall())
+            moved = [(u, h, new[u]) for u, h in old.items() if h is not None and new.get(u) not in (None, h)]
+            moves = pa.table({name: pa.array([m[k] for m in moved], pa.string())
+                              for k, name in enumerate(("user_id", "old_hash", "new_hash"))})
+            with self.registered("_moves", moves):
+                carried = self.arrow("SELECT s.*, m.new_hash FROM summaries s JOIN _moves m"
+                                     " ON s.user_id = m.user_id AND s.history_hash = m.old_hash")
+                self.con.execute("DELETE FROM summaries s USING _moves m"
+                                 " WHERE s.user_id = m.user_id AND s.history_hash = m.old_hash")
+            new_hashes = carried["new_hash"].to_pylist()
+            carried = carried.drop_columns(["new_hash"])
+            carried = carried.set_column(carried.schema.get_field_index("history_hash"), "history_hash",
+                                         pa.array(new_hashes, pa.string()))
+            carried = carried.set_column(carried.schema.get_field_index("summary_key"), "summary_key", pa.array(
+                [summary_key(h, p, m) for h, p, m in zip(new_hashes, carried["prompt_hash"].to_pylist(),
+                                                         carried["model"].to_pylist())], pa.string()))
+            with self.registered("_carried", carried):
+                self.con.execute(f"INSERT OR REPLACE INTO summaries ({', '.join(carried.column_names)})"
+                                 f" SELECT {', '.join(carried.column_names)} FROM _carried")
+            self.con.execute("INSERT OR REPLACE INTO meta VALUES ('key_version', ?)", [KEY_VERSION])
+        return True
+
+    def _per_user(self, value: str, user_ids) -> dict[str, list[str]]:
+        """user_id -> `value` (an expression over interactions `i` and items `it`) of each of the
+        user's positive items, oldest first, for every known user (or those of `user_ids`)."""
+        sql = (
+            _KNOWN_USERS +
+            f" SELECT k.user_id, list({value} ORDER BY i.ts NULLS FIRST, i.position, i.item_id)"
+            "   FILTER (WHERE i.item_id IS NOT NULL)"
+            f" FROM known k LEFT JOIN interactions i ON i.user_id = k.user_id AND {_POSITIVE}"
+            " LEFT JOIN items it ON it.item_id = i.item_id"
+            " {where} GROUP BY k.user_id ORDER BY k.user_id")
+        return {u: list(values or []) for u, values in self._known_users_rows(sql, user_ids)}
+
+    def _known_users_rows(self, sql: str, user_ids) -> list[tuple]:
+        """Rows of `sql` (over `known k`, with a `{where}` slot) for all users or `user_ids`."""
+        if user_ids is None:
+            return self.con.execute(sql.format(where="")).fetchall()
+        with self.registered("_user_ids", self._ids_table(user_ids)):
+            return self.con.execute(sql.format(where="WHERE k.user_id IN (SELECT id FROM _user_ids)")).fetchall()
+
     def histories(self, user_ids=None) -> dict[str, list[str]]:
         """user_id -> the user's positive items (label NULL or 1), oldest first: ordered by ts
         (rows without a time, such as history lists, come first), then position. Every known
         user (in `users` or `interactions`) has an entry, possibly an empty list; with
         `user_ids`, only those of them that are known."""
+        return self._per_user("i.item_id", user_ids)
+
+    def history_keys(self, user_ids=None) -> dict[str, list[str]]:
+        """Like `histories`, with each item's content key instead of its id: what
+        `history_hash` covers. An item missing from `items` (never after an ingest, which
+        rejects such rows) stands in by its id, so its arrival changes the key."""
+        return self._per_user("coalesce(it.content_hash, 'missing:' || i.item_id)", user_ids)
+
+    def interacted(self, user_ids=None) -> dict[str, list[str]]:
+        """user_id -> every item the user has an interaction with, whatever the label (1, 0 or
+        NULL), sorted and distinct: what a recommendation must leave out. Every known user has
+        an entry, possibly empty; with `user_ids`, only those of them that are known."""
         sql = (
-            "WITH known AS (SELECT user_id FROM users UNION SELECT user_id FROM interactions)"
-            " SELECT k.user_id, list(i.item_id ORDER BY i.ts NULLS FIRST, i.position, i.item_id)"
-            "   FILTER (WHERE i.item_id IS NOT NULL)"
-            " FROM known k LEFT JOIN interactions i"
-            "   ON i.user_id = k.user_id AND (i.label IS NULL OR i.label = 1)"
+            _KNOWN_USERS +
+            " SELECT k.user_id, list(DISTINCT i.item_id) FILTER (WHERE i.item_id IS NOT NULL)"
+            " FROM known k LEFT JOIN interactions i ON i.user_id = k.user_id"
             " {where} GROUP BY k.user_id ORDER BY k.user_id")
-        if user_ids is None:
-            rows = self.con.execute(sql.format(where="")).fetchall()
-        else:
-            with self.registered("_user_ids", self._ids_table(user_ids)):
-                rows = self.con.execute(
-                    sql.format(where="WHERE k.user_id IN (SELECT id FROM _user_ids)")).fetchall()
-        return {u: list(items or []) for u, items in rows}
+        return {u: sorted(items or []) for u, items in self._known_users_rows(sql, user_ids)}
 
     def users(self, user_ids=None) -> pa.Table:
         """Columns user_id, history_hash, in user_id order (all, or those of `user_ids` that exist)."""
@@ -448,6 +625,45 @@ class Catalog:
         with self.registered("_user_ids", self._ids_table(user_ids)):
             return self.arrow("SELECT user_id, history_hash FROM users"
                               " WHERE user_id IN (SELECT id FROM _user_ids) ORDER BY user_id")
+
+
+# "Could not set lock on file ...: Conflicting lock is held in /usr/bin/python3.11 (PID 123)"
+_LOCK_CONFLICT = re.compile(r"Could not set lock on file")
+_LOCK_PID = re.compile(r"\(PID (\d+)\)")
+
+
+def _open(path: str, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    """duckdb.connect, retried for up to `wait_s` while another process holds the file; every
+    failure becomes one line of ours (CatalogBusy or CatalogError), never DuckDB's text on locks."""
+    deadline = time.monotonic() + wait_s
+    delay, told = 0.02, False
+    while True:
+        try:
+            return duckdb.connect(path, read_only=read_only)
+        except duckdb.IOException as err:
+            if not _LOCK_CONFLICT.search(str(err)):
+                raise CatalogError(f"cannot open catalog {path}: {err}") from None
+            pid = _LOCK_PID.search(str(err))
+            holder = _holder_name(path, int(pid.group(1)) if pid else 0)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CatalogBusy(f"catalog {path} is locked by {holder}; gave up after waiting {wait_s:g} s"
+                                  " (--wait SECONDS to wait longer)") from None
+            if not told and wait_s - left > 2:  # a commit takes a second or so: only say longer waits
+                log.warning("catalog %s is locked by %s; waiting up to %.0f s more ...", path, holder, left)
+                told = True
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.25)
+        except duckdb.Error as err:
+            raise CatalogError(f"{path} is not a readable DuckDB catalog: {err}") from None
+
+
+def _holder_name(path: str, pid: int) -> str:
+    """The writer job when it is the process holding the file, else the bare process."""
+    job = busy_holder(path)
+    if job is not None and (job.pid == pid or not pid):
+        return job.describe()
+    return f"process {pid}" if pid else "another process"
 
 
 def _process_alive(pid: int) -> bool:
@@ -461,15 +677,39 @@ def _process_alive(pid: int) -> bool:
 
 
 class RunRecord:
-    """What a job reports about itself while it runs (counts end up in `runs.counts`)."""
+    """What a job reports about itself while it runs (counts end up in `runs.counts`; `args`
+    may be completed once the job knows them, e.g. the model hash after loading the model)."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, args: dict | None = None):
         self.run_id = run_id
+        self.args: dict = dict(args or {})
         self.counts: dict = {}
         self.status = "ok"
+        self.error: str | None = None
 
     def add(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
+
+    def fail(self, error: str) -> None:
+        """The job ends without raising but did not do its work (e.g. every input row rejected)."""
+        self.status, self.error = "failed", one_line(error)
+
+
+def one_line(err: BaseException | str, limit: int = 1000) -> str:
+    """An error as one line for the ledger (multi-line driver messages collapsed, long ones cut)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, BaseException):
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def run_outcome(err: BaseException) -> tuple[str, str]:
+    """(status, error) a run ends with when `err` escapes it: Ctrl-C and SIGTERM (which the CLI
+    turns into KeyboardInterrupt) are 'interrupted', anything else 'failed'."""
+    if isinstance(err, KeyboardInterrupt) or type(err).__name__ == "Interrupted":
+        # offline.errors.Interrupted is matched by name: index/ never imports offline/.
+        return "interrupted", "interrupted (Ctrl-C or SIGTERM); committed batches are kept"
+    return "failed", one_line(err)
 
 
 # -- hashes shared by every stage (ingest, summarize, precompute, refresh) ----------------------
@@ -483,11 +723,33 @@ def _sha1(parts: list[str]) -> str:
     return h.hexdigest()
 
 
-def content_hash(title: str | None, description: str | None, category: str | None = None) -> str:
-    """What an item's embedding depends on: a changed text changes the hash, nothing else does."""
-    return _sha1([title or "", description or "", category or ""])
+# What a vector depends on, defined once. The text is defined here, not in offline/, because the
+# catalog keys every item as it is ingested (`upsert_items`, called by ingest, tests, benchmarks)
+# and index/ never imports offline/; `offline.texts.item_text` is this function.
+KEY_VERSION = "2"  # 1: item keys hashed (title, description, category), user keys item ids
 
 
-def history_hash(item_ids: list[str]) -> str:
-    """What a user's summary and UPE depend on: the ordered list of positive item ids."""
-    return _sha1(list(item_ids))
+def item_text(title: str | None, description: str | None, category: str | None = None) -> str:
+    """Exactly the text a model reads for an item: `"{title}. {category}. {description}"`, a
+    missing or blank part left out, so an item without a category reads `"{title}. {description}"`
+    (the goodreads-v1 template, kept literal so figures stay comparable)."""
+    parts = ((p or "").strip() for p in (title, category, description))
+    return ". ".join(p for p in parts if p)
+
+
+def content_hash(text: str) -> str:
+    """An item's key: the hash of exactly the text the model reads (`item_text`), nothing else,
+    so an edit that leaves that text alone re-encodes nothing."""
+    return _sha1([text])
+
+
+def item_key(title: str | None, description: str | None, category: str | None = None) -> str:
+    """`content_hash(item_text(...))`: the key `upsert_items` stores in `items.content_hash`."""
+    return content_hash(item_text(title, description, category))
+
+
+def history_hash(content_keys: list[str]) -> str:
+    """A user's key: the content keys of the user's positive items, oldest first (what the UPE
+    and the summary are computed from: those items' texts in that order; the summary itself is
+    not read at encode time). Editing one of those items changes it."""
+    return _sha1(list(content_keys))

@@ -7,7 +7,9 @@ Vectors are fixed-size DuckDB arrays written and read through Arrow (never row b
 its tables, so readers only need the hash.
 
 Keys: one row per (item_id, model_hash) carrying the `content_hash` it was computed from (and
-per (user_id, model_hash) with the `history_hash`). A reader asks for the rows whose hash equals
+per (user_id, model_hash) with the `history_hash`). Both keys are defined in index/catalog.py: an
+item's is the hash of exactly the text the model reads (`item_text`), a user's covers the content
+keys of the history items in order, so an edit re-encodes the item and the users holding it. A reader asks for the rows whose hash equals
 the catalog's current hash, so a stale vector (text changed since) or another checkpoint's vector
 is never returned; a re-encode replaces the row, so the table never grows with edits.
 
@@ -233,7 +235,8 @@ def missing_items_by_length(cat: Catalog, model_hash: str, chunk_size: int) -> t
     order = "_missing_items_order"
     cat.con.execute(
         f"CREATE OR REPLACE TEMP TABLE {order} AS SELECT item_id, row_number() OVER (ORDER BY"
-        " length(coalesce(title, '')) + length(coalesce(description, '')), item_id) AS pos"
+        " length(coalesce(title, '')) + length(coalesce(category, '')) + length(coalesce(description, '')),"
+        " item_id) AS pos"
         f" FROM items i{unstored}", [] if sp is None else [model_hash])
     total = int(cat.scalar(f"SELECT count(*) FROM {order}"))
 

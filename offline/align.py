@@ -18,9 +18,9 @@ from embsum.align_trainer import AlignConfig, AlignData, AlignTrainer, build_ban
 from embsum.encoding import StateCache
 from embsum.evaluation import EvalSet, build_eval_set, dev_score, evaluate, poly_scorer, train_examples
 from embsum.policy import Policy
-from index.catalog import Catalog
+from index.catalog import Catalog, run_outcome
 from offline.errors import UserError
-from offline.texts import item_text
+from offline.texts import item_texts
 
 log = logging.getLogger("embsum.align")
 
@@ -43,7 +43,7 @@ class CatalogData:
 def read_catalog(cat: Catalog) -> CatalogData:
     items = cat.items()
     ids = items.column("item_id").to_pylist()
-    texts = [item_text(t, d) for t, d in zip(items.column("title").to_pylist(), items.column("description").to_pylist())]
+    texts = item_texts(items)
     if not ids:
         raise AlignError("the catalog has no items: run `embsum ingest` first")
     return CatalogData(ids, texts, cat.histories())
@@ -109,15 +109,14 @@ def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool, cache
 
 def run_align(db: str, checkpoint: str, cfg: AlignConfig, progress=None, bank=None) -> dict:
     """Align the SFT `checkpoint` on the catalog at `db`; returns a summary (also in `runs`)."""
-    from embsum.checkpoint import CheckpointError
-    from embsum.policy import load_model
+    from embsum.checkpoint import CheckpointError, check_checkpoint, load_checkpoint
 
     try:
-        sft, sft_hash = load_model(checkpoint, "cpu")
+        if check_checkpoint(checkpoint).config.fusion:  # known before the model is built
+            raise AlignError(f"{checkpoint} is already aligned (it has a fusion layer): align from the SFT checkpoint")
+        sft, sft_hash = load_checkpoint(checkpoint, "cpu")
     except CheckpointError as err:
         raise AlignError(str(err)) from None
-    if getattr(sft, "fusion", None) is not None:
-        raise AlignError(f"{checkpoint} is already aligned (it has a fusion layer): align from the SFT checkpoint")
     with Catalog(db) as cat:
         data = read_catalog(cat)
         if bank is None and cfg.strategy != "random":
@@ -128,7 +127,8 @@ def run_align(db: str, checkpoint: str, cfg: AlignConfig, progress=None, bank=No
         summary = align(sft, sft_hash, data, cfg, progress=progress, bank=bank)
     except BaseException as err:
         with Catalog(db) as cat:
-            cat.finish_run(run_id, "failed", error=f"{type(err).__name__}: {err}")
+            status, error = run_outcome(err)  # 'interrupted' on Ctrl-C/SIGTERM, else 'failed'
+            cat.finish_run(run_id, status, error=error)
         raise
     with Catalog(db) as cat:
         cat.finish_run(run_id, "ok", {k: v for k, v in summary.items() if k != "dev"})

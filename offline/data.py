@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from index.catalog import Catalog
 from index.summaries import training_summaries
-from offline.texts import item_text
+from offline.texts import item_texts
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ SUMMARY_ANY, SUMMARY_NONE = "any", "none"
 @dataclass
 class CatalogData:
     item_ids: list[str]  # sorted as strings: the goodreads-v1 order
-    item_texts: list[str]  # offline.texts.item_text, aligned with item_ids
+    item_texts: list[str]  # offline.texts.item_text (what the item vectors are keyed on), aligned with item_ids
     histories: dict[str, list[str]]  # every user's positive items, oldest first
     summaries: dict[str, str]  # user -> summary text (training targets)
 
@@ -39,11 +39,21 @@ def read_summaries(cat: Catalog, source: str = SUMMARY_ANY) -> dict[str, str]:
 def load_catalog_data(cat: Catalog, summary_source: str = SUMMARY_ANY) -> CatalogData:
     items = cat.items()
     ids = items.column("item_id").to_pylist()
-    texts = [item_text(t, d) for t, d in zip(items.column("title").to_pylist(),
-                                             items.column("description").to_pylist())]
+    texts = item_texts(items)
     order = sorted(range(len(ids)), key=ids.__getitem__)  # catalog order is item_id already; be sure
     summaries = read_summaries(cat, summary_source)
     data = CatalogData([ids[i] for i in order], [texts[i] for i in order], cat.histories(), summaries)
     log.info("catalog: %d items, %d users, %d summaries (source %s)", len(data.item_ids), len(data.histories),
              len(summaries), summary_source)
     return data
+
+
+def training_examples(data: CatalogData, mode: str = "prefixes", limit_users: int = 0,
+                      all_users: bool = False) -> list[tuple[str, list[str], str]]:
+    """The (user, input history, target) examples `embsum train` learns from. By default the
+    train-split users only (goodreads-v1: dev and test users stay held out for evaluation);
+    `all_users` (a production model) adds the dev and test users' full histories, so nothing is
+    held out and no dev score of that model means anything."""
+    from embsum.evaluation import train_examples
+
+    return train_examples(data.histories, mode, limit_users, all_users=all_users)

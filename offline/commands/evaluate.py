@@ -1,4 +1,5 @@
-"""`embsum evaluate`: protocol goodreads-v1 on the catalog (job: offline/evaluate.py)."""
+"""`embsum evaluate`: protocol leave-last-out-v1 (goodreads-v1's rules) or holdout-v1 on the
+catalog, with paired bootstrap intervals (job: offline/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from offline.common import open_catalog, quiet
+from offline.common import open_catalog, quiet, recorded_run
 from offline.evaluate import EvaluateConfig
 from offline.job_options import config_from, config_options
 
@@ -23,54 +24,64 @@ from offline.job_options import config_from, config_options
 @click.pass_context
 def command(ctx: click.Context, checkpoints: tuple[str, ...], scores_files: tuple[str, ...],
             report_path: str, **values) -> None:
-    """Evaluate checkpoints and/or scores files under goodreads-v1, with the baselines.
+    """Evaluate checkpoints and/or scores files under goodreads-v1's rules, with the baselines.
 
     \b
     Examples:
       embsum evaluate --checkpoint runs/sft/best
-      embsum evaluate --checkpoint runs/a/best --checkpoint runs/b/best --dtype bf16
+      embsum evaluate --checkpoint runs/a/best --checkpoint runs/b/best --reference runs/a/best
       embsum evaluate --scores my_model_scores.parquet --no-full-ranking
       embsum evaluate --split dev --users 200
+      embsum evaluate --checkpoint runs/sft/best --holdout heldout.csv
 
-    Test users are those with sha1 bucket 0 (dev: 1); target = last item, input = the rest;
-    50 candidates (target + 49 uniform negatives) and 50 `pop` candidates (popularity-weighted
-    negatives), each seeded per user; full ranking over every item not in the input history.
-    Ties count against the model. Any catalog gets the same rules with its own ids.
+    Protocol leave-last-out-v1 (on Goodreads: goodreads-v1, ../shared/EVAL.md): test users
+    are those with sha1 bucket 0 (dev: 1); target = the last positive (by time, then
+    position), input = the earlier ones; 50 candidates (target + 49 uniform negatives) and 50
+    `pop` candidates (popularity-weighted negatives), each seeded per user; full ranking over
+    every item not in the input history. Ties count against the model. With --holdout
+    (protocol holdout-v1) each user's targets come from the file instead; the rest stays.
+
+    Every figure has a 95% interval [low, high]: paired bootstrap over users, 1000
+    resamples, the same for every row. Each row's difference to the reference (default:
+    popularity when the baselines run, else the first row) has its paired interval too: a
+    row beats the reference when that interval lies above 0 (bold in the table).
+    A scores file must score every candidate pair, or --allow-partial.
     """
-    from embsum.backbone import BackboneError
-    from embsum.checkpoint import CheckpointError
     from offline.data import load_catalog_data
-    from offline.evaluate import Evaluation, markdown_table
+    from offline.errors import UserError
+    from offline.evaluate import Evaluation, markdown_table, planned_names, resolve_reference
 
     config = config_from(EvaluateConfig, values)
     if not (checkpoints or scores_files or config.baselines):
         raise click.UsageError("nothing to evaluate: give --checkpoint, --scores or keep --baselines")
-    with open_catalog(ctx, read_only=True) as cat:
-        data = load_catalog_data(cat, summary_source="none")  # evaluation needs no summaries
-    job = Evaluation(data, config, progress=not quiet(ctx))
-    if not job.eval_set.users:
-        raise click.ClickException(f"no {config.split} users with 2+ items in the catalog")
-    try:
-        for path in checkpoints:
-            job.add_checkpoint(path)
-        for path in scores_files:
-            job.add_scores_file(path)
-        if config.baselines:
-            job.add_baselines()
-    except (BackboneError, CheckpointError) as err:
-        raise click.ClickException(str(err)) from None
-    except ValueError as err:  # unreadable scores file columns
-        raise click.ClickException(str(err)) from None
-    report = job.report()
-    table = markdown_table(report)
-    out = Path(report_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
-    out.with_suffix(".md").write_text(table)
-    with open_catalog(ctx) as cat:
-        run_id = cat.start_run("evaluate", {"checkpoints": list(checkpoints), "scores": list(scores_files),
-                                            **report["config"]})
-        cat.finish_run(run_id, "ok", {"users": report["evaluated_users"], "models": len(report["models"]),
-                                      "report": str(out)})
+    resolve_reference(planned_names(config, checkpoints, scores_files), config.reference)  # fail before any work
+    args = {"checkpoints": list(checkpoints), "scores": list(scores_files), **config.__dict__}
+    # The run row is opened first, so a failing checkpoint or scores file is recorded too.
+    with recorded_run(ctx, "evaluate", args) as run:
+        with open_catalog(ctx, read_only=True) as cat:
+            data = load_catalog_data(cat, summary_source="none")  # evaluation needs no summaries
+        try:
+            job = Evaluation(data, config, progress=not quiet(ctx))
+            if not job.eval_set.users:
+                raise UserError(f"no users of {config.holdout} with an input history in the catalog" if config.holdout
+                                else f"no {config.split} users with 2+ items in the catalog")
+            # scores files are read and their coverage checked before any model spends minutes
+            prepared = [job.prepare_scores_file(path) for path in scores_files]
+            for path in checkpoints:
+                job.add_checkpoint(path)
+            for scores in prepared:
+                job.add_scores_file(scores)
+            if config.baselines:
+                job.add_baselines()
+        except ValueError as err:  # unreadable scores or holdout file columns
+            raise click.ClickException(str(err)) from None
+        report = job.report()
+        table = markdown_table(report)
+        out = Path(report_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str))
+        out.with_suffix(".md").write_text(table)
+        run.args.update(report["config"])
+        run.counts.update(users=report["evaluated_users"], models=len(report["models"]), report=str(out))
     click.echo(table)
     click.echo(f"report: {out} and {out.with_suffix('.md')}")

@@ -29,16 +29,12 @@ def command(ctx: click.Context, checkpoint: str | None, model_hash: str | None, 
     holding the previous version keeps working. Nothing changed: no new version.
     """
     from offline.common import db_path, open_catalog
-    from offline.indexing import JobError, default_index_dir, resolve_model_hash, sync_index
+    from offline.indexing import default_index_dir, resolve_model_hash, sync_index
 
     cfg = config_from(IndexConfig, options)
     root = index_dir or default_index_dir(db_path(ctx))
-    with open_catalog(ctx) as cat:
-        try:
-            model_hash = resolve_model_hash(cat, checkpoint, model_hash)
-            with cat.run("index", {"model_hash": model_hash, "index_dir": str(root), "rebuild": rebuild,
-                                   **cfg.__dict__}) as run:
-                counts = sync_index(cat, root, model_hash, cfg, run, rebuild=rebuild)
-        except JobError as err:
-            raise click.ClickException(str(err)) from None
+    with open_catalog(ctx) as cat, cat.run("index", {"checkpoint": checkpoint, "index_dir": str(root),
+                                                     "rebuild": rebuild, **cfg.__dict__}) as run:
+        model_hash = run.args["model_hash"] = resolve_model_hash(cat, checkpoint, model_hash)
+        counts = sync_index(cat, root, model_hash, cfg, run, rebuild=rebuild)
     click.echo(f"index {root}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from offline.common import open_catalog, progress
-from offline.ingest.formats import FORMATS
+from offline.ingest.formats import DEFAULT_POSITIVE_FROM, FORMATS
 
 
 @click.command("ingest")
@@ -14,15 +14,21 @@ from offline.ingest.formats import FORMATS
               help="Input format; goodreads/mind/movielens take the dataset folder (or its files).")
 @click.option("--kind", type=click.Choice(["auto", "items", "interactions"]), default="auto", show_default=True,
               help="What a tsv/csv/jsonl/parquet file holds (auto: a user column means interactions).")
-@click.option("--id-col", help="Item id column (items; default: item_id, id, book_id, news_id, movie_id).")
+@click.option("--id-col", help="Item id column (items; default: item_id, id, book_id, news_id, movie_id, ...). "
+                               "Default names match any case and _/-/space: userId = user_id.")
 @click.option("--title-col", help="Title column (default: title, name).")
 @click.option("--description-col", "--text-col", "description_col",
               help="Description/text column (default: description, text, abstract, body).")
 @click.option("--category-col", help="Category column (optional; default: category).")
-@click.option("--user-col", help="User id column (interactions; default: user_id, user, uid).")
+@click.option("--user-col", help="User id column (interactions; default: user_id, user, uid, ...).")
 @click.option("--item-col", help="Item id column of an interaction (default: item_id, item, book_id, ...).")
 @click.option("--time-col", help="Event time column: unix seconds or ISO 8601 (default: ts, time, timestamp).")
-@click.option("--label-col", help="0/1 label column (default: label, clicked; none: implicit positive).")
+@click.option("--label-col", help="0/1 label column (default: label, clicked; none: every row a positive). "
+                                  "Refused when it holds ratings: use --rating-col.")
+@click.option("--rating-col", help="Rating column (default: rating, stars, when there is no label column); "
+                                   "its labels come from --positive-from.")
+@click.option("--positive-from", type=float, default=DEFAULT_POSITIVE_FROM, show_default=True,
+              help="A rating >= this is a positive (label 1); below it an explicit dislike (label 0, kept).")
 @click.option("--max-reject-rate", type=click.FloatRange(0, 1), default=None,
               help="Exit non-zero when rejected / read rows exceeds this (good rows are kept).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=5000, show_default=True,
@@ -40,23 +46,25 @@ def command(ctx: click.Context, paths: tuple[str, ...], fmt: str, kind: str, max
       embsum ingest ../shared/data/mind-sample --format mind
       embsum ingest books.csv --kind items --id-col isbn --text-col blurb
       embsum ingest clicks.parquet --kind interactions --user-col uid --item-col isbn --time-col ts
+      embsum ingest ratings.csv --rating-col rating --positive-from 4
 
     Bad rows (missing id, empty text, conflicting duplicate id, invalid UTF-8, wrong column
-    count, interaction with an unknown item) go to the `rejects` table with their line and
-    reason; the good rows go in. Exits non-zero only when nothing usable was read or the reject
-    rate is over --max-reject-rate.
+    count, a field over 64 MiB, interaction with an unknown item, unparseable time, label or
+    rating) go to the `rejects` table with their line and reason; the good rows go in. Exits
+    non-zero only when nothing usable was read, the reject rate is over --max-reject-rate, or
+    a file cannot be read as asked (a label column holding ratings: nothing is written).
     """
     from offline.ingest.formats import Mapping
     from offline.ingest.job import IngestConfig, ingest
-    from offline.ingest.records import FormatError
 
     config = IngestConfig(format=fmt, kind=kind, batch_size=batch_size, max_reject_rate=max_reject_rate,
                           quoting=quoting)
-    with open_catalog(ctx) as cat:
-        try:
-            report = ingest(cat, list(paths), config, Mapping(**columns), progress=progress)
-        except FormatError as err:
-            raise click.ClickException(str(err)) from None
+    try:
+        mapping = Mapping(**columns)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    with open_catalog(ctx) as cat:  # a FormatError is one line (exit 1) at the CLI's error boundary
+        report = ingest(cat, list(paths), config, mapping, progress=progress)
     for line in report.summary():
         click.echo(line)
     if report.status == "empty":

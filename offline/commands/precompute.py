@@ -27,20 +27,32 @@ def command(ctx: click.Context, checkpoint: str, init: bool, **options) -> None:
 
     Vectors are keyed by (id, checkpoint hash, content/history hash): a re-run encodes only
     what is new or changed since, and a killed run resumes after its last committed chunk.
+    Ctrl-C or SIGTERM stops after the current batch, commits what is finished and exits 130
+    (again: at once). While it runs, readers (`embsum info`, `score`, `evaluate`) still work; a
+    second writer waits up to --wait for it, then exits 75.
     """
     from offline.common import open_catalog, progress
-    from offline.indexing import JobError, init_if_missing, load_model
-    from offline.precompute import precompute
+    from offline.errors import Interrupted
+    from offline.indexing import init_if_missing, load_model
+    from offline.interrupts import graceful_stop
+    from offline.precompute import precompute, stopped_early
 
     cfg = config_from(PrecomputeConfig, options)
-    try:
+    # Catalog, job lock and run before the model: a busy or unwritable catalog fails in a second
+    # (not after a model load), and a broken checkpoint leaves a 'failed' run row.
+    with open_catalog(ctx, keep_open=False) as cat, \
+            cat.run("precompute", {"checkpoint": checkpoint, **cfg.__dict__}) as run:
+        cat.job_lock.note_run(run.run_id)  # a writer that waits for this job can name the run
+        cat.release()  # readers may come in while the model loads
         if init:
             init_if_missing(checkpoint)
         model, model_hash = load_model(checkpoint, cfg.device)
-    except JobError as err:
-        raise click.ClickException(str(err)) from None
-    cfg.device = str(model.device)
-    with open_catalog(ctx) as cat, cat.run("precompute", {"checkpoint": checkpoint, "model_hash": model_hash,
-                                                          **cfg.__dict__}) as run:
-        counts = precompute(cat, model, model_hash, cfg, run, progress=progress)
-    click.echo(f"model {model_hash}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        cfg.device = str(model.device)
+        run.args.update(model_hash=model_hash, device=cfg.device)
+        with graceful_stop("precompute") as stop:
+            counts = precompute(cat, model, model_hash, cfg, run, progress=progress, stop=stop)
+        summary = ", ".join(f"{k} {v}" for k, v in counts.items())
+        if stopped_early(counts):  # the run row ends 'interrupted', with these counts
+            raise Interrupted(f"precompute stopped, finished batches committed ({summary});"
+                              " run the same command again to resume")
+    click.echo(f"model {model_hash}: {summary}")

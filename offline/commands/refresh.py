@@ -25,19 +25,19 @@ def command(ctx: click.Context, inputs: tuple[str, ...], checkpoint: str, **opti
       embsum refresh --checkpoint runs/sft/best                  # catalog already ingested
       embsum refresh new_books.tsv clicks.parquet --checkpoint runs/sft/best
 
+    What changed is decided by keys: an item's is the hash of the text the model reads
+    (`"{title}. {category}. {description}"`, blank parts left out), a user's covers those keys
+    of the history items in order. Editing an item re-encodes it and the users holding it;
+    an edit that leaves the model's text alone re-encodes nothing.
+
     Idempotent (a second run changes nothing) and safe to re-run after a crash. A second
     refresh started while one runs exits at once; scoring jobs keep using the previous index.
     """
-    from index.lock import LockHeld
-    from offline.common import db_path, progress
-    from offline.indexing import JobError
+    from offline.common import db_path, progress, wait_s
     from offline.refresh import refresh
 
     cfg = config_from(RefreshConfig, {**options, "inputs": list(inputs)})
     pre = config_from(PrecomputeConfig, options)
     idx = config_from(IndexConfig, options, prefix="index-")
-    try:
-        counts = refresh(db_path(ctx), checkpoint, cfg, pre, idx, progress=progress)
-    except (LockHeld, JobError) as err:
-        raise click.ClickException(str(err)) from None
+    counts = refresh(db_path(ctx), checkpoint, cfg, pre, idx, progress=progress, wait_s=wait_s(ctx))
     click.echo("refresh: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

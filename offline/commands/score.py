@@ -18,13 +18,17 @@ from offline.job_options import config_from, config_options
 @click.option("--index-dir", type=click.Path(file_okay=False), help="Index folder (default: <catalog>.index).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the results to this Parquet file.")
 @click.option("--table", default="scores", show_default=True,
-              help="DuckDB table the results are appended to ('' for none).")
+              help="DuckDB table the results go to, replacing the rows of the same model, index version "
+                   "and user ('' for none).")
+@click.option("--include-seen", is_flag=True,
+              help="With retrieval: also recommend items the user already interacted with (any label); "
+                   "same as --no-exclude-history.")
 @click.option("--wait", "wait_s", type=float, default=600.0, show_default=True,
               help="Seconds to wait while another process holds the catalog.")
 @config_options(ScoreConfig)
 @click.pass_context
-def command(ctx: click.Context, checkpoint, model_hash, candidates, users_file, index_dir, out, table, wait_s,
-            **options) -> None:
+def command(ctx: click.Context, checkpoint, model_hash, candidates, users_file, index_dir, out, table, include_seen,
+            wait_s, **options) -> None:
     """Exact poly-scores, top-N per user, for a candidates file or retrieved from the index.
 
     \b
@@ -32,9 +36,11 @@ def command(ctx: click.Context, checkpoint, model_hash, candidates, users_file, 
       embsum score --checkpoint runs/sft/best --retrieve 100 --top 10 --out recs.parquet
       embsum score --candidates pairs.tsv --top 0 --table candidate_scores
 
-    Rows carry run_id, model_hash, user_id, item_id, score and rank. Unknown users or items
-    (or ones without a vector for their current text/history) are reported, recorded in
-    `rejects` and skipped.
+    Rows carry run_id, model_hash, index_version (retrieval only), user_id, item_id, score and
+    rank. Retrieval never returns an item the user interacted with (any label) unless
+    --include-seen; a candidates file is scored as given. Unknown users or items (or ones
+    without a vector for their current text/history) are reported, recorded in `rejects` and
+    skipped.
     """
     from index.catalog import CatalogError
     from index.snapshot import IndexFileError
@@ -42,6 +48,8 @@ def command(ctx: click.Context, checkpoint, model_hash, candidates, users_file, 
     from offline.indexing import JobError, resolve_model_hash
     from offline.scoring import score_job
 
+    if include_seen:
+        options["exclude_history"] = False
     cfg = config_from(ScoreConfig, options)
     db = db_path(ctx)
     try:

@@ -96,7 +96,6 @@ def command(ctx: click.Context, prompt_path: str | None, source: str | None, tex
     with another seed, then stored flagged (never used as training targets).
     """
     from embsum.summarizer import BackendError, PromptTemplate
-    from offline.ingest.records import FormatError
     from offline.summarize import import_file, summarize
 
     try:
@@ -119,7 +118,7 @@ def command(ctx: click.Context, prompt_path: str | None, source: str | None, tex
                 return
             counts = summarize(cat, config, template, lambda: _load(config, quiet(ctx)), user_ids, limit,
                                counts=run.counts)
-    except (BackendError, FormatError) as err:
+    except BackendError as err:  # not one of offline.errors.USER_ERRORS (embsum/summarizer keeps its own root)
         raise click.ClickException(str(err)) from None
     if not counts["pending"]:
         click.echo("every user's summary is up to date")

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from embsum.config import ModelConfig, TrainConfig
-from offline.common import open_catalog, quiet
+from offline.common import open_catalog, quiet, recorded_run
 from offline.job_options import config_from, config_options
 
 log = logging.getLogger(__name__)
@@ -69,51 +69,49 @@ def command(ctx: click.Context, summary_source: str, init_from: str | None, reci
 
     Train users and their targets follow goodreads-v1 (sha1 bucket >= 2; every prefix ->
     next item); dev users (bucket 1) drive the periodic evaluation and OUT/best. OUT/last is
-    resumable: re-run the same command after a kill.
+    resumable: re-run the same command after a kill. --all-users trains a production model on
+    every user (dev and test users' full histories too): nothing is held out, so there is no
+    dev evaluation and OUT/best is OUT/last (its config.json records all_users: true).
     """
-    from embsum.backbone import BackboneError
-    from embsum.checkpoint import CheckpointError, build_model, load_checkpoint
-    from embsum.config import ConfigError
-    from embsum.evaluation import build_eval_set, train_examples
+    from embsum.checkpoint import build_model, load_checkpoint
+    from embsum.evaluation import build_eval_set
     from embsum.trainer import TrainData, Trainer
-    from offline.data import load_catalog_data
+    from offline.data import load_catalog_data, training_examples
 
     if recipe:
         summary_source = _apply_recipe(ctx, recipe, values, summary_source)
     train_cfg = config_from(TrainConfig, values)
     model_cfg = config_from(ModelConfig, values)
-    with open_catalog(ctx, read_only=True) as cat:
-        data = load_catalog_data(cat, summary_source)
-    examples = train_examples(data.histories, train_cfg.examples, train_cfg.train_users)
-    if not examples:
-        raise click.ClickException("no training examples: the catalog has no train-split user with 2+ items "
-                                   "(run `embsum ingest` first)")
-    dev = build_eval_set(data.histories, data.item_ids, "dev", limit=train_cfg.dev_users)
-    try:
+    args = {**train_cfg.to_dict(), **model_cfg.to_dict(), "summary_source": summary_source, "init_from": init_from}
+    # The run row is opened first, so a failure while reading data or building the model is recorded.
+    with recorded_run(ctx, "train", args) as run:
+        with open_catalog(ctx, read_only=True) as cat:
+            data = load_catalog_data(cat, summary_source)
+        examples = training_examples(data, train_cfg.examples, train_cfg.train_users, train_cfg.all_users)
+        if not examples:
+            users = "user" if train_cfg.all_users else "train-split user"
+            raise click.ClickException(f"no training examples: the catalog has no {users} with 2+ items "
+                                       "(run `embsum ingest` first)")
+        # --all-users trains on the dev users too: a dev score would not be held out, so none is computed.
+        dev = None if train_cfg.all_users else build_eval_set(data.histories, data.item_ids, "dev",
+                                                              limit=train_cfg.dev_users)
         if init_from:
             model, _ = load_checkpoint(init_from)
         else:
             model = build_model(_resume_model_config(train_cfg.out, model_cfg), seed=train_cfg.seed)
+        run.args.update(model.config.to_dict())  # a resumed run or --init-from keeps its own model config
         trainer = Trainer(model, train_cfg, TrainData(data.item_ids, data.item_texts, examples, data.histories,
                                                       data.summaries), dev, progress=not quiet(ctx))
-    except (BackboneError, CheckpointError, ConfigError) as err:
-        raise click.ClickException(str(err)) from None
-    args = {**train_cfg.to_dict(), **model.config.to_dict(), "summary_source": summary_source, "init_from": init_from}
-    # The catalog is only read: hold its lock for the bookkeeping, not for the whole run.
-    with open_catalog(ctx) as cat:
-        run_id = cat.start_run("train", args)
-    status, counts = "failed", {}
-    try:
-        click.echo(f"training on {len(examples)} examples ({len(dev.users)} dev users, "
+        held_out = "all users, no held-out dev users" if dev is None else f"{len(dev.users)} dev users"
+        click.echo(f"training on {len(examples)} examples ({held_out}, "
                    f"{len(data.summaries)} summaries), {trainer.total_steps} steps -> {train_cfg.out}")
         result = trainer.fit()
-        status = "ok"
-        counts = {"steps": result.steps, "examples": result.examples_seen, "samples_per_s": round(result.samples_per_s, 2),
-                  "best_dev_score": result.best_score, "best_hash": result.best_hash, "last_hash": result.last_hash}
-    finally:
-        with open_catalog(ctx) as cat:
-            cat.finish_run(run_id, status, counts)
-    best = f"{result.best_score:.4f}" if result.best_score is not None else "n/a"
+        run.counts.update(steps=result.steps, examples=result.examples_seen,
+                          samples_per_s=round(result.samples_per_s, 2), best_dev_score=result.best_score,
+                          best_hash=result.best_hash, last_hash=result.last_hash)
+    best = f"{result.best_score:.4f}" if result.best_score is not None else "n/a (no dev users)"
+    if train_cfg.all_users:
+        best = "none (--all-users: nothing held out)"
     click.echo(f"done: {result.steps} steps, {result.samples_per_s:.1f} samples/s, peak memory "
                f"{result.peak_memory_mb:.0f} MB, best dev score {best} -> {Path(train_cfg.out) / 'best'} "
                f"(hash {result.best_hash})")

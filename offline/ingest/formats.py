@@ -6,19 +6,26 @@ items file before any interactions file, so that interactions are checked agains
 the same command brings in.
 
 Formats:
-- tsv / csv / jsonl / parquet: one row per item or per interaction, columns by mapping flags.
+- tsv / csv / jsonl / parquet: one row per item or per interaction, columns by mapping flags or
+  found by name (case and `_`/`-`/space insensitive: `userId`, `user_id` and `UserID` match).
+  An interaction's label is a 0/1 label column, or a rating column thresholded at
+  --positive-from (>= it: label 1; below: label 0, an explicit dislike), or none (a positive).
 - goodreads (folder): books.tsv (items) + users.jsonl (a user's whole history a line; the
   history replaces the stored one; llm_interests are imported as summaries).
 - mind (folder or the two files): news.tsv (items) + behaviors.tsv (history clicks as label 1,
   then impressions with labels 1/0 and the impression time).
 - movielens (folder): MovieLens-100K as RecBole atomic files ml-100k.item / ml-100k.inter
-  (the files inside the recbole wheel): rating >= 4 is label 1, below is label 0.
+  (the files inside the recbole wheel): through the same `RatingLabel` as --rating-col, so
+  rating >= 4 is label 1, below is label 0.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
+import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +56,21 @@ EXTENSIONS = {".tsv": "tsv", ".tab": "tsv", ".txt": "tsv", ".csv": "csv", ".json
 MIND_NEWS_COLUMNS = ["news_id", "category", "subcategory", "title", "abstract", "url",
                      "title_entities", "abstract_entities"]
 MIND_BEHAVIOR_COLUMNS = ["impression_id", "user_id", "time", "history", "impressions"]
-# Column names tried, in order, when no mapping flag names one.
-ID_CANDIDATES = ("item_id", "id", "book_id", "news_id", "movie_id")
-USER_CANDIDATES = ("user_id", "user", "uid")
-ITEM_REF_CANDIDATES = ("item_id", "item", "book_id", "news_id", "movie_id")
-TIME_CANDIDATES = ("ts", "time", "timestamp", "datetime")
-LABEL_CANDIDATES = ("label", "clicked")
+# Column names tried, in order, when no mapping flag names one. Compared by their normalised
+# spelling (`normalise_column`), so `userId`, `UserID`, `user-id` and `user_id` are one name.
+ID_CANDIDATES = ("item_id", "id", "book_id", "news_id", "movie_id", "product_id")
+TITLE_CANDIDATES = ("title", "name")
+DESCRIPTION_CANDIDATES = ("description", "text", "abstract", "body")
+CATEGORY_CANDIDATES = ("category",)
+USER_CANDIDATES = ("user_id", "user", "uid", "customer_id", "member_id")
+ITEM_REF_CANDIDATES = ("item_id", "item", "iid", "book_id", "news_id", "movie_id", "product_id")
+TIME_CANDIDATES = ("ts", "time", "timestamp", "datetime", "date")
+LABEL_CANDIDATES = ("label", "clicked", "click")
+RATING_CANDIDATES = ("rating", "stars")
+
+DEFAULT_POSITIVE_FROM = 4.0  # MovieLens/Goodreads 1-5 stars: 4 and 5 are a like
+# Rows read before anything is written to check that a label column holds labels.
+LABEL_SAMPLE_ROWS = 1000
 
 
 @dataclass
@@ -68,7 +84,18 @@ class Mapping:
     user_col: str | None = None
     item_col: str | None = None
     time_col: str | None = None
-    label_col: str | None = None
+    label_col: str | None = field(default=None, metadata={"help": "0/1 label column."})
+    rating_col: str | None = field(
+        default=None, metadata={"help": "Rating column; its labels come from positive_from."})
+    positive_from: float = field(
+        default=DEFAULT_POSITIVE_FROM,
+        metadata={"help": "A rating >= this is a positive (label 1); below, an explicit dislike (label 0)."})
+
+    def __post_init__(self):
+        if self.label_col and self.rating_col:
+            raise ValueError("give --label-col or --rating-col, not both (a rating column makes the labels)")
+        if not math.isfinite(self.positive_from):
+            raise ValueError(f"positive_from must be a finite number, got {self.positive_from}")
 
 
 @dataclass
@@ -91,6 +118,7 @@ class Source:
     reader: object  # an iterable of Records with .columns
     mapper: Callable[[Record, Batch], None]
     replace_users: bool = False  # snapshot rows: a user's record is its whole history
+    notes: list[str] = field(default_factory=list)  # choices made for the user, printed and logged
 
     @property
     def name(self) -> str:
@@ -147,6 +175,28 @@ def parse_label(value) -> int | None:
     if text not in _LABELS:
         raise ValueError(f"label {value!r} is not 0/1")
     return _LABELS[text]
+
+
+@dataclass(frozen=True)
+class RatingLabel:
+    """Rating -> label, the one mapping for --rating-col and the MovieLens reader: a rating
+    >= positive_from is a positive (1), below it an explicit dislike (0, stored: a shown and
+    disliked item is a negative, not a missing one); empty -> None (an unrated interaction, a
+    positive like any row without a label); not a number -> ValueError (a bad_value reject)."""
+
+    positive_from: float = DEFAULT_POSITIVE_FROM
+
+    def __call__(self, value) -> int | None:
+        text = _text(value)
+        if not text:
+            return None
+        rating = float(text)
+        if not math.isfinite(rating):
+            raise ValueError(f"rating {value!r} is not a finite number")
+        return int(rating >= self.positive_from)
+
+    def note(self, column: str) -> str:
+        return f"rating column {column!r} -> positive from {self.positive_from:g} (--positive-from)"
 
 
 def _digest(*parts) -> str:
@@ -287,12 +337,6 @@ def _movielens_item(values: dict) -> dict:
             "description": " ".join(p for p in parts if p) or None}
 
 
-def _rating_label(value) -> int | None:
-    """MovieLens ratings 1..5: 4 or 5 is a positive (label 1), 1..3 a shown-not-liked (0)."""
-    text = _text(value)
-    return None if not text else int(float(text) >= 4)
-
-
 def _atomic_reader(path: Path) -> DelimitedReader:
     """RecBole atomic file: TSV whose header names are `name:type`."""
     reader = DelimitedReader(path, "\t", quoting=False)
@@ -301,17 +345,120 @@ def _atomic_reader(path: Path) -> DelimitedReader:
 
 
 # -- planning: command line -> sources ---------------------------------------------------------------
-def _pick(columns: list[str], flag: str, given: str | None, candidates: tuple[str, ...],
-          path: Path, required: bool) -> str | None:
-    if given:
-        if given not in columns:
-            raise FormatError(f"{path}: no column {given!r} for {flag} (columns: {', '.join(columns)})")
-        return given
-    found = next((c for c in candidates if c in columns), None)
-    if found is None and required:
-        raise FormatError(f"{path}: no {flag.lstrip('-').replace('-col', '')} column among "
-                          f"{', '.join(columns)} (name it with {flag})")
+def normalise_column(name) -> str:
+    """A column name as matched: lowercase, without `_`, `-` or spaces (`userId` == `user_id`)."""
+    return re.sub(r"[\s_\-]+", "", str(name)).lower()
+
+
+def _find(columns: list[str], names) -> str | None:
+    """The file's spelling of the first of `names` it has (normalised match)."""
+    present: dict[str, str] = {}
+    for column in columns:
+        present.setdefault(normalise_column(column), column)
+    return next((present[n] for n in map(normalise_column, names) if n in present), None)
+
+
+def _listing(columns: list[str], most: int = 30) -> str:
+    shown = ", ".join(columns[:most])
+    return shown + (f", ... ({len(columns)} columns)" if len(columns) > most else "")
+
+
+def _pick(columns: list[str], flag: str, given: str | None, candidates: tuple[str, ...], path: Path) -> str | None:
+    """The column `flag` names (its exact spelling, else the same normalised one), else the
+    first of `candidates` present; None when it names none and none is present."""
+    if not given:
+        return _find(columns, candidates)
+    found = given if given in columns else _find(columns, (given,))
+    if found is None:
+        raise FormatError(f"{path}: no column {given!r} for {flag} (columns: {_listing(columns)})")
     return found
+
+
+def _require(columns: list[str], flag: str, given: str | None, candidates: tuple[str, ...], path: Path,
+             other_kind: str = "") -> str:
+    found = _pick(columns, flag, given, candidates, path)
+    if found is None:
+        what = flag.lstrip("-").replace("-col", "")
+        raise FormatError(f"{path}: no {what} column among {_listing(columns)} (name it with {flag}{other_kind})")
+    return found
+
+
+def _guess_kind(columns: list[str], m: Mapping) -> str:
+    """--kind auto, from the columns this file has (a flag counts where its column is here: one
+    command may bring items and interactions): a user column means interactions, a text column
+    items; neither, but a rating/label/time column: interactions (so that a missing column is
+    reported with --user-col/--item-col, not --id-col); else items."""
+    def has(given: str | None, candidates: tuple[str, ...]) -> bool:
+        return _find(columns, (given,) if given else candidates) is not None
+
+    if has(m.user_col, USER_CANDIDATES):
+        return INTERACTIONS
+    if has(m.title_col, TITLE_CANDIDATES) or has(m.description_col, DESCRIPTION_CANDIDATES):
+        return ITEMS
+    if has(m.rating_col, RATING_CANDIDATES) or has(m.label_col, LABEL_CANDIDATES) or has(m.time_col, TIME_CANDIDATES):
+        return INTERACTIONS
+    return ITEMS
+
+
+def _sample(reader, column: str, rows: int = LABEL_SAMPLE_ROWS) -> list[str]:
+    """The non-empty values of `column` in the first `rows` records (read before anything is
+    written, so that a wrong column is refused instead of half-ingested)."""
+    records = iter(reader)
+    try:
+        values = [_text(r.values.get(column)) for r in itertools.islice(records, rows) if r.values is not None]
+    finally:
+        if hasattr(records, "close"):
+            records.close()  # the reader's file
+    return [v for v in values if v]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _check_labels(reader, column: str, path: Path, positive_from: float) -> None:
+    """Refuse a label column whose sampled values are mostly not 0/1 (a rating column given as
+    --label-col would lose most rows as bad_value and keep the 1-star ones as positives). A few
+    bad values are not refused: those rows become bad_value rejects."""
+    values = _sample(reader, column)
+    bad = [v for v in values if v.lower() not in _LABELS]
+    if 2 * len(bad) <= len(values):
+        return
+    examples = ", ".join(list(dict.fromkeys(bad))[:3])
+    hint = (f"looks like ratings: use --rating-col {column} --positive-from {positive_from:g}"
+            if 2 * sum(map(_is_number, bad)) > len(bad) else "labels must be 0/1 (or true/false, yes/no)")
+    raise FormatError(f"{path}: label column {column!r} is not 0/1 (e.g. {examples}); {hint}")
+
+
+def _check_ratings(reader, column: str, path: Path, rating: RatingLabel) -> None:
+    """Refuse a 'rating' column that holds only 0/1 when the threshold would make every row a
+    dislike: it is a label column."""
+    numbers = {float(v) for v in _sample(reader, column) if _is_number(v)}
+    if numbers and numbers <= {0.0, 1.0} and rating.positive_from > 1:
+        raise FormatError(f"{path}: rating column {column!r} holds only 0/1, so with --positive-from "
+                          f"{rating.positive_from:g} every row would be a dislike; use --label-col {column}")
+
+
+def _label_mapping(reader, m: Mapping, path: Path) -> tuple[str | None, Callable, list[str]]:
+    """(column, value -> label, notes) for an interactions file: --rating-col; else a 0/1 label
+    column (--label-col or by name); else a rating column found by name, used with
+    --positive-from and said so (never every rating a positive); else none (all positives)."""
+    cols = reader.columns
+    rating_col = _pick(cols, "--rating-col", m.rating_col, (), path)
+    if rating_col is None:
+        label_col = _pick(cols, "--label-col", m.label_col, LABEL_CANDIDATES, path)
+        if label_col is not None:
+            _check_labels(reader, label_col, path, m.positive_from)
+            return label_col, parse_label, []
+        rating_col = _find(cols, RATING_CANDIDATES)
+        if rating_col is None:
+            return None, parse_label, []
+    rating = RatingLabel(m.positive_from)
+    _check_ratings(reader, rating_col, path, rating)
+    return rating_col, rating, [rating.note(rating_col)]
 
 
 def _generic_reader(path: Path, fmt: str, quoting: bool, batch_size: int):
@@ -327,27 +474,28 @@ def _generic_reader(path: Path, fmt: str, quoting: bool, batch_size: int):
 def _generic_source(path: Path, fmt: str, kind: str, m: Mapping, quoting: bool, batch_size: int) -> Source:
     reader = _generic_reader(path, fmt, quoting, batch_size)
     cols = reader.columns
+    other_kind = ""
     if kind == "auto":
-        kind = INTERACTIONS if _pick(cols, "--user-col", m.user_col, USER_CANDIDATES, path, False) else ITEMS
+        kind = _guess_kind(cols, m)
+        if kind == ITEMS:
+            other_kind = "; for interactions: --kind interactions --user-col NAME --item-col NAME"
     if kind == ITEMS:
-        id_col = _pick(cols, "--id-col", m.id_col, ID_CANDIDATES, path, True)
-        title = _pick(cols, "--title-col", m.title_col, ("title", "name"), path, False)
-        description = _pick(cols, "--description-col", m.description_col,
-                            ("description", "text", "abstract", "body"), path, False)
+        id_col = _require(cols, "--id-col", m.id_col, ID_CANDIDATES, path, other_kind)
+        title = _pick(cols, "--title-col", m.title_col, TITLE_CANDIDATES, path)
+        description = _pick(cols, "--description-col", m.description_col, DESCRIPTION_CANDIDATES, path)
         if not title and not description:
-            raise FormatError(f"{path}: no text column (name one with --title-col or --description-col)")
-        category = _pick(cols, "--category-col", m.category_col, ("category",), path, False)
+            raise FormatError(f"{path}: no text column among {_listing(cols)} (name one with --title-col or "
+                              f"--description-col{other_kind})")
+        category = _pick(cols, "--category-col", m.category_col, CATEGORY_CANDIDATES, path)
         return Source(path, ITEMS, reader, ItemMapper(id_col, title, description, category))
-    mapper = InteractionMapper(
-        _pick(cols, "--user-col", m.user_col, USER_CANDIDATES, path, True),
-        _pick(cols, "--item-col", m.item_col, ITEM_REF_CANDIDATES, path, True),
-        _pick(cols, "--time-col", m.time_col, TIME_CANDIDATES, path, False),
-        _pick(cols, "--label-col", m.label_col, LABEL_CANDIDATES, path, False),
-    )
-    return Source(path, INTERACTIONS, reader, mapper)
+    user = _require(cols, "--user-col", m.user_col, USER_CANDIDATES, path)
+    item = _require(cols, "--item-col", m.item_col, ITEM_REF_CANDIDATES, path)
+    time = _pick(cols, "--time-col", m.time_col, TIME_CANDIDATES, path)
+    label_col, label, notes = _label_mapping(reader, m, path)
+    return Source(path, INTERACTIONS, reader, InteractionMapper(user, item, time, label_col, label), notes=notes)
 
 
-def _dataset_sources(fmt: str, path: Path) -> list[Source]:
+def _dataset_sources(fmt: str, path: Path, positive_from: float = DEFAULT_POSITIVE_FROM) -> list[Source]:
     """A dataset folder (both files) or one of its two files."""
     items_name, inter_name = DATASETS[fmt]
     paths = [path / items_name, path / inter_name] if path.is_dir() else [path]
@@ -374,8 +522,10 @@ def _dataset_sources(fmt: str, path: Path) -> list[Source]:
             sources.append(Source(p, ITEMS, _atomic_reader(p),
                                   ItemMapper("item_id", "title", "description", transform=_movielens_item)))
         else:
+            rating = RatingLabel(positive_from)
             sources.append(Source(p, INTERACTIONS, _atomic_reader(p),
-                                  InteractionMapper("user_id", "item_id", "timestamp", "rating", _rating_label)))
+                                  InteractionMapper("user_id", "item_id", "timestamp", "rating", rating),
+                                  notes=[rating.note("rating")]))
     return sources
 
 
@@ -407,7 +557,7 @@ def plan_sources(paths: list[str | Path], fmt: str = "auto", kind: str = "auto",
             raise FormatError(f"{path}: no such file or folder")
         this = detect_format(path) if fmt == "auto" else fmt
         if this in DATASETS:
-            sources.extend(_dataset_sources(this, path))
+            sources.extend(_dataset_sources(this, path, mapping.positive_from))
         else:
             sources.append(_generic_source(path, this, kind, mapping, quoting, batch_size))
     return sorted(sources, key=lambda s: s.kind != ITEMS)

@@ -64,6 +64,7 @@ class SourceReport:
     kind: str
     counts: Counter = field(default_factory=Counter)  # records, new, updated, unchanged, ...
     rejects: Counter = field(default_factory=Counter)  # reason -> rows
+    notes: list[str] = field(default_factory=list)  # the source's choices made for the user
 
     @property
     def landed(self) -> int:
@@ -74,7 +75,8 @@ class SourceReport:
         text = (f"{Path(self.path).name}: {self.landed} {self.kind} "
                 f"({c['new']} new, {c['updated']} updated, {c['unchanged']} unchanged)")
         if self.kind != ITEMS:
-            text += f", {c['users_changed']} user history updates"
+            text += (f", {c['positives']} positives, {c['dislikes']} explicit dislikes"
+                     f", {c['users_changed']} user history updates")
         if c["summaries"]:
             text += f", {c['summaries']} summaries imported"
         if c["duplicates"]:
@@ -113,7 +115,8 @@ class IngestReport:
         return dict(out)
 
     def summary(self) -> list[str]:
-        lines = [s.line() for s in self.sources]
+        lines = [f"{Path(s.path).name}: {note}" for s in self.sources for note in s.notes]
+        lines += [s.line() for s in self.sources]
         rejects = self.rejects
         by_reason = ", ".join(f"{reason} {n}" for reason, n in rejects.most_common()) or "none"
         lines.append(f"total: {self.landed} rows ingested, {sum(rejects.values())} rejected ({by_reason})")
@@ -156,6 +159,14 @@ def import_summaries(cat: Catalog, pairs: list[tuple[str, str]]) -> int:
     return upsert_summaries(cat, rows)
 
 
+def _label_counts(rows: list[tuple]) -> dict[str, int]:
+    """Positives (label 1 or none) and explicit dislikes (label 0) among interaction rows, one
+    per stored key (user, position, item), as the catalog keeps them."""
+    labels = {(row[0], row[2], row[1]): row[4] for row in rows}
+    dislikes = sum(label == 0 for label in labels.values())
+    return {"positives": len(labels) - dislikes, "dislikes": dislikes}
+
+
 def _write_batch(cat: Catalog, source: Source, batch: Batch, report: SourceReport, run_id: str | None) -> None:
     """One batch: rows, the users it touches, summaries and rejects, all in the caller's transaction."""
     if source.kind == ITEMS:
@@ -168,6 +179,7 @@ def _write_batch(cat: Catalog, source: Source, batch: Batch, report: SourceRepor
                              for row in batch.rows if row[1] not in known)
         counts = cat.upsert_interactions(_interactions_table(good), source=source.name,
                                          replace_users=source.replace_users)
+        counts.update(_label_counts(good))
         if batch.summaries:
             counts["summaries"] = import_summaries(cat, batch.summaries)
     cat.add_rejects(batch.rejects, run_id, source.name)
@@ -177,7 +189,9 @@ def _write_batch(cat: Catalog, source: Source, batch: Batch, report: SourceRepor
 
 
 def ingest_source(cat: Catalog, source: Source, batch_size: int, run_id: str | None, bar=None) -> SourceReport:
-    report = SourceReport(source.name, source.kind)
+    report = SourceReport(source.name, source.kind, notes=list(source.notes))
+    for note in source.notes:
+        log.info("%s: %s", source.path.name, note)
     pause = float(os.environ.get(SLEEP_ENV) or 0)
     cleared = False
     for number, batch in enumerate(source.batches(batch_size), 1):
@@ -205,10 +219,10 @@ def ingest(cat: Catalog, paths: list[str | Path], config: IngestConfig | None = 
     Status: 'ok'; 'empty' when no row landed; 'rejects_exceeded' when the reject rate is over
     config.max_reject_rate (the good rows are kept either way). FormatError propagates."""
     config = config or IngestConfig()
-    sources = plan_sources(paths, config.format, config.kind, mapping, config.quoting, config.batch_size)
     args = {"paths": [str(Path(p).resolve()) for p in paths], **config.__dict__,
             "mapping": {k: v for k, v in (mapping or Mapping()).__dict__.items() if v}}
-    with cat.run("ingest", args) as run:
+    with cat.run("ingest", args) as run:  # opened first: an unreadable input leaves a 'failed' row
+        sources = plan_sources(paths, config.format, config.kind, mapping, config.quoting, config.batch_size)
         report = IngestReport(run.run_id)
         for source in sources:
             bar = progress(desc=source.path.name, unit=" rows") if progress else None
@@ -219,8 +233,9 @@ def ingest(cat: Catalog, paths: list[str | Path], config: IngestConfig | None = 
                     bar.close()
         if report.landed == 0:
             report.status = "empty"
+            run.fail("nothing usable was read (every row was rejected or the input is empty)")
         elif config.max_reject_rate is not None and report.reject_rate > config.max_reject_rate:
             report.status = "rejects_exceeded"
+            run.fail(f"reject rate {report.reject_rate:.1%} is over max_reject_rate {config.max_reject_rate:.1%}")
         run.counts.update(report.counts())
-        run.status = report.status
     return report

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from offline.errors import UserError
 
 # Why a row was rejected (the `rejects.reason` values; stable names, tests and `info` use them).
 MISSING_ID = "missing_id"
@@ -27,14 +30,21 @@ WRONG_COLUMN_COUNT = "wrong_column_count"
 UNKNOWN_ITEM = "unknown_item"  # an interaction names an item the catalog does not hold
 BAD_JSON = "bad_json"
 BAD_VALUE = "bad_value"  # unparseable time, label, rating or list field
-BAD_QUOTING = "bad_quoting"  # an opened quote that never closes (csv field limit hit)
+BAD_QUOTING = "bad_quoting"  # an opened quote that never closes (past either limit below)
+FIELD_TOO_LARGE = "field_too_large"  # one field on one line longer than MAX_FIELD_CHARS
 
-# A runaway quoted field stops here instead of swallowing the rest of the file.
-MAX_FIELD_CHARS = 1 << 20
+# Limits, read at iteration time (tests lower them). The longest field (characters): big
+# enough for any real description (a 5 MB one is fine). The most physical lines one quoted
+# record may span: a runaway quote is rejected as bad_quoting after that many lines instead of
+# swallowing up to MAX_FIELD_CHARS of the rows after it.
+MAX_FIELD_CHARS = min(64 << 20, sys.maxsize)
+MAX_RECORD_LINES = 10_000
+# A reject keeps this much of its row (a field_too_large row would otherwise store it all).
+MAX_RAW_CHARS = 10_000
 
 
-class FormatError(Exception):
-    """The file cannot be read as the requested format: one clear line for the user."""
+class FormatError(UserError):
+    """The file cannot be read as the requested format: one clear line for the user (exit 1)."""
 
 
 @dataclass
@@ -83,11 +93,12 @@ class DelimitedReader:
         self._given = columns
         self.columns = list(columns) if columns is not None else self._read_header()
 
-    def _split(self, lines: Iterator[str]) -> Iterator[list[str]]:
+    def _split(self, lines: Iterator[str], state: dict | None = None) -> Iterator[list[str]]:
         if not self.quoting:
             return (line.split(self.delimiter) for line in lines)
-        # csv needs the line ends back to keep a newline inside a quoted field.
-        return csv.reader((line + "\n" for line in lines), delimiter=self.delimiter, quotechar='"',
+        # The limit is process-wide state of the csv module (default 128 KiB): set it each time.
+        csv.field_size_limit(MAX_FIELD_CHARS)
+        return csv.reader(_with_line_ends(lines, state), delimiter=self.delimiter, quotechar='"',
                           doublequote=True, strict=False)
 
     def _read_header(self) -> list[str]:
@@ -106,14 +117,13 @@ class DelimitedReader:
         return header
 
     def __iter__(self) -> Iterator[Record]:
-        csv.field_size_limit(MAX_FIELD_CHARS)
         state: dict = {"lines": [], "text": [], "bad_utf8": False}
         with _open_binary(self.path) as fh:
             lines = _decoded_lines(fh, state)
             if self._given is None:
                 next(lines, None)  # the header, read by _read_header
             self._reset(state)
-            rows = self._split(lines)
+            rows = self._split(lines, state)
             width = len(self.columns)
             while True:
                 try:
@@ -121,14 +131,16 @@ class DelimitedReader:
                 except StopIteration:
                     return
                 except csv.Error:
-                    yield self._take(state, None, BAD_QUOTING)
-                    rows = self._split(lines)
+                    yield self._take(state, None, _csv_error_reason(state["text"]))
+                    rows = self._split(lines, state)  # the csv reader is unusable after an error
                     continue
                 if fields == [] or fields == [""]:
                     self._reset(state)  # blank line
                     continue
                 if state["bad_utf8"]:
                     yield self._take(state, fields, INVALID_UTF8)
+                elif not self.quoting and max(map(len, fields)) > MAX_FIELD_CHARS:  # no csv limit here
+                    yield self._take(state, None, FIELD_TOO_LARGE)
                 elif len(fields) != width:
                     yield self._take(state, fields, WRONG_COLUMN_COUNT)
                 else:
@@ -145,8 +157,26 @@ class DelimitedReader:
         raw = "\n".join(state["text"])
         self._reset(state)
         if error:
+            if len(raw) > MAX_RAW_CHARS:
+                raw = f"{raw[:MAX_RAW_CHARS]}... ({len(raw)} characters in all)"
             return Record(line, raw, error=error)
         return Record(line, raw, values=dict(zip(self.columns, fields)))
+
+
+def _with_line_ends(lines: Iterator[str], state: dict | None) -> Iterator[str]:
+    """Lines for csv, their ends put back (a newline inside a quoted field is kept); stops a
+    record that spans more than MAX_RECORD_LINES lines (the lines in `state`) with csv.Error."""
+    for line in lines:
+        if state is not None and len(state["lines"]) > MAX_RECORD_LINES:
+            raise csv.Error(f"a quoted field runs over {MAX_RECORD_LINES} lines")
+        yield line + "\n"
+
+
+def _csv_error_reason(lines: list[str]) -> str:
+    """Why csv gave up on the record made of `lines`: a physical line longer than the field
+    limit is one field too large (quoted or not); otherwise a quote opened and never closed
+    (it ran over several lines past the limit) or csv found the quoting broken."""
+    return FIELD_TOO_LARGE if any(len(line) > MAX_FIELD_CHARS for line in lines) else BAD_QUOTING
 
 
 class JsonlReader:

@@ -1,14 +1,26 @@
 """EmbSum model on tiny BERT/T5 backbones: shapes, user memory packing, inference without a
-summary, encoding helpers, checkpoint round trip."""
+summary, encoding helpers, checkpoint round trip (new and old formats, with and without the
+MoE fusion layer)."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from embsum.checkpoint import build_model, checkpoint_hash, init_checkpoint, load_checkpoint, save_checkpoint
+from embsum.checkpoint import (
+    build_model,
+    check_checkpoint,
+    checkpoint_hash,
+    init_checkpoint,
+    load_checkpoint,
+    model_hash,
+    save_checkpoint,
+)
 from embsum.config import ConfigError, ModelConfig
 from embsum.encoding import StateCache, encode_item_texts, encode_user_histories
 from embsum.model import EmbSumModel
+from embsum.moe import MoEConfig
 from embsum.scoring import poly_score_matrix
 
 TEXTS = ["A tale of two cities. Revolution and love.", "Dune. Sand, spice and prophecy on a desert planet.",
@@ -24,6 +36,34 @@ def test_config_validation():
     assert ModelConfig(pooling="mean").item_codes == 1
     with pytest.raises(ConfigError, match="unknown"):
         ModelConfig.from_dict({"nope": 1})
+
+
+def test_fusion_config():
+    """ModelConfig.fusion: a dict or an MoEConfig, stored as a complete validated dict; empty or
+    None is no fusion layer and leaves config.json as it was before the field existed."""
+    assert ModelConfig(fusion=None).fusion == {} and "fusion" not in ModelConfig().to_dict()
+    full = ModelConfig(fusion={"d_model": 32, "num_experts": 2, "top_k": 1}).fusion
+    assert full == MoEConfig(d_model=32, num_experts=2, top_k=1).to_dict()
+    assert ModelConfig(fusion=MoEConfig(d_model=32)).fusion == MoEConfig(d_model=32).to_dict()
+    assert ModelConfig.from_dict(ModelConfig(fusion={"d_model": 8}).to_dict()).fusion["d_model"] == 8
+    with pytest.raises(ConfigError, match="fusion: top_k"):
+        ModelConfig(fusion={"top_k": 9})
+    with pytest.raises(ConfigError, match="fusion: .*unexpected keyword"):
+        ModelConfig(fusion={"experts": 2})
+
+
+def test_fusion_layer_is_built_from_the_config(tiny_bert_dir):
+    model = build_model(ModelConfig(backbone=tiny_bert_dir, item_codes=2, user_codes=2,
+                                    fusion=MoEConfig(d_model=32, num_experts=2, top_k=1))).eval()
+    assert model.fusion is not None and model.fusion.config.num_experts == 2
+    before, _ = encode_item_texts(model, TEXTS, progress=False)
+    with torch.no_grad():
+        model.fusion.w_out.normal_(std=0.5)  # away from the identity it starts as
+    after, _ = encode_item_texts(model, TEXTS, progress=False)
+    assert np.abs(after - before).max() > 1e-3  # the layer is applied to every CPE vector
+    np.testing.assert_allclose(np.linalg.norm(after, axis=-1), 1, rtol=1e-5)  # ... before normalisation
+    with pytest.raises(ConfigError, match="does not match the model's width 32"):
+        build_model(ModelConfig(backbone=tiny_bert_dir, fusion={"d_model": 16}))
 
 
 def test_user_memory_squeezes_padding():
@@ -108,5 +148,67 @@ def test_init_checkpoint_mean_pooling(tiny_bert_dir, tmp_path):
     digest = init_checkpoint(ModelConfig(backbone=tiny_bert_dir, pooling="mean"), tmp_path / "init")
     model, digest2 = load_checkpoint(tmp_path / "init")
     assert digest == digest2
-    cpe, cpe_p = encode_item_texts(model, TEXTS, progress=False)
+    cpe, _ = encode_item_texts(model, TEXTS, progress=False)
     assert cpe.shape == (5, 1, model.d)
+
+
+def fused_model(tiny_bert_dir) -> EmbSumModel:
+    """A model with a non-identity fusion layer, as `embsum align` exports it."""
+    model = build_model(ModelConfig(backbone=tiny_bert_dir, item_codes=3, user_codes=2, item_max_tokens=24,
+                                    fusion=MoEConfig(d_model=32, num_experts=4, top_k=2))).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model.fusion.w_out.normal_(std=0.3)
+        model.fusion.input_mean.normal_()  # a saved buffer: routing statistics must round-trip
+    return model
+
+
+def test_aligned_checkpoint_round_trip_and_modules_json(tiny_bert_dir, tmp_path):
+    model = fused_model(tiny_bert_dir)
+    digest = save_checkpoint(model, tmp_path / "aligned")
+    modules = json.loads((tmp_path / "aligned" / "modules.json").read_text())
+    assert [m["name"] for m in modules] == ["backbone", "item_poly", "user_poly", "item_ws", "fusion"]
+    assert modules[-1]["type"] == "embsum.moe.MoEFusion" and modules[-1]["weights"] == "fusion."
+    loaded, digest2 = load_checkpoint(tmp_path / "aligned")
+    assert digest2 == digest and torch.equal(loaded.fusion.input_mean, model.fusion.input_mean)
+    np.testing.assert_allclose(encode_user_histories(loaded, HISTORIES, progress=False),
+                               encode_user_histories(model, HISTORIES, progress=False), atol=1e-5)
+
+
+def test_checkpoints_written_before_modules_json_load_with_their_hash(tiny_bert_dir, tiny_model, tmp_path):
+    """Checkpoints written before modules.json have none (an aligned one has model_config.fusion
+    and fusion.* weights): they load, with the hash their `hash` file holds."""
+    old_plain, old_aligned = tmp_path / "plain", tmp_path / "aligned"
+    digest = save_checkpoint(tiny_model, old_plain)
+    aligned = fused_model(tiny_bert_dir)
+    save_checkpoint(aligned, old_aligned)
+    for directory in (old_plain, old_aligned):
+        (directory / "modules.json").unlink()
+    meta = json.loads((old_plain / "config.json").read_text())["model_config"]
+    assert sorted(meta) == ["backbone", "decoder_layers", "item_codes", "item_max_tokens", "max_history",
+                            "normalize", "pooling", "session_max_tokens", "session_size", "summary_max_tokens",
+                            "user_codes"]  # the keys written before ModelConfig.fusion existed
+    assert json.loads((old_aligned / "config.json").read_text())["model_config"]["fusion"]["num_experts"] == 4
+
+    (old_plain / "hash").write_text("0123456789abcdef\n")  # written by an older hash function
+    digest = checkpoint_hash(old_plain)
+    model, digest2 = load_checkpoint(old_plain)
+    assert digest2 == digest and model.fusion is None
+    assert [m["name"] for m in check_checkpoint(old_aligned).modules] == [
+        "backbone", "fusion", "item_poly", "item_ws", "user_poly"]  # read off the weights' names
+    loaded, _ = load_checkpoint(old_aligned)
+    np.testing.assert_allclose(encode_item_texts(loaded, TEXTS, progress=False)[0],
+                               encode_item_texts(aligned, TEXTS, progress=False)[0], atol=1e-5)
+
+
+def test_hash_keys_the_model_not_the_save(tiny_model, tmp_path):
+    """Same weights -> same hash, whatever the training metadata or a load/save round trip; a
+    changed weight -> another hash (vectors are keyed by it)."""
+    first = save_checkpoint(tiny_model, tmp_path / "a", extra={"step": 3, "dev": {"ndcg@10": 0.1}})
+    second = save_checkpoint(tiny_model, tmp_path / "b", extra={"step": 7})
+    assert first == second == model_hash(tiny_model)
+    loaded, digest = load_checkpoint(tmp_path / "a")
+    assert digest == first and save_checkpoint(loaded, tmp_path / "c") == first
+    with torch.no_grad():
+        loaded.item_poly.codes.add_(1e-3)
+    assert model_hash(loaded) != first

@@ -106,3 +106,25 @@ def test_anisotropic_vectors_are_still_spread_over_the_experts():
     assert torch.equal(moe.input_mean, mean_before)
     assert min(moe.expert_shares()) > 0.05
     assert "input_mean" in moe.state_dict() and "routed_counts" not in moe.state_dict()
+
+
+def test_aux_losses_are_kept_for_the_trainer_only_when_asked():
+    """Inside a model the layer's aux loss cannot be returned: it is recorded (training forwards
+    only, when `record_aux` is on) until `pop_aux` takes it."""
+    import copy
+
+    torch.manual_seed(4)
+    moe = MoEFusion(MoEConfig(d_model=8, num_experts=4, top_k=2))
+    x = torch.randn(16, 8)
+    moe(x)
+    assert moe.pop_aux() is None  # off by default: an SFT run on an aligned model piles nothing up
+    moe.record_aux = True
+    with torch.no_grad():
+        moe(x)
+    assert moe.pop_aux() is None  # inference records nothing
+    first, second = moe(x)[1], moe(x[:8])[1]
+    copied = copy.deepcopy(moe)  # pending losses hold graphs: a copy (export, inference) starts without
+    assert copied.pop_aux() is None
+    aux = moe.pop_aux()
+    assert aux.requires_grad and aux.item() == pytest.approx((first.item() + second.item()) / 2, abs=1e-6)
+    assert moe.pop_aux() is None

@@ -27,6 +27,8 @@ def test_packed_linear_equals_linear(shape, bias):
     x = torch.randn(*shape)
     fp32 = packed_linear.PackedLinear(linear, torch.float32)
     torch.testing.assert_close(fp32(x), linear(x), atol=1e-5, rtol=1e-5)
+    if not packed_linear.available(torch.bfloat16):
+        return  # oneDNN's bf16 kernels need AVX512-BW; such CPUs run bf16 under plain autocast
     bf16 = packed_linear.PackedLinear(linear, torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = linear(x)
@@ -65,7 +67,7 @@ def test_encoding_with_packed_linears_equals_the_plain_model(backbone, request, 
         encode_user_histories(model, HISTORIES, progress=False, batch_size=3)
     bf16 = encode_item_texts(model, TEXTS, progress=False, dtype="bf16")
     copies = encoding._INFERENCE_COPIES[model]
-    assert {"fp32", "bf16"} <= set(copies)
+    assert "fp32" in copies and ("bf16" in copies) == packed_linear.available(torch.bfloat16)
     assert any(isinstance(m, packed_linear.PackedLinear) for m in copies["fp32"][1].modules())
     monkeypatch.setenv("EMBSUM_PACK_LINEARS", "0")
     assert not packed_linear.available()

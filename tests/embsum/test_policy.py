@@ -1,20 +1,21 @@
 """The RoDPO policy on tiny backbones: starts at the SFT model, reference == adapters disabled,
-merged export == unmerged policy, aligned checkpoints round-trip."""
+merged export == unmerged policy, aligned checkpoints round-trip through the one loader."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
-from embsum.checkpoint import build_model, save_checkpoint
+from embsum.checkpoint import build_model, load_checkpoint, save_checkpoint
 from embsum.config import ModelConfig
 from embsum.dpo import dpo_loss
 from embsum.encoding import session_index
 from embsum.lora import LoraSettings
 from embsum.moe import MoEConfig
-from embsum.policy import Policy, load_model
+from embsum.policy import Policy
 from embsum.scoring import poly_score_matrix
 
 ITEMS = ["A quiet novel about the sea.", "Space opera with pirates and a lost empire.",
@@ -30,12 +31,17 @@ def scores(model) -> torch.Tensor:
 
 def raw_scores(model) -> torch.Tensor:
     """[users, items] through the model's public encode_items / encode_users."""
+    return poly_score_matrix(*vectors(model))
+
+
+def vectors(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(UPE, CPE, CPE') of HISTORIES and ITEMS through the model's own forward."""
     items = model.tokenize(ITEMS)
     cpe, cpe_prime = model.encode_items(items["input_ids"], items["attention_mask"])
     texts, index = session_index(HISTORIES)
     sessions = model.tokenize(texts)
     upe = model.encode_users(sessions["input_ids"], sessions["attention_mask"], index)
-    return poly_score_matrix(upe, cpe, cpe_prime)
+    return upe, cpe, cpe_prime
 
 
 def make_sft(backbone_dir, pooling="poly"):
@@ -116,15 +122,22 @@ def test_merged_export_scores_like_the_unmerged_policy_and_round_trips(backbone,
     assert torch.allclose(scores(exported), unmerged, atol=1e-5)
     assert torch.allclose(scores(policy.model), unmerged)  # the policy itself is untouched
     digest = save_checkpoint(exported, tmp_path / "aligned")
-    loaded, loaded_hash = load_model(tmp_path / "aligned")
-    assert loaded_hash == digest
-    assert torch.allclose(scores(loaded), unmerged, atol=1e-5)
+    modules = json.loads((tmp_path / "aligned" / "modules.json").read_text())
+    assert [m["name"] for m in modules if m["name"] in ("backbone", "fusion")] == ["backbone", "fusion"]
+    assert json.loads((tmp_path / "aligned" / "config.json").read_text())["model_config"]["fusion"]["d_model"] == 32
+    loaded, loaded_hash = load_checkpoint(tmp_path / "aligned")
+    assert loaded_hash == digest and loaded.fusion is not None
+    # The loaded checkpoint's CPE/UPE are the policy's own (unmerged adapters, MoE applied).
+    with torch.no_grad():
+        for got, want in zip(vectors(loaded), vectors(policy.model)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_plain_checkpoints_load_unchanged_and_fused_models_are_rejected(tiny_bert_dir, tmp_path):
     sft = make_sft(tiny_bert_dir)
     save_checkpoint(sft, tmp_path / "sft")
-    loaded, _ = load_model(tmp_path / "sft")
+    loaded, _ = load_checkpoint(tmp_path / "sft")
+    assert loaded.fusion is None and "fusion" not in loaded.config.to_dict()
     assert torch.allclose(scores(loaded), scores(sft), atol=1e-6)
     policy = Policy(loaded, LoraSettings(r=4), MoEConfig())
     with pytest.raises(ValueError, match="already has a fusion layer"):

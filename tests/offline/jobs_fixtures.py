@@ -53,20 +53,26 @@ def build_catalog(db: Path, n_items: int = 48, n_users: int = 16, seed: int = 0)
                                           "position": pa.array([r[2] for r in rows], pa.int32())}))
 
 
-def make_checkpoint(directory: Path, seed: int = 0) -> str:
-    """A tiny BERT (1 layer, d=32) warm-started into EmbSum with n=3 item and m=2 user codes."""
+def tiny_backbone(directory: Path, seed: int = 0) -> Path:
+    """A tiny BERT (1 layer, d=32) with the packaged tokenizer, saved as a backbone folder."""
     import torch
     from transformers import BertConfig, BertModel
 
     from embsum.backbone import load_tokenizer, packaged_dir
+
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(str(directory))
+    load_tokenizer(packaged_dir()).save_pretrained(str(directory))
+    return directory
+
+
+def make_checkpoint(directory: Path, seed: int = 0) -> str:
+    """A tiny BERT (1 layer, d=32) warm-started into EmbSum with n=3 item and m=2 user codes."""
     from embsum.checkpoint import build_model, save_checkpoint
     from embsum.config import ModelConfig
 
-    backbone = directory.parent / f"{directory.name}-backbone"
-    torch.manual_seed(seed)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(str(backbone))
-    load_tokenizer(packaged_dir()).save_pretrained(str(backbone))
+    backbone = tiny_backbone(directory.parent / f"{directory.name}-backbone", seed)
     config = ModelConfig(backbone=str(backbone), item_codes=3, user_codes=2, item_max_tokens=32)
     return save_checkpoint(build_model(config, seed=seed), directory)
 

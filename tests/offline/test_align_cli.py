@@ -29,8 +29,8 @@ def align(db, checkpoint, out, *extra):
 def test_align_writes_checkpoints_records_the_run_and_resumes(db, tiny_checkpoint, tmp_path):
     import numpy as np
 
+    from embsum.checkpoint import load_checkpoint
     from embsum.encoding import encode_item_texts
-    from embsum.policy import load_model
     from index.catalog import Catalog
 
     out = tmp_path / "aligned"
@@ -42,8 +42,10 @@ def test_align_writes_checkpoints_records_the_run_and_resumes(db, tiny_checkpoin
     with Catalog(db, read_only=True) as cat:
         runs = cat.runs("align").to_pylist()
     assert runs[-1]["status"] == "ok" and json.loads(runs[-1]["args"])["strategy"] == "rodpo"
-    # The aligned checkpoint encodes like any model (same code path as precompute).
-    model, _ = load_model(out / "best")
+    modules = json.loads((out / "best" / "modules.json").read_text())
+    assert "fusion" in [m["name"] for m in modules]
+    # The aligned checkpoint loads and encodes like any model (same code path as precompute).
+    model, _ = load_checkpoint(out / "best")
     cpe, cpe_prime = encode_item_texts(model, ["a book about the sea"], progress=False)
     assert cpe.shape == (1, 3, 32) and np.isfinite(cpe_prime).all()
     # Same OUT, more steps: resumes from OUT/state at step 3.
@@ -79,9 +81,20 @@ def test_bad_input_is_one_clear_line(db, tiny_checkpoint, tmp_path, args, messag
     assert "Traceback" not in result.output
 
 
-def test_an_aligned_checkpoint_is_not_aligned_again(db, tiny_checkpoint, tmp_path):
+def test_an_aligned_checkpoint_is_not_aligned_again_and_serves_like_any(db, tiny_checkpoint, tmp_path):
     out = tmp_path / "a1"
     assert align(db, tiny_checkpoint, out, "--strategy", "random").exit_code == 0
     result = CliRunner().invoke(cli, ["--db", str(db), "align", "--checkpoint", str(out / "best"),
                                       "--out", str(tmp_path / "a2")])
     assert result.exit_code != 0 and "already aligned" in result.output
+    # precompute reads it through the one loader (it used to fail: unknown ModelConfig keys: fusion)
+    result = CliRunner().invoke(cli, ["--db", str(db), "precompute", "--checkpoint", str(out / "best"),
+                                      "--no-users", "--device", "cpu"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def test_a_missing_checkpoint_is_one_line(db, tmp_path):
+    result = CliRunner().invoke(cli, ["--db", str(db), "align", "--checkpoint", str(tmp_path / "runs" / "x"),
+                                      "--out", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"checkpoint {tmp_path / 'runs' / 'x'} does not exist" in result.output

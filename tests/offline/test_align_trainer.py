@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from embsum.align_trainer import AlignConfig, AlignData, AlignTrainer, build_bank, expert_utilisation
+from embsum.checkpoint import load_checkpoint
 from embsum.config import ConfigError
-from embsum.policy import Policy, load_model
+from embsum.policy import Policy
 
 TEXTS = [f"Book {i}: a story about {w}." for i, w in enumerate(
     ["dragons", "the sea", "cooking", "war", "love", "space", "gardens", "trains", "music", "crime", "birds", "snow"])]
@@ -24,7 +25,7 @@ def tiny_data(model) -> AlignData:
 @pytest.fixture
 def sft(tiny_checkpoint):
     """A fresh copy of the tiny SFT checkpoint (tests/offline/jobs_fixtures.py)."""
-    return load_model(tiny_checkpoint)[0]
+    return load_checkpoint(tiny_checkpoint)[0]
 
 
 def config(tmp_path, **kw) -> AlignConfig:
@@ -56,20 +57,54 @@ def test_fit_writes_checkpoints_state_and_adapters_and_resumes(sft, tmp_path, ti
     assert summary["steps"] == 4 and len(summary["expert_shares"]) == 4
     assert (out / "adapters" / "adapter_model.safetensors").exists()
     for name in ("best", "last"):
-        model, digest = load_model(out / name)
+        model, digest = load_checkpoint(out / name)
         assert model.fusion.config.num_experts == 4 and len(digest) == 16
     assert not list(out.rglob("*.pt")) and not list(out.rglob("*.bin"))
     # A second run with more steps picks up at step 4, with the trained weights and optimizer.
-    fresh = load_model(tiny_checkpoint)[0]
+    fresh = load_checkpoint(tiny_checkpoint)[0]
     cfg2 = config(tmp_path, max_steps=6)
     resumed = AlignTrainer(Policy(fresh, cfg2.lora_settings(), cfg2.moe_config(fresh.d)), cfg2, tiny_data(fresh))
-    resumed.load_state()
+    assert resumed.loop.try_resume()
     assert resumed.step == 4
     for (name, p), (_, q) in zip(trainer.policy.named_parameters(), resumed.policy.named_parameters()):
         if p.requires_grad:
             assert torch.equal(p.detach(), q.detach()), name
     assert resumed.optimizer.state_dict()["state"].keys() == trainer.optimizer.state_dict()["state"].keys()
     assert resumed.fit()["steps"] == 6
+
+
+def test_resumed_alignment_equals_the_uninterrupted_one(tiny_checkpoint, tmp_path, monkeypatch):
+    """Pools kept across the save (refresh 3 > save 2), bank rows rewritten by the steps, the
+    sampler's generator: all part of OUT/last, so the resumed run draws the same negatives."""
+    from embsum.training import TrainingLoop
+
+    def trainer(out, seed=0):
+        sft = load_checkpoint(tiny_checkpoint)[0]
+        torch.manual_seed(seed)  # the LoRA and MoE initialisation (the router shapes the aux loss)
+        cfg = config(tmp_path, out=str(out), max_steps=4, save_every=2, pool_refresh=3, beta=5.0, nce_weight=0.5)
+        return AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, tiny_data(sft))
+
+    full = trainer(tmp_path / "full")
+    full.fit()
+    real_save = TrainingLoop.save_last
+
+    def save_then_die(loop):
+        digest = real_save(loop)
+        if loop.step == 2:
+            raise KeyboardInterrupt
+        return digest
+
+    monkeypatch.setattr(TrainingLoop, "save_last", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "split").fit()
+    monkeypatch.setattr(TrainingLoop, "save_last", real_save)
+    resumed = trainer(tmp_path / "split", seed=123)  # initialised otherwise: the saved state must win
+    assert resumed.fit()["steps"] == 4
+    assert resumed.sampler.refreshed == full.sampler.refreshed
+    assert [x["loss"] for x in resumed.loop.losses] == pytest.approx([x["loss"] for x in full.loop.losses], abs=1e-4)
+    for (name, p), (_, q) in zip(full.policy.named_parameters(), resumed.policy.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q, p, atol=1e-5, rtol=0, msg=name)
 
 
 def test_nce_term_and_expert_utilisation(sft, tmp_path):

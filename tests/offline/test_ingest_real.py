@@ -43,7 +43,7 @@ def test_goodreads_counts(goodreads_db, goodreads_dir):
         histories = cat.histories()
         assert all(histories[u["user_id"]] == u["history"] for u in users)
         hashes = dict(zip(*cat.users().to_pydict().values()))
-        assert all(hashes[u] == history_hash(h) for u, h in histories.items())
+        assert all(hashes[u] == history_hash(keys) for u, keys in cat.history_keys().items())  # issue 13
         # A CSV-quoted description comes out unquoted.
         assert cat.items(["45967"]).column("description")[0].as_py().startswith('The book "bwf khwr" is')
         # llm_interests imported as summaries keyed on the user's history hash.

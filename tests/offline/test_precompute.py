@@ -115,7 +115,10 @@ def test_reduced_precision_stays_close_to_fp32(tmp_path, catalog, tiny_checkpoin
 def test_bad_checkpoint_is_one_clear_line(catalog, tmp_path):
     result = cli("--db", catalog, "precompute", "--checkpoint", tmp_path / "nope", ok=False)
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "not an embsum checkpoint" in result.output
+    assert f"checkpoint {tmp_path / 'nope'} does not exist" in result.output
+    with Catalog(catalog, read_only=True) as cat:  # the run was opened before the model load
+        runs = cat.runs("precompute").to_pylist()
+    assert [r["status"] for r in runs] == ["failed"] and "does not exist" in runs[0]["error"]
 
 
 def test_invalid_options_are_usage_errors(catalog, tmp_path):
@@ -167,7 +170,8 @@ def test_scattered_edits_encode_as_one_chunk(catalog, tiny_checkpoint, monkeypat
     cfg = PrecomputeConfig(chunk_size=8, users=False)
     calls = []
     encode = P.encode_items
-    monkeypatch.setattr(P, "encode_items", lambda m, texts, c: calls.append(len(texts)) or encode(m, texts, c))
+    monkeypatch.setattr(P, "encode_items",
+                        lambda m, texts, c, *rest: calls.append(len(texts)) or encode(m, texts, c, *rest))
     with Catalog(catalog) as cat:
         assert P.precompute_items(cat, model, digest, cfg)["items_encoded"] == 48
         assert calls == [8] * 6
@@ -177,3 +181,48 @@ def test_scattered_edits_encode_as_one_chunk(catalog, tiny_checkpoint, monkeypat
         calls.clear()
         counts = P.precompute_items(cat, model, digest, cfg)
     assert counts["items_encoded"] == len(edited) == 6 and calls == [6]
+
+
+def test_encode_ahead_reads_nothing_more_after_a_stop_request():
+    """A stop asked for while chunk 1 is written: chunk 2 (already encoding) is still written
+    with what its encode finished, and no chunk after it is read."""
+    import threading
+
+    from offline.precompute import encode_ahead
+
+    stop, read, written = threading.Event(), [], []
+
+    def jobs():
+        for k in range(10):
+            read.append(k)
+            yield k
+
+    def write(job, result):
+        written.append((job, result))
+        if job == 1:
+            stop.set()
+
+    encode_ahead(jobs(), lambda job: job * 10, write, stop)
+    assert written == [(0, 0), (1, 10), (2, 20)] and read == [0, 1, 2]
+
+
+def test_stopped_encode_returns_whole_leading_rows(tiny_checkpoint):
+    """A stop after the first batch of distinct texts: the rows finished are the leading rows
+    whose texts are all encoded (a repeated text counts once), with the vectors a whole run gives."""
+    import threading
+
+    from embsum.checkpoint import load_checkpoint
+    from offline.job_configs import PrecomputeConfig
+    from offline.precompute import encode_items
+
+    model, _ = load_checkpoint(tiny_checkpoint)
+    cfg = PrecomputeConfig(batch_size=2)
+    texts = ["a story of ships", "the dragon school", "a story of ships", "robots", "war", "the dragon school", "art"]
+    whole = encode_items(model, texts, cfg)
+    assert whole.rows == len(texts)
+    stop, seen = threading.Event(), []
+    part = encode_items(model, texts, cfg, stop, on_rows=lambda n: seen.append(n) or stop.set())
+    assert part.rows == 3 and seen == [3]  # 2 distinct texts done: rows 0-2; row 3 needs a third
+    for got, full in zip(part.vectors, whole.vectors):
+        assert got.shape[0] == 3
+        np.testing.assert_allclose(got, full[:3], rtol=0, atol=1e-6)

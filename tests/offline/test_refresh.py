@@ -9,6 +9,7 @@ import time
 import pytest
 from jobs_fixtures import ROOT, cli, item_rows, write_items_tsv
 
+from index import embeddings as E
 from index import faiss_index as F
 from index import snapshot as S
 from index.catalog import Catalog
@@ -53,6 +54,59 @@ def test_ten_changed_five_new_reencodes_exactly_fifteen(refreshed, tiny_checkpoi
     assert counts["items_encoded"] == 15 and counts["ingest_items_new"] == 5 and counts["ingest_items_updated"] == 10
 
 
+def _encoded_by_last_refresh(db, model_hash) -> dict[str, set[str]]:
+    """kind -> ids whose stored vector the latest refresh run wrote."""
+    with Catalog(db, read_only=True) as cat:
+        run_id = cat.runs("refresh")["run_id"][-1].as_py()
+        out = {}
+        for kind, id_col in ((E.ITEM, "item_id"), (E.USER, "user_id")):
+            table = E.space(cat, model_hash, kind).table
+            out[kind] = {r[0] for r in cat.con.execute(f"SELECT {id_col} FROM {table} WHERE run_id = ?",
+                                                       [run_id]).fetchall()}
+    return out
+
+
+def _holders(db, item_id) -> set[str]:
+    with Catalog(db, read_only=True) as cat:
+        return {u for u, h in cat.histories().items() if item_id in h}
+
+
+def _edit_one(tmp_path, item_id, title, description, category=None) -> str:
+    header, row = ["item_id", "title", "description"], [item_id, title, description]
+    if category is not None:
+        header, row = header + ["category"], row + [category]
+    path = tmp_path / f"edit-{item_id}-{len(list(tmp_path.iterdir()))}.tsv"
+    path.write_text("\t".join(header) + "\n" + "\t".join(row) + "\n")
+    return str(path)
+
+
+def test_text_edit_reencodes_exactly_the_item_and_the_users_holding_it(refreshed, tiny_checkpoint, tmp_path):
+    with Catalog(refreshed, read_only=True) as cat:
+        item = cat.histories()["u03"][0]
+        old = cat.items([item]).to_pylist()[0]
+    holders = _holders(refreshed, item)
+    assert holders and len(holders) < 16
+    out = cli("--db", refreshed, "refresh", _edit_one(tmp_path, item, old["title"], "an edited description."),
+              "--checkpoint", tiny_checkpoint).output
+    assert "items_encoded 1," in out and f"users_encoded {len(holders)}," in out
+    assert _encoded_by_last_refresh(refreshed, _hash(tiny_checkpoint)) == {E.ITEM: {item}, E.USER: holders}
+
+
+def test_category_edit_is_a_text_edit(refreshed, tiny_checkpoint, tmp_path):
+    """The model reads "{title}. {category}. {description}": a category-only edit re-encodes the
+    item and its holders; setting the same category again re-encodes nothing."""
+    with Catalog(refreshed, read_only=True) as cat:
+        item = cat.histories()["u04"][-1]
+        old = cat.items([item]).to_pylist()[0]
+    edit = _edit_one(tmp_path, item, old["title"], old["description"], category="science fiction")
+    out = cli("--db", refreshed, "refresh", edit, "--checkpoint", tiny_checkpoint).output
+    assert "items_encoded 1," in out
+    assert _encoded_by_last_refresh(refreshed, _hash(tiny_checkpoint)) == \
+        {E.ITEM: {item}, E.USER: _holders(refreshed, item)}
+    out = cli("--db", refreshed, "refresh", edit, "--checkpoint", tiny_checkpoint).output
+    assert "items_encoded 0," in out and "users_encoded 0," in out
+
+
 def test_second_refresh_changes_nothing(refreshed, tiny_checkpoint, tmp_path):
     nightly = _changes(tmp_path)
     cli("--db", refreshed, "refresh", nightly, "--checkpoint", tiny_checkpoint)
@@ -88,12 +142,12 @@ from offline.scoring import Retriever, read_users
 
 db, root, model_hash, stop = sys.argv[1:5]
 with Catalog(db, read_only=True) as cat:          # reads the user side, then lets go
-    users = read_users(cat, model_hash, None, histories=True)
+    users = read_users(cat, model_hash, None, seen=True)
 retriever = Retriever(root, model_hash, ScoreConfig(top=5, retrieve=3))
-histories = [users.histories[u] for u in users.ids]
+seen = [users.seen[u] for u in users.ids]
 while not Path(stop).exists():
     reloaded = retriever.maybe_reload()
-    recs = retriever.recommend(users.upe, histories)
+    recs = retriever.recommend(users.upe, seen)
     print(json.dumps({"t": time.time(), "version": retriever.version, "items": retriever.snap.manifest["n_items"],
                       "answers": sum(len(r) for r in recs), "reloaded": reloaded}), flush=True)
     time.sleep(0.02)

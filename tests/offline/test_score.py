@@ -1,9 +1,11 @@
-"""embsum index + score: FAISS retrieval with exact re-rank == exact top-N; candidates files
-with unknown users/items; clear errors for a foreign, missing or truncated index."""
+"""embsum index + score: FAISS retrieval with exact re-rank == exact top-N (seen items, any
+label, left out); candidates files with unknown users/items; scoring twice replaces rows; clear
+errors for a foreign, missing or truncated index."""
 
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from jobs_fixtures import cli
@@ -15,25 +17,39 @@ from offline.job_configs import ScoreConfig
 from offline.scoring import rank_users, read_users, recommend
 
 
+def _add_negatives(db, per_user: int = 6, seed: int = 3):
+    """Label-0 interactions (shown, not clicked): no part of a history, but seen all the same."""
+    rng = np.random.default_rng(seed)
+    with Catalog(db) as cat:
+        users = sorted(cat.histories())
+        items = cat.items()["item_id"].to_pylist()
+        rows = [(u, i, 100 + k) for u in users for k, i in enumerate(rng.choice(items, per_user, replace=False))]
+        cat.upsert_interactions(pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                                          "position": pa.array([r[2] for r in rows], pa.int32()),
+                                          "label": pa.array([0] * len(rows), pa.int16())}))
+
+
 @pytest.fixture
 def indexed(catalog, tiny_checkpoint):
+    _add_negatives(catalog)
     cli("--db", catalog, "precompute", "--checkpoint", tiny_checkpoint)
     cli("--db", catalog, "index", "--checkpoint", tiny_checkpoint)
     return catalog
 
 
-def _exact_top(cat, model_hash, top):
-    """Brute force: every user against every item (history excluded), by poly_score_matrix."""
+def _exact_top(cat, model_hash, top, exclude_seen: bool = True):
+    """Brute force: every user against every item (seen items, any label, excluded), by
+    poly_score_matrix."""
     from embsum.scoring import poly_score_matrix
 
     users = E.read(cat, model_hash, E.USER)
     items = E.read(cat, model_hash, E.ITEM)
     scores = poly_score_matrix(users.vectors["upe"], items.vectors["cpe"], items.vectors["cpe_prime"])
-    histories = cat.histories(users.ids)
+    seen = cat.interacted(users.ids) if exclude_seen else {}
     out = {}
     for k, u in enumerate(users.ids):
         s = scores[k].astype(np.float64)
-        s[[items.ids.index(i) for i in histories[u]]] = -np.inf
+        s[[items.ids.index(i) for i in seen.get(u, [])]] = -np.inf
         order = np.argsort(-s, kind="stable")[:top]
         out[u] = ([items.ids[j] for j in order], s[order])
     return out
@@ -57,7 +73,7 @@ def test_retrieval_plus_exact_rerank_is_exact_top_n(indexed, retrieve, widen_lim
     with Catalog(indexed, read_only=True) as cat:
         h = checkpoint_hash(_ckpt(cat))
         exact = _exact_top(cat, h, top)
-        users = read_users(cat, h, None, histories=True)
+        users = read_users(cat, h, None, seen=True)
     result = rank_users(S.load(root, h), users, ScoreConfig(top=top, retrieve=retrieve), "run")
     assert result.counts["users_certified_exact"] == len(users.ids)
     if widen_limit == 1 or retrieve == 50:  # widened to the end, or exhausted at once
@@ -90,7 +106,7 @@ def test_score_table_and_parquet_columns(indexed, tmp_path):
     out = tmp_path / "recs.parquet"
     cli("--db", indexed, "score", "--top", 3, "--out", out)
     table = pq.read_table(out)
-    assert table.column_names == ["run_id", "model_hash", "user_id", "item_id", "score", "rank"]
+    assert table.column_names == ["run_id", "model_hash", "index_version", "user_id", "item_id", "score", "rank"]
     assert table.num_rows == 16 * 3 and set(table["rank"].to_pylist()) == {1, 2, 3}
     with Catalog(indexed, read_only=True) as cat:
         stored = cat.arrow("SELECT * FROM scores ORDER BY user_id, rank")
@@ -165,3 +181,67 @@ def test_recommend_handles_everything_excluded(indexed):
     everything = [snap.live_rows(), np.zeros(0, np.int64)]
     ranked = recommend(snap, upe, ScoreConfig(top=3, retrieve=2), everything)
     assert len(ranked.rows[0]) == 0 and len(ranked.rows[1]) == 3 and ranked.certified.all()
+
+
+def _stored(db, table="scores"):
+    with Catalog(db, read_only=True) as cat:
+        return cat.arrow(f"SELECT * FROM {table} ORDER BY user_id, rank").to_pylist()
+
+
+def test_retrieval_never_returns_seen_items_unless_asked(indexed):
+    with Catalog(indexed, read_only=True) as cat:
+        seen = {u: set(items) for u, items in cat.interacted().items()}
+        negatives = cat.scalar("SELECT count(*) FROM interactions WHERE label = 0")
+    assert negatives > 0
+    cli("--db", indexed, "score", "--retrieve", 4, "--top", 5)
+    rows = _stored(indexed)
+    assert len(rows) == 16 * 5 and not [r for r in rows if r["item_id"] in seen[r["user_id"]]]
+    cli("--db", indexed, "score", "--retrieve", 4, "--top", 5, "--include-seen", "--table", "with_seen")
+    back = [r for r in _stored(indexed, "with_seen") if r["item_id"] in seen[r["user_id"]]]
+    assert back, "the unfiltered top-5 of 48 items holds some of the ~9 seen per user"
+
+
+def test_certified_top_n_equals_brute_force_with_and_without_exclusions(indexed):
+    from embsum.checkpoint import checkpoint_hash
+
+    root = indexed.with_suffix(".index")
+    with Catalog(indexed, read_only=True) as cat:
+        h = checkpoint_hash(_ckpt(cat))
+        exact = {flag: _exact_top(cat, h, 5, exclude_seen=flag) for flag in (True, False)}
+        users = read_users(cat, h, None, seen=True)
+    for flag in (True, False):
+        result = rank_users(S.load(root, h), users, ScoreConfig(top=5, retrieve=2, exclude_history=flag), "run")
+        assert result.counts["users_certified_exact"] == len(users.ids)
+        got = {}
+        for u, s in zip(result.table["user_id"].to_pylist(), result.table["score"].to_pylist()):
+            got.setdefault(u, []).append(s)
+        for u, (_, scores) in exact[flag].items():
+            np.testing.assert_allclose(got[u], scores, atol=1e-5)
+
+
+def test_scoring_twice_replaces_rows_instead_of_adding(indexed, tmp_path):
+    cli("--db", indexed, "score", "--retrieve", 4, "--top", 3)
+    first = _stored(indexed)
+    cli("--db", indexed, "score", "--retrieve", 4, "--top", 3)
+    second = _stored(indexed)
+    assert len(first) == len(second) == 16 * 3
+    assert len({r["run_id"] for r in second}) == 1 and second[0]["run_id"] != first[0]["run_id"]
+    assert [(r["user_id"], r["item_id"]) for r in first] == [(r["user_id"], r["item_id"]) for r in second]
+    assert second[0]["index_version"] is not None
+    # a candidates file keys on (model, user) with no index version: it adds its own rows once
+    cand = tmp_path / "c.csv"
+    cand.write_text("user_id,item_id\nu00,b001\nu00,b002\nu01,b003\n")
+    for _ in range(2):
+        cli("--db", indexed, "score", "--candidates", cand, "--top", 0)
+    rows = _stored(indexed)
+    assert len(rows) == 16 * 3 + 3 and sum(r["index_version"] is None for r in rows) == 3
+
+
+def test_scores_table_from_before_index_version_gains_the_column(indexed):
+    with Catalog(indexed) as cat:
+        cat.con.execute("CREATE TABLE scores (run_id VARCHAR, model_hash VARCHAR, user_id VARCHAR,"
+                        " item_id VARCHAR, score FLOAT, rank INTEGER)")
+        cat.con.execute("INSERT INTO scores VALUES ('old', 'm', 'u00', 'b000', 1.0, 1)")
+    cli("--db", indexed, "score", "--retrieve", 4, "--top", 2)
+    rows = _stored(indexed)
+    assert len(rows) == 16 * 2 + 1 and [r["run_id"] for r in rows if r["index_version"] is None] == ["old"]

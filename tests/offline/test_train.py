@@ -19,13 +19,13 @@ def _state(out):
 
 
 def test_train_resumes_after_kill(tmp_path, tiny_checkpoint, monkeypatch):  # noqa: F811
-    from embsum import trainer as trainer_module
+    from embsum.training import TrainingLoop
 
     db, out = tmp_path / "cat.duckdb", tmp_path / "run"
     build_catalog(db, n_items=40, n_users=40)
     args = ["--db", str(db), "train", "--init-from", str(tiny_checkpoint), "--out", str(out),
             "--max-steps", "6", "--save-every", "2", "--eval-every", "3", *TINY]
-    real_save = trainer_module.Trainer.save_last
+    real_save = TrainingLoop.save_last
 
     def save_then_die(self):
         digest = real_save(self)
@@ -33,11 +33,11 @@ def test_train_resumes_after_kill(tmp_path, tiny_checkpoint, monkeypatch):  # no
             raise KeyboardInterrupt  # killed right after the step-4 checkpoint
         return digest
 
-    monkeypatch.setattr(trainer_module.Trainer, "save_last", save_then_die)
+    monkeypatch.setattr(TrainingLoop, "save_last", save_then_die)
     killed = CliRunner().invoke(cli, args)
     assert killed.exit_code != 0
     assert _state(out)["step"] == 4
-    monkeypatch.setattr(trainer_module.Trainer, "save_last", real_save)
+    monkeypatch.setattr(TrainingLoop, "save_last", real_save)
     resumed = CliRunner().invoke(cli, args)
     assert resumed.exit_code == 0, resumed.output
     state = _state(out)
@@ -45,6 +45,62 @@ def test_train_resumes_after_kill(tmp_path, tiny_checkpoint, monkeypatch):  # no
     assert [x["step"] for x in state["losses"]] == [1, 2, 3, 4, 5, 6]
     assert [d["step"] for d in state["dev_history"]] == [3, 6]
     assert (out / "best" / "hash").exists() and "best dev score" in resumed.output
+
+
+def _users_by_split(count: int) -> dict[str, list[str]]:
+    from embsum.evaluation import split_of
+
+    found: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
+    for k in range(200):
+        user = f"user{k}"
+        if len(found[split_of(user)]) < count:
+            found[split_of(user)].append(user)
+    return found
+
+
+def test_all_users_adds_dev_and_test_histories_to_the_examples():
+    from offline.data import CatalogData, training_examples
+
+    split = _users_by_split(2)
+    histories = {u: [f"{u}-a", f"{u}-b", f"{u}-c"] for users in split.values() for u in users}
+    data = CatalogData(sorted(i for h in histories.values() for i in h), [], histories, {})
+    held_out = split["dev"] + split["test"]
+
+    default = training_examples(data, "prefixes")
+    assert {u for u, _, _ in default} == set(split["train"])
+    assert not {t for _, _, t in default} & {i for u in held_out for i in histories[u]}
+
+    every = training_examples(data, "prefixes", all_users=True)
+    assert {u for u, _, _ in every} == set(histories)
+    # every prefix of a held-out user's full history, its last item (the eval target) included
+    assert {(u, t) for u, _, t in every if u in held_out} == {(u, i) for u in held_out for i in histories[u][1:]}
+    last = training_examples(data, "last", all_users=True)
+    assert sorted((u, t) for u, _, t in last) == sorted((u, h[-1]) for u, h in histories.items())
+
+
+def test_train_all_users_records_the_flag_and_skips_dev(tmp_path, tiny_checkpoint):  # noqa: F811
+    db, out = tmp_path / "cat.duckdb", tmp_path / "prod"
+    build_catalog(db, n_items=40, n_users=40)
+    result = CliRunner().invoke(cli, ["--db", str(db), "train", "--init-from", str(tiny_checkpoint), "--out", str(out),
+                                      "--all-users", "--max-steps", "2", "--eval-every", "1", *TINY])
+    assert result.exit_code == 0, result.output
+    from index.catalog import Catalog
+    from offline.data import load_catalog_data, training_examples
+
+    with Catalog(db, read_only=True) as cat:
+        data = load_catalog_data(cat)
+    every, train_only = (len(training_examples(data, all_users=flag)) for flag in (True, False))
+    assert every > train_only and f"training on {every} examples" in result.output
+    assert "no held-out dev users" in result.output and "--all-users" in result.output
+    for name in ("best", "last"):
+        meta = json.loads((out / name / "config.json").read_text())
+        assert meta["all_users"] is True and meta["step"] == 2 and "dev" not in meta
+    assert _state(out)["dev_history"] == []
+    # OUT/best is the last model (compared by tensors: the safetensors header order may differ)
+    from safetensors.torch import load_file
+
+    best, last = (load_file(str(out / name / "model.safetensors")) for name in ("best", "last"))
+    assert best.keys() == last.keys() and all(best[k].equal(last[k]) for k in best)
 
 
 def test_recipe_options_are_train_options():
