@@ -173,7 +173,8 @@ def step_compare(demo: Demo) -> None:
         return
     click.echo("SFT vs aligned (RoDPO) on the dev users, differences against the SFT model:")
     demo.cli("evaluate", "--split", "dev", "--checkpoint", str(demo.checkpoint), "--checkpoint",
-             str(demo.aligned), "--reference", str(demo.checkpoint), "--no-zero-shot", "--no-full-ranking")
+             str(demo.aligned), "--reference", str(demo.checkpoint), "--no-zero-shot", "--no-full-ranking",
+             "--report", str(demo.workdir / "compare.json"))
 
 
 def step_precompute(demo: Demo) -> None:
