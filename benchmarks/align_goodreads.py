@@ -9,10 +9,10 @@ Everything runs in one process on the same data (../shared/data/goodreads, EVAL.
 - one encoder pass over the catalog with the SFT model fills a token-state cache and the SFT
   item bank; with the recipe's lora_scope 'decoder' every aligned model shares that encoder, so
   alignment steps and every evaluation reuse the cache (the 'all' scope re-encodes per model);
-- each strategy aligns a fresh copy of the SFT model (`offline.align.align`, the code behind
+- each strategy aligns a fresh copy of the SFT model (`embsum.offline.align.align`, the code behind
   `embsum align`), writes its checkpoint, and the evaluated model is that checkpoint loaded
-  back (`embsum.checkpoint.load_checkpoint`): what precompute and score would serve;
-- metrics: `embsum.evaluation.evaluate` (uniform and pop candidates: AUC, MRR, nDCG@5,
+  back (`embsum.model.checkpoint.load_checkpoint`): what precompute and score would serve;
+- metrics: `embsum.evaluation.protocol.evaluate` (uniform and pop candidates: AUC, MRR, nDCG@5,
   nDCG@10; full ranking: Recall@10/100, NDCG@10);
 - inference cost per model: precompute items/s (`encode_item_texts`, no cache, the recipe's
   dtype, --cost-items texts) and scoring pairs/s (`poly_score_matrix` on stored vectors);
@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 from bench_common import DATA, OUT, load_books, load_histories, peak_rss_mb, save, table
+from embsum.offline.align import CatalogData, align
+from embsum.offline.commands.align import recipe_values
+from embsum.offline.texts import item_text
 
-from embsum.align_config import AlignConfig
-from embsum.evaluation import build_eval_set, evaluate, poly_scorer
-from offline.align import CatalogData, align
-from offline.commands.align import recipe_values
-from offline.texts import item_text
+from embsum.alignment.align_config import AlignConfig
+from embsum.evaluation.protocol import build_eval_set, evaluate, poly_scorer
 
 log = logging.getLogger("bench.align")
 IMPRESSION = ("auc", "mrr", "ndcg@5", "ndcg@10")
@@ -51,7 +51,7 @@ def catalog_data(data: Path) -> CatalogData:
 def encode_all(model, data: CatalogData, eval_set, cfg: AlignConfig, cache, progress: bool):
     """(cpe, cpe_prime) of the catalog and UPE of the evaluated users, through the encoding path
     precompute uses; `cache` (encoder token states) is shared when the encoder is the SFT one."""
-    from embsum.encoding import encode_item_texts, encode_user_histories
+    from embsum.inference.encoding import encode_item_texts, encode_user_histories
 
     dtype = "bf16" if cfg.bf16 != "off" else "fp32"
     cpe, cpe_prime = encode_item_texts(model, data.texts, batch_size=cfg.encode_batch, dtype=dtype,
@@ -66,8 +66,8 @@ def inference_cost(model, data: CatalogData, cpe, cpe_prime, upe, cfg: AlignConf
     """Precompute items/s (no cache: the real encoder cost) and scoring pairs/s."""
     import torch
 
-    from embsum.encoding import encode_item_texts
-    from embsum.scoring import poly_score_matrix
+    from embsum.inference.encoding import encode_item_texts
+    from embsum.model.scoring import poly_score_matrix
 
     texts = data.texts[:n_items]
     dtype = "bf16" if cfg.bf16 != "off" else "fp32"
@@ -91,7 +91,7 @@ def measure(name: str, model, data, eval_set, cfg, cache, args) -> dict:
     report = evaluate(eval_set, poly_scorer(upe, cpe, cpe_prime), full_ranking=True)
     report["eval_s"] = round(time.perf_counter() - t0, 1)
     if fusion is not None:
-        from embsum.align_trainer import expert_utilisation
+        from embsum.alignment.align_trainer import expert_utilisation
 
         report["experts"] = expert_utilisation(fusion.expert_shares())
     report["cost"] = inference_cost(model, data, cpe, cpe_prime, upe, cfg, args.cost_items)
@@ -105,7 +105,7 @@ def load_state_cache(path: Path, texts: list[str], model, cache) -> bool:
     import torch
     from safetensors.torch import load_file
 
-    from embsum.encoding import encode_token_states
+    from embsum.inference.encoding import encode_token_states
 
     if not path.exists():
         return False
@@ -162,9 +162,9 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    from embsum.align_trainer import build_bank
-    from embsum.checkpoint import load_checkpoint
-    from embsum.encoding import StateCache
+    from embsum.alignment.align_trainer import build_bank
+    from embsum.inference.encoding import StateCache
+    from embsum.model.checkpoint import load_checkpoint
 
     start = time.perf_counter()
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("beta", args.beta), ("pool_size", args.pool_size)) if v}

@@ -34,8 +34,8 @@ def load_histories(data: Path) -> dict[str, list[str]]:
 def untrained_checkpoint(directory: Path) -> str:
     """The pipeline's starting point before any training: EmbSum warm-started from the packaged
     all-MiniLM-L6-v2 (default ModelConfig)."""
-    from embsum.checkpoint import checkpoint_hash, init_checkpoint
     from embsum.config import ModelConfig
+    from embsum.model.checkpoint import checkpoint_hash, init_checkpoint
 
     if not (directory / "hash").exists():
         init_checkpoint(ModelConfig(), directory)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/ingest.py [--data ../shared/data/goodreads] [--repeats 5]
 
 Each figure is the median of --repeats runs into a fresh DuckDB file (written to a temp
-folder). The embsum side is the ingest job itself (offline.ingest.job.ingest: parse, validate
+folder). The embsum side is the ingest job itself (embsum.offline.ingest.job.ingest: parse, validate
 every row, upsert with per-batch transactions, users' history hashes, imported summaries,
 rejects); the baseline is the bare DuckDB reader loading the same file into a table
 (`read_csv` for books.tsv; `read_json` + unnest for users.jsonl), no validation. The ratio
@@ -23,9 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import duckdb
-
-from index.catalog import Catalog
-from offline.ingest.job import IngestConfig, ingest
+from embsum.index.catalog import Catalog
+from embsum.offline.ingest.job import IngestConfig, ingest
 
 
 def median_time(fn, repeats: int, setup=None) -> float:

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pyarrow as pa
 from bench_common import DATA, OUT, ROOT, load_books, save, table, untrained_checkpoint
-
-from index.catalog import Catalog
+from embsum.index.catalog import Catalog
 
 CHILD = r"""
 import resource, sys, time
-from offline.cli import cli
+from embsum.offline.cli import cli
 db, ckpt, dtype = sys.argv[1:4]
 t0 = time.perf_counter()
 cli.main(["-q", "--db", db, "precompute", "--checkpoint", ckpt, "--no-users", "--dtype", dtype],

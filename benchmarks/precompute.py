@@ -11,7 +11,7 @@ sentence-transformers time / that method's time:
 - the raw backbone forward (fp32, inference mode, mean pooling) in naive file-order batches,
   the same forward over length-sorted batches, and that in bf16 autocast (the encoder-only
   ceiling of the bf16 rows);
-- the embsum precompute job (offline.precompute.precompute_items into a fresh DuckDB file:
+- the embsum precompute job (embsum.offline.precompute.precompute_items into a fresh DuckDB file:
   chunks, per-chunk dedupe, length-sorted encoding, poly-attention, Arrow writes, one
   transaction per chunk) plus the FAISS index build from the stored vectors, per dtype.
 Also printed: this CPU's fp32 and bf16 matmul GFLOP/s at the backbone's shapes, through
@@ -42,19 +42,18 @@ from bench_common import (
     save,
     table,
 )
-
-from index.catalog import Catalog
-from index.faiss_index import IndexConfig
-from offline.indexing import sync_index
-from offline.job_configs import PrecomputeConfig
-from offline.precompute import precompute_items
-from offline.texts import item_text
+from embsum.index.catalog import Catalog
+from embsum.index.faiss_index import IndexConfig
+from embsum.offline.indexing import sync_index
+from embsum.offline.job_configs import PrecomputeConfig
+from embsum.offline.precompute import precompute_items
+from embsum.offline.texts import item_text
 
 
 def st_encode(texts, max_tokens: int, batch: int):
     from sentence_transformers import SentenceTransformer
 
-    from embsum.backbone import packaged_dir
+    from embsum.model.backbone import packaged_dir
 
     model = SentenceTransformer(str(packaged_dir()), device="cpu")
     model.max_seq_length = max_tokens
@@ -64,8 +63,8 @@ def st_encode(texts, max_tokens: int, batch: int):
 def raw_forward(texts, max_tokens: int, batch: int, sort: bool, bf16: bool = False):
     import torch
 
-    from embsum.backbone import load_encoder, mean_pool
-    from embsum.encoding import autocast
+    from embsum.inference.encoding import autocast
+    from embsum.model.backbone import load_encoder, mean_pool
 
     encoder, tok = load_encoder()
 
@@ -90,7 +89,7 @@ def gemm_gflops(dtype_name: str, packed: bool, rows: int = 2816, d: int = 384, r
     share, and the bf16/fp32 speed-up any bf16 row can hope for."""
     import torch
 
-    from embsum.packed_linear import PackedLinear
+    from embsum.inference.packed_linear import PackedLinear
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     x, linear = torch.randn(rows, d, dtype=dtype), torch.nn.Linear(d, 4 * d, bias=False).to(dtype)
@@ -106,7 +105,7 @@ def gemm_gflops(dtype_name: str, packed: bool, rows: int = 2816, d: int = 384, r
 
 def embsum_job(ids, titles, descs, model, model_hash, dtype, batch, workdir: Path):
     """One precompute (+ index build) into a fresh catalog; returns (encode+write s, index s, cpe, cpe')."""
-    from index import embeddings as E
+    from embsum.index import embeddings as E
 
     items = pa.table({"item_id": ids, "title": titles, "description": descs})
     cfg = PrecomputeConfig(users=False, dtype=dtype, batch_size=batch)
@@ -129,8 +128,8 @@ def embsum_job(ids, titles, descs, model, model_hash, dtype, batch, workdir: Pat
 
 
 def ndcg(model, dtype, ids, texts, cpe, cpe_prime, histories, eval_users, batch):
-    from embsum.encoding import encode_user_histories
-    from embsum.evaluation import build_eval_set, evaluate, poly_scorer
+    from embsum.evaluation.protocol import build_eval_set, evaluate, poly_scorer
+    from embsum.inference.encoding import encode_user_histories
 
     eval_set = build_eval_set(histories, ids, "test", limit=eval_users)
     text = dict(zip(ids, texts))
@@ -157,7 +156,7 @@ def main() -> None:
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
-    from embsum.checkpoint import load_checkpoint
+    from embsum.model.checkpoint import load_checkpoint
 
     ids, titles, descs = load_books(args.data, args.items)
     texts = [item_text(t, d) for t, d in zip(titles, descs)]

@@ -4,16 +4,16 @@ the job to the one before.
     .venv/bin/python benchmarks/precompute_breakdown.py --checkpoint <ckpt> [--dtype bf16] [--repeats 1]
 
 Rows (items/s over the 16,833 Goodreads books, in the order the job reads them: text length,
-then id, as `index.embeddings.missing_items_by_length`):
+then id, as `embsum.index.embeddings.missing_items_by_length`):
 1. the checkpoint's encoder forward only (the model as loaded: nn.Linear, i.e. MKL's sgemm on
    CPU), one length-sorted pass over the whole catalog;
-2. the same with the copy the job runs (`embsum.encoding.inference_model`: on CPU, Linear
+2. the same with the copy the job runs (`embsum.inference.encoding.inference_model`: on CPU, Linear
    weights prepacked for oneDNN);
 3. that, sorted within chunks of --chunk-size, as the streaming job does (padding cost);
 4. + poly-attention and CPE' (`encode_item_texts` per chunk, distinct texts once);
 5. the whole job serially: read chunk, encode, write and commit, next chunk;
 6. the whole job as shipped: chunk k+1 encodes on a worker thread while chunk k is written
-   (`offline.precompute.encode_ahead`).
+   (`embsum.offline.precompute.encode_ahead`).
 Row 1 vs 2 is the packing's gain; 5 vs 6 the overlap's; 4 vs 6 what reads, writes and commits
 still cost. The rows run round-robin (one of each per round), so the machine's drift over the
 run hits them alike.
@@ -27,14 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import embsum.offline.precompute as precompute_module
 import numpy as np
 import pyarrow as pa
 from bench_common import DATA, checkpoint_dir, load_books, save, table
-
-import offline.precompute as precompute_module
-from index.catalog import Catalog
-from offline.job_configs import PrecomputeConfig
-from offline.texts import item_text
+from embsum.index.catalog import Catalog
+from embsum.offline.job_configs import PrecomputeConfig
+from embsum.offline.texts import item_text
 
 
 def serial(jobs, encode, write) -> None:
@@ -56,8 +55,8 @@ def main() -> None:
 
     import torch
 
-    from embsum.checkpoint import load_checkpoint
-    from embsum.encoding import autocast, encode_item_texts, inference_model, length_batches
+    from embsum.inference.encoding import autocast, encode_item_texts, inference_model, length_batches
+    from embsum.model.checkpoint import load_checkpoint
 
     ids, titles, descs = load_books(args.data, args.items)
     # the job's chunks: text length (title + description characters), then id

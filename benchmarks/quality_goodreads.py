@@ -33,13 +33,14 @@ def ensure_catalog(db: Path, goodreads: Path) -> None:
     if not goodreads.exists():
         sys.exit(f"no catalog at {db} and no Goodreads data at {goodreads}")
     db.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "offline.cli", "--db", str(db), "-q", "ingest", "--format", "goodreads",
+    subprocess.run([sys.executable, "-m", "embsum.offline.cli", "--db", str(db), "-q", "ingest", "--format", "goodreads",
                     str(goodreads)], check=True, cwd=ROOT)
 
 
 def recipe_configs(name: str, overrides: dict):
+    from embsum.offline.recipes import load_recipe
+
     from embsum.config import ModelConfig, TrainConfig
-    from offline.recipes import load_recipe
 
     table = {**load_recipe(name)["train"], **{k: v for k, v in overrides.items() if v is not None}}
     summary_source = table.pop("summary_source", "any")
@@ -52,10 +53,11 @@ def train_variants(data, train_cfg, model_cfg, variants, out: Path, cache):
     """Train one model per (label, folder, config changes, its CatalogData) from the same recipe; a
     frozen encoder's token states are computed once into `cache` and shared. Returns the
     training figures per label, the inference dtype and the cache key for evaluation."""
-    from embsum.checkpoint import build_model
-    from embsum.evaluation import build_eval_set, train_examples
-    from embsum.trainer import TrainData, Trainer
-    from offline.evaluate import encoder_fingerprint
+    from embsum.offline.evaluate import encoder_fingerprint
+
+    from embsum.evaluation.protocol import build_eval_set, train_examples
+    from embsum.model.checkpoint import build_model
+    from embsum.training.trainer import TrainData, Trainer
 
     dev = build_eval_set(data.histories, data.item_ids, "dev", limit=train_cfg.dev_users)
     training, dtype, key = {}, "fp32", None
@@ -87,7 +89,7 @@ def train_variants(data, train_cfg, model_cfg, variants, out: Path, cache):
 def evaluate_variants(data, training, out: Path, train_cfg, dtype, key, cache, test_users: int,
                       baselines: bool = True) -> dict:
     """goodreads-v1 test table of the trained variants (their best checkpoints) + the baselines."""
-    from offline.evaluate import EvaluateConfig, Evaluation
+    from embsum.offline.evaluate import EvaluateConfig, Evaluation
 
     shared = {key: cache} if train_cfg.freeze_encoder and key is not None else None
     evaluation = Evaluation(data, EvaluateConfig(split="test", users=test_users, dtype=dtype, device=train_cfg.device,
@@ -124,10 +126,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    from embsum.encoding import StateCache
-    from index.catalog import Catalog
-    from offline.data import load_catalog_data
-    from offline.evaluate import markdown_table
+    from embsum.index.catalog import Catalog
+    from embsum.offline.data import load_catalog_data
+    from embsum.offline.evaluate import markdown_table
+
+    from embsum.inference.encoding import StateCache
 
     started = time.time()
     ensure_catalog(args.db, args.data)

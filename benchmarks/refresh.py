@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/refresh.py [--items 0] [--fractions 0.001,0.01,0.1] [--repeats 3]
 
-Full run: the items of a fresh catalog encoded (offline.precompute) and the index built, from
+Full run: the items of a fresh catalog encoded (embsum.offline.precompute) and the index built, from
 --checkpoint (default: an untrained one of the packaged backbone). Then, for each fraction f, from a copy of
 that state: a nightly TSV in which f of the books have a new description goes through the
-refresh job (offline.refresh.refresh: lock, checkpoint load, ingest, incremental precompute,
+refresh job (embsum.offline.refresh.refresh: lock, checkpoint load, ingest, incremental precompute,
 index update or rebuild, swap). Users are left out of both (an item edit changes no history
 hash, so a refresh re-encodes no user either way). The refresh includes loading the
 checkpoint, the full run is timed without it: the ratio is reported both ways.
@@ -22,13 +22,12 @@ from pathlib import Path
 
 import pyarrow as pa
 from bench_common import DATA, checkpoint_dir, load_books, median_seconds, save, table
-
-from index.catalog import Catalog
-from index.faiss_index import IndexConfig
-from offline.indexing import load_model, sync_index
-from offline.job_configs import PrecomputeConfig, RefreshConfig
-from offline.precompute import precompute_items
-from offline.refresh import refresh
+from embsum.index.catalog import Catalog
+from embsum.index.faiss_index import IndexConfig
+from embsum.offline.indexing import load_model, sync_index
+from embsum.offline.job_configs import PrecomputeConfig, RefreshConfig
+from embsum.offline.precompute import precompute_items
+from embsum.offline.refresh import refresh
 
 
 def main() -> None:

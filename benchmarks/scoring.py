@@ -8,7 +8,7 @@ Real vectors (16,833 Goodreads books, goodreads-v1 test users) come from --check
 checkpoint of the packaged backbone), precomputed once into --db (kept: re-runs reuse it).
 - exact poly-score throughput: (user, item) pairs/s from the stored arrays, as the
   candidates-file path scores them (random pairs, gathered) and as a full user x catalog
-  matrix (embsum.scoring.poly_score_matrix);
+  matrix (embsum.model.scoring.poly_score_matrix);
 - retrieval at 16.8k items, multi-vector (n CPE vectors per item) and pooled (their mean)
   exact Flat indexes: users/s of the FAISS stage (m UPE queries per user, hits deduped to
   items) and recall of the exact poly-score top-100 among the K retrieved items; plus users/s
@@ -37,21 +37,20 @@ from bench_common import (
     save,
     table,
 )
-
-from index import embeddings as E
-from index import faiss_index as F
-from index import snapshot as S
-from index.catalog import Catalog
-from offline.indexing import load_model
-from offline.job_configs import PrecomputeConfig, ScoreConfig
-from offline.precompute import precompute
-from offline.scoring import _unique_by_best, recommend, score_pairs
+from embsum.index import embeddings as E
+from embsum.index import faiss_index as F
+from embsum.index import snapshot as S
+from embsum.index.catalog import Catalog
+from embsum.offline.indexing import load_model
+from embsum.offline.job_configs import PrecomputeConfig, ScoreConfig
+from embsum.offline.precompute import precompute
+from embsum.offline.scoring import _unique_by_best, recommend, score_pairs
 
 
 def prepare(db: Path, data: Path, n_items: int, n_users: int, dtype: str, checkpoint: Path | None = None) -> str:
     """Books and the first `n_users` goodreads-v1 test users (by id) encoded into `db`, once."""
-    from embsum.checkpoint import checkpoint_hash
-    from embsum.evaluation import split_of
+    from embsum.evaluation.protocol import split_of
+    from embsum.model.checkpoint import checkpoint_hash
 
     ckpt = checkpoint_dir(checkpoint, OUT / "scoring-ckpt")
     model_hash = checkpoint_hash(ckpt)
@@ -72,7 +71,7 @@ def prepare(db: Path, data: Path, n_items: int, n_users: int, dtype: str, checkp
 
 
 def exact_top(upe, cpe, cpe_prime, k: int) -> np.ndarray:
-    from embsum.scoring import poly_score_matrix
+    from embsum.model.scoring import poly_score_matrix
 
     out = []
     for start in range(0, len(upe), 64):
@@ -158,7 +157,7 @@ def main() -> None:
     uidx = rng.integers(0, len(upe), args.pairs)
     iidx = rng.integers(0, n_items, args.pairs)
     pair_s, _, _ = median_seconds(lambda: score_pairs(upe, cpe, cpe_prime, uidx, iidx), args.repeats)
-    from embsum.scoring import poly_score_matrix
+    from embsum.model.scoring import poly_score_matrix
 
     block = upe[:64]
     mat_s, _, _ = median_seconds(lambda: poly_score_matrix(block, cpe, cpe_prime), args.repeats)

@@ -5,7 +5,7 @@ batched, on real Goodreads train users (goodreads-v1 split), in one process.
         [--batch-sizes 1,4,8,16] [--threads 0] [--max-new-tokens 64]
 
 Each row runs the same users through the job's generate-check-retry step
-(offline.summarize.generate_checked: default prompt, greedy decoding, one retry for bad outputs)
+(embsum.offline.summarize.generate_checked: default prompt, greedy decoding, one retry for bad outputs)
 at one batch size, after a warm-up call; the model loads once (its load time is printed). The
 catalog writes are left out: they take milliseconds per batch next to seconds of generation.
 The last column extrapolates to every Goodreads train user. Other jobs on the machine slow it
@@ -26,8 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from embsum.offline.summarize import generate_checked
+
 from embsum.summarizer import Item, PromptTemplate, SummarizerConfig, make_backend
-from offline.summarize import generate_checked
 
 
 def is_train(user_id: str) -> bool:

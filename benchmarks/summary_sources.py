@@ -38,7 +38,7 @@ SOURCES = (("SmolLM2 summaries (local)", "local"), ("imported llm_interests", "i
 
 
 def summarize_users(db: Path, users_file: Path, batch_size: int, threads: int) -> float:
-    cmd = [sys.executable, "-m", "offline.cli", "--db", str(db), "-q", "summarize", "--backend", "local",
+    cmd = [sys.executable, "-m", "embsum.offline.cli", "--db", str(db), "-q", "summarize", "--backend", "local",
            "--users-file", str(users_file), "--batch-size", str(batch_size), "--threads", str(threads)]
     started = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -60,11 +60,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    from embsum.encoding import StateCache
-    from embsum.evaluation import train_examples
-    from index.catalog import Catalog
-    from offline.data import load_catalog_data, read_summaries
-    from offline.evaluate import markdown_table
+    from embsum.index.catalog import Catalog
+    from embsum.offline.data import load_catalog_data, read_summaries
+    from embsum.offline.evaluate import markdown_table
+
+    from embsum.evaluation.protocol import train_examples
+    from embsum.inference.encoding import StateCache
 
     started = time.time()
     ensure_catalog(args.db, args.data)

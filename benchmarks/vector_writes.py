@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/vector_writes.py --db CATALOG [--chunks 24] [--repeats 3]
 
-Writes --chunks chunks of 2,048 rows through `index.embeddings.write_items` (the precompute
+Writes --chunks chunks of 2,048 rows through `embsum.index.embeddings.write_items` (the precompute
 job's write path: Arrow, DELETE + INSERT, one transaction per chunk) into a fresh catalog with
 the job's 512 MB DuckDB memory limit, then a final CHECKPOINT. The vectors are the first 2,048
 items' real CPE/CPE' vectors from --db (a catalog precomputed by `embsum precompute`), repeated
@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 from bench_common import peak_rss_mb, save, table
-
-from index import embeddings as E
-from index.catalog import Catalog
-from offline.indexing import model_hashes
-from offline.job_configs import PrecomputeConfig
-from offline.precompute import limit_db_memory
+from embsum.index import embeddings as E
+from embsum.index.catalog import Catalog
+from embsum.offline.indexing import model_hashes
+from embsum.offline.job_configs import PrecomputeConfig
+from embsum.offline.precompute import limit_db_memory
 
 CHUNK = 2048
 

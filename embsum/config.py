@@ -62,7 +62,7 @@ class ModelConfig(_Base):
         "for cosine similarity; keeps the NCE temperature meaningful).")})
     fusion: dict = field(default_factory=dict, metadata={"cli": False, "help": (
         "MoE fusion layer applied to every CPE/UPE vector right before L2 normalisation "
-        "(embsum.moe.MoEConfig as a dict, or an MoEConfig; empty: none). Set by `embsum align`.")})
+        "(embsum.model.moe.MoEConfig as a dict, or an MoEConfig; empty: none). Set by `embsum align`.")})
 
     def __post_init__(self):
         self.fusion = _fusion_dict(self.fusion)
@@ -90,8 +90,8 @@ def _fusion_dict(fusion) -> dict:
     if not fusion:
         return {}
     if not isinstance(fusion, dict):
-        fusion = fusion.to_dict()  # an embsum.moe.MoEConfig
-    from embsum.moe import MoEConfig  # here, not at the top: torch stays out of `--help`
+        fusion = fusion.to_dict()  # an embsum.model.moe.MoEConfig
+    from embsum.model.moe import MoEConfig  # here, not at the top: torch stays out of `--help`
 
     try:
         return MoEConfig(**fusion).to_dict()

@@ -42,9 +42,8 @@ from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
-
-from index.errors import CatalogBusy, StorageError
-from index.lock import JobLock, busy_holder
+from embsum.index.errors import CatalogBusy, StorageError
+from embsum.index.lock import JobLock, busy_holder
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -542,7 +541,7 @@ class Catalog:
         key instead of being asked for again. Returns whether it re-keyed."""
         if self.scalar("SELECT value FROM meta WHERE key = 'key_version'") == KEY_VERSION:
             return False
-        from index.summaries import summary_key  # index.summaries imports this module
+        from embsum.index.summaries import summary_key  # embsum.index.summaries imports this module
 
         with self.transaction():
             old = dict(self.con.execute("SELECT user_id, history_hash FROM users").fetchall())
@@ -707,7 +706,7 @@ def run_outcome(err: BaseException) -> tuple[str, str]:
     """(status, error) a run ends with when `err` escapes it: Ctrl-C and SIGTERM (which the CLI
     turns into KeyboardInterrupt) are 'interrupted', anything else 'failed'."""
     if isinstance(err, KeyboardInterrupt) or type(err).__name__ == "Interrupted":
-        # offline.errors.Interrupted is matched by name: index/ never imports offline/.
+        # embsum.offline.errors.Interrupted is matched by name: index/ never imports offline/.
         return "interrupted", "interrupted (Ctrl-C or SIGTERM); committed batches are kept"
     return "failed", one_line(err)
 
@@ -725,7 +724,7 @@ def _sha1(parts: list[str]) -> str:
 
 # What a vector depends on, defined once. The text is defined here, not in offline/, because the
 # catalog keys every item as it is ingested (`upsert_items`, called by ingest, tests, benchmarks)
-# and index/ never imports offline/; `offline.texts.item_text` is this function.
+# and index/ never imports offline/; `embsum.offline.texts.item_text` is this function.
 KEY_VERSION = "2"  # 1: item keys hashed (title, description, category), user keys item ids
 
 

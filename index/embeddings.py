@@ -25,8 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-
-from index.catalog import Catalog, CatalogError, now
+from embsum.index.catalog import Catalog, CatalogError, now
 
 ITEM, USER = "item", "user"
 

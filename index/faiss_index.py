@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
-from index import failpoints
-from index.index_config import MODES, IndexConfig  # noqa: F401  (re-exported)
-from index.snapshot import (
+from embsum.index import failpoints
+from embsum.index.index_config import MODES, IndexConfig  # noqa: F401  (re-exported)
+from embsum.index.snapshot import (
     BASE_FILES,
     INDEX_FILE,
     ITEMS_FILE,
@@ -201,7 +200,7 @@ def by_item(snap) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
 # -- snapshots: full build and incremental update -----------------------------------------------
 @dataclass
 class Blocks:
-    """Where a build reads the current item vectors: `iterate()` yields index.embeddings.Block
+    """Where a build reads the current item vectors: `iterate()` yields embsum.index.embeddings.Block
     chunks in id order (`count` of them in all); `fetch(ids)` one Block for given ids
     (incremental update)."""
 

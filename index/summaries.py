@@ -8,8 +8,7 @@ inspection and never returned as training targets.
 from __future__ import annotations
 
 import pyarrow as pa
-
-from index.catalog import Catalog, _sha1, history_hash, now
+from embsum.index.catalog import Catalog, _sha1, history_hash, now
 
 SUMMARY_COLUMNS = {
     "user_id": pa.string(),

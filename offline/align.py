@@ -13,14 +13,27 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from embsum.index.catalog import Catalog, run_outcome
+from embsum.offline.errors import UserError
+from embsum.offline.texts import item_texts
 
-from embsum.align_trainer import AlignConfig, AlignData, AlignTrainer, build_bank, expert_utilisation
-from embsum.encoding import StateCache
-from embsum.evaluation import EvalSet, build_eval_set, dev_score, evaluate, poly_scorer, train_examples
-from embsum.policy import Policy
-from index.catalog import Catalog, run_outcome
-from offline.errors import UserError
-from offline.texts import item_texts
+from embsum.alignment.align_trainer import (
+    AlignConfig,
+    AlignData,
+    AlignTrainer,
+    build_bank,
+    expert_utilisation,
+)
+from embsum.alignment.policy import Policy
+from embsum.evaluation.protocol import (
+    EvalSet,
+    build_eval_set,
+    dev_score,
+    evaluate,
+    poly_scorer,
+    train_examples,
+)
+from embsum.inference.encoding import StateCache
 
 log = logging.getLogger("embsum.align")
 
@@ -51,7 +64,7 @@ def read_catalog(cat: Catalog) -> CatalogData:
 
 def stored_bank(cat: Catalog, model_hash: str, item_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The SFT model's item vectors from `embsum precompute`, if every item has a current one."""
-    from index import embeddings as E
+    from embsum.index import embeddings as E
 
     block = E.read(cat, model_hash, E.ITEM, ids=item_ids)
     if block is None or block.ids != item_ids:
@@ -77,7 +90,7 @@ def candidate_scorer(model, eval_set: EvalSet, texts: list[str], batch_size: int
     """The model's scorer over `eval_set`: users' UPE, and CPE of the candidate items only (or of
     the whole catalog for full ranking). Same encoding path as precompute; `cache` holds encoder
     token states (valid only while the encoder is the SFT one)."""
-    from embsum.encoding import encode_item_texts, encode_user_histories
+    from embsum.inference.encoding import encode_item_texts, encode_user_histories
 
     dtype = "bf16" if bf16 else "fp32"
     if full_ranking:
@@ -109,7 +122,7 @@ def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool, cache
 
 def run_align(db: str, checkpoint: str, cfg: AlignConfig, progress=None, bank=None) -> dict:
     """Align the SFT `checkpoint` on the catalog at `db`; returns a summary (also in `runs`)."""
-    from embsum.checkpoint import CheckpointError, check_checkpoint, load_checkpoint
+    from embsum.model.checkpoint import CheckpointError, check_checkpoint, load_checkpoint
 
     try:
         if check_checkpoint(checkpoint).config.fusion:  # known before the model is built
@@ -140,7 +153,7 @@ def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None
     """The alignment itself, on data already read (the benchmark calls this directly, sharing
     one SFT bank and one encoder state cache between runs: `cache` must hold the SFT encoder's
     states, valid only with lora_scope 'decoder')."""
-    from embsum.encoding import bf16_supported, resolve_device
+    from embsum.inference.encoding import bf16_supported, resolve_device
 
     device = resolve_device(cfg.device)
     bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_supported(device))

@@ -16,22 +16,21 @@ import sys
 import traceback
 
 import click
-
-from offline.errors import EXIT_INTERRUPTED, USER_ERRORS, UserError, exit_code
+from embsum.offline.errors import EXIT_INTERRUPTED, USER_ERRORS, UserError, exit_code
 
 # name -> (module, one-line help shown by `embsum --help` without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "ingest": ("offline.commands.ingest", "Load items and interactions (TSV/CSV/JSONL/Parquet, MIND, Goodreads)."),
-    "summarize": ("offline.commands.summarize", "Write LLM user-interest summaries into the catalog."),
-    "train": ("offline.commands.train", "Train the EmbSum model (NCE + summary loss)."),
-    "align": ("offline.commands.align", "RoDPO alignment with LoRA and a sparse MoE fusion layer."),
-    "precompute": ("offline.commands.precompute", "Encode items (CPE) and users (UPE) into the catalog."),
-    "index": ("offline.commands.index_cmd", "Build the FAISS index from stored item embeddings."),
-    "refresh": ("offline.commands.refresh", "Nightly job: ingest changes, re-encode what changed, swap the index."),
-    "score": ("offline.commands.score", "Offline candidate scoring: candidates file or FAISS retrieval."),
-    "evaluate": ("offline.commands.evaluate", "goodreads-v1 evaluation of a checkpoint or a scores file."),
-    "demo": ("offline.commands.demo", "Install-and-go demo on MovieLens-100K from the package registry."),
-    "info": ("offline.commands.info", "Show what the catalog holds: tables, counts, runs, rejects."),
+    "ingest": ("embsum.offline.commands.ingest", "Load items and interactions (TSV/CSV/JSONL/Parquet, MIND, Goodreads)."),
+    "summarize": ("embsum.offline.commands.summarize", "Write LLM user-interest summaries into the catalog."),
+    "train": ("embsum.offline.commands.train", "Train the EmbSum model (NCE + summary loss)."),
+    "align": ("embsum.offline.commands.align", "RoDPO alignment with LoRA and a sparse MoE fusion layer."),
+    "precompute": ("embsum.offline.commands.precompute", "Encode items (CPE) and users (UPE) into the catalog."),
+    "index": ("embsum.offline.commands.index_cmd", "Build the FAISS index from stored item embeddings."),
+    "refresh": ("embsum.offline.commands.refresh", "Nightly job: ingest changes, re-encode what changed, swap the index."),
+    "score": ("embsum.offline.commands.score", "Offline candidate scoring: candidates file or FAISS retrieval."),
+    "evaluate": ("embsum.offline.commands.evaluate", "goodreads-v1 evaluation of a checkpoint or a scores file."),
+    "demo": ("embsum.offline.commands.demo", "Install-and-go demo on MovieLens-100K from the package registry."),
+    "info": ("embsum.offline.commands.info", "Show what the catalog holds: tables, counts, runs, rejects."),
 }
 
 DEFAULT_DB = "embsum.duckdb"

@@ -36,7 +36,7 @@ def open_catalog(ctx: click.Context, read_only: bool = False, *, job: bool = Tru
     the command's name, waiting up to --wait for another writer job and naming it (see
     index/catalog.py); `job=False` for a few short writes that may slip between a running job's
     commits (run-ledger rows). `keep_open=False`: the job calls `cat.release()` while it computes."""
-    from index.catalog import Catalog
+    from embsum.index.catalog import Catalog
 
     kind = (ctx.info_name or "job") if job and not read_only else None
     cat = Catalog(db_path(ctx), read_only=read_only, wait_s=wait_s(ctx), job=kind, keep_open=keep_open)
@@ -51,7 +51,7 @@ def recorded_run(ctx: click.Context, kind: str, args: dict) -> Iterator[RunRecor
     """A `runs` row for a job that does not hold the catalog while it works (train, evaluate):
     the catalog is opened briefly to start the row and again to end it, so readers and other
     jobs are not locked out meanwhile. Ends 'ok', 'failed' or 'interrupted' like `Catalog.run`."""
-    from index.catalog import CatalogError, RunRecord, run_outcome
+    from embsum.index.catalog import CatalogError, RunRecord, run_outcome
 
     if not os.path.exists(db_path(ctx)):  # a reading job: never create an empty catalog
         raise CatalogError(f"catalog {db_path(ctx)} does not exist (run `embsum ingest` first)")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from index.catalog import Catalog
-from index.summaries import training_summaries
-from offline.texts import item_texts
+from embsum.index.catalog import Catalog
+from embsum.index.summaries import training_summaries
+from embsum.offline.texts import item_texts
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ SUMMARY_ANY, SUMMARY_NONE = "any", "none"
 @dataclass
 class CatalogData:
     item_ids: list[str]  # sorted as strings: the goodreads-v1 order
-    item_texts: list[str]  # offline.texts.item_text (what the item vectors are keyed on), aligned with item_ids
+    item_texts: list[str]  # embsum.offline.texts.item_text (what the item vectors are keyed on), aligned with item_ids
     histories: dict[str, list[str]]  # every user's positive items, oldest first
     summaries: dict[str, str]  # user -> summary text (training targets)
 
@@ -54,6 +54,6 @@ def training_examples(data: CatalogData, mode: str = "prefixes", limit_users: in
     train-split users only (goodreads-v1: dev and test users stay held out for evaluation);
     `all_users` (a production model) adds the dev and test users' full histories, so nothing is
     held out and no dev score of that model means anything."""
-    from embsum.evaluation import train_examples
+    from embsum.evaluation.protocol import train_examples
 
     return train_examples(data.histories, mode, limit_users, all_users=all_users)

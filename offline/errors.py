@@ -1,7 +1,7 @@
 """The CLI's one error boundary: which exceptions are the user's to fix (one line, no traceback)
 and the exit code each gets.
 
-Each layer has its own root class (embsum.errors.EmbsumError for the model, index.errors.
+Each layer has its own root class (embsum.errors.EmbsumError for the model, embsum.index.errors.
 StorageError for storage, UserError here for jobs), because embsum/ and index/ never import
 each other; this module is the one place that knows all three.
 
@@ -16,8 +16,9 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+from embsum.index.errors import CatalogBusy, StorageError
+
 from embsum.errors import EmbsumError
-from index.errors import CatalogBusy, StorageError
 
 EXIT_USER = 1
 EXIT_USAGE = 2

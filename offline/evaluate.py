@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from offline.data import CatalogData
-from offline.errors import UserError
+from embsum.offline.data import CatalogData
+from embsum.offline.errors import UserError
 
 if TYPE_CHECKING:
-    from embsum.evaluation import Coverage, Scorer
+    from embsum.evaluation.protocol import Coverage, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +188,7 @@ class Evaluation:
     """One evaluation run: the eval set, shared encoder caches, the rows of the report."""
 
     def __init__(self, data: CatalogData, config: EvaluateConfig, progress: bool = True, caches: dict | None = None):
-        from embsum.evaluation import build_eval_set, build_holdout_eval_set
+        from embsum.evaluation.protocol import build_eval_set, build_holdout_eval_set
 
         self.data, self.cfg, self.progress = data, config, progress
         if config.holdout:
@@ -207,7 +206,7 @@ class Evaluation:
         self.started = time.time()
 
     def _add(self, name: str, kind: str, per_user: dict, started: float, **info) -> dict:
-        from embsum.evaluation import summarize
+        from embsum.evaluation.protocol import summarize
 
         if name in self.per_user:  # the same model twice: rows stay distinguishable
             name = f"{name} #{sum(r['name'].startswith(name) for r in self.rows) + 1}"
@@ -219,15 +218,15 @@ class Evaluation:
         return row
 
     def cache_for(self, model):
-        from embsum.encoding import StateCache
+        from embsum.inference.encoding import StateCache
 
         key = (encoder_fingerprint(model.backbone.get_encoder()), model.config.item_max_tokens, self.cfg.dtype)
         return key, self.caches.setdefault(key, StateCache())
 
     def add_checkpoint(self, path: str, name: str | None = None) -> dict:
-        from embsum.checkpoint import load_checkpoint
-        from embsum.encoding import resolve_device
-        from embsum.evaluation import evaluate_model
+        from embsum.evaluation.protocol import evaluate_model
+        from embsum.inference.encoding import resolve_device
+        from embsum.model.checkpoint import load_checkpoint
 
         t = time.time()
         model, digest = load_checkpoint(path, resolve_device(self.cfg.device))
@@ -241,7 +240,7 @@ class Evaluation:
     def prepare_scores_file(self, path: str) -> PreparedScores:
         """Read a scores file and check that it scores every candidate pair (UserError if not,
         unless allow_partial): cheap, so the command runs it before any model."""
-        from embsum.evaluation import pair_scorer
+        from embsum.evaluation.protocol import pair_scorer
 
         scores = read_scores_file(path)
         scorer, coverage = pair_scorer(self.eval_set, scores)
@@ -253,7 +252,7 @@ class Evaluation:
         return PreparedScores(str(path), scores, scorer, coverage)
 
     def add_scores_file(self, source: str | PreparedScores) -> dict:
-        from embsum.evaluation import evaluate_per_user
+        from embsum.evaluation.protocol import evaluate_per_user
 
         t = time.time()
         prepared = source if isinstance(source, PreparedScores) else self.prepare_scores_file(source)
@@ -272,8 +271,8 @@ class Evaluation:
         when a checkpoint ran the same encoder over whole texts, else encoded here."""
         import torch
 
-        from embsum.backbone import load_encoder
-        from embsum.encoding import encode_mean_pooled
+        from embsum.inference.encoding import encode_mean_pooled
+        from embsum.model.backbone import load_encoder
 
         encoder, tokenizer = load_encoder(self.cfg.zero_shot_backbone)
         fingerprint = encoder_fingerprint(encoder)
@@ -288,7 +287,12 @@ class Evaluation:
                                   max_tokens=self.cfg.zero_shot_max_tokens)
 
     def add_baselines(self) -> None:
-        from embsum.evaluation import embedding_scorer, evaluate_per_user, popularity_scorer, random_scorer
+        from embsum.evaluation.protocol import (
+            embedding_scorer,
+            evaluate_per_user,
+            popularity_scorer,
+            random_scorer,
+        )
 
         full = self.cfg.full_ranking
         for name, scorer in ((RANDOM, random_scorer(self.eval_set, self.cfg.seed)),
@@ -308,7 +312,7 @@ class Evaluation:
     def add_intervals(self) -> str | None:
         """Each row's 95% intervals and its paired difference to the reference row, from the same
         bootstrap resamples for every row. Returns the reference's name (None: no differences)."""
-        from embsum.bootstrap import BootstrapConfig, resample_counts
+        from embsum.evaluation.bootstrap import BootstrapConfig, resample_counts
 
         if not self.cfg.resamples or not self.eval_set.user_ids:
             return None
@@ -332,7 +336,7 @@ class Evaluation:
     def _intervals(self, name: str, reference: str | None, counts: np.ndarray, confidence: float) -> dict:
         """Without reference: group -> metric -> [low, high] of the row's mean. With one:
         group -> metric -> {value, interval, beats} of the paired difference row - reference."""
-        from embsum.bootstrap import paired_difference, percentile_interval
+        from embsum.evaluation.bootstrap import paired_difference, percentile_interval
 
         mine = self._reported(name)
         theirs = self._reported(reference) if reference else {}
@@ -349,7 +353,7 @@ class Evaluation:
         return out
 
     def report(self) -> dict:
-        from embsum.bootstrap import BootstrapConfig
+        from embsum.evaluation.bootstrap import BootstrapConfig
 
         reference = self.add_intervals()
         protocol = self.eval_set.protocol
@@ -407,7 +411,7 @@ def _notes(report: dict) -> list[str]:
     for row in report["models"]:
         pairs = row.get("coverage_pairs")
         if pairs and pairs["covered"] < pairs["total"]:
-            from embsum.evaluation import Coverage
+            from embsum.evaluation.protocol import Coverage
 
             notes.append(f"- {row['name']}: scores cover {Coverage(pairs['covered'], pairs['total']).describe()}; "
                          "the missing pairs score lowest (ties count against the model)")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from index import embeddings as E
-from index import faiss_index as F
-from index import snapshot as S
-from index.catalog import Catalog, RunRecord
-from offline.errors import UserError
+from embsum.index import embeddings as E
+from embsum.index import faiss_index as F
+from embsum.index import snapshot as S
+from embsum.index.catalog import Catalog, RunRecord
+from embsum.offline.errors import UserError
 
 log = logging.getLogger("embsum.index")
 
@@ -44,7 +44,7 @@ def resolve_model_hash(cat: Catalog | None, checkpoint: str | None, model_hash: 
     if model_hash:
         return model_hash
     if checkpoint:
-        from embsum.checkpoint import CheckpointError, checkpoint_hash
+        from embsum.model.checkpoint import CheckpointError, checkpoint_hash
 
         try:
             return checkpoint_hash(checkpoint)
@@ -64,8 +64,8 @@ def init_if_missing(checkpoint: str | Path) -> None:
     before any training)."""
     if Path(checkpoint).exists():
         return
-    from embsum.checkpoint import init_checkpoint
     from embsum.config import ModelConfig
+    from embsum.model.checkpoint import init_checkpoint
 
     digest = init_checkpoint(ModelConfig(), checkpoint)
     log.info("initialised untrained checkpoint %s (hash %s)", checkpoint, digest)
@@ -74,7 +74,7 @@ def init_if_missing(checkpoint: str | Path) -> None:
 def load_model(checkpoint: str, device: str):
     """(model, hash) of any embsum checkpoint (init, SFT, aligned) with checkpoint problems as
     JobError: a bad directory fails in one line before torch picks a device or a model is built."""
-    from embsum.checkpoint import CheckpointError, check_checkpoint, load_checkpoint
+    from embsum.model.checkpoint import CheckpointError, check_checkpoint, load_checkpoint
 
     try:
         check_checkpoint(checkpoint)

@@ -2,7 +2,7 @@
 
 Inside `with graceful_stop("precompute") as stop:` the first SIGINT/SIGTERM only sets `stop` (a
 `threading.Event`); the job checks it between batches (its worker threads too), commits what
-is finished, records its run as 'interrupted' and raises `offline.errors.Interrupted` (exit
+is finished, records its run as 'interrupted' and raises `embsum.offline.errors.Interrupted` (exit
 130); the re-run resumes. A second signal means "now": KeyboardInterrupt, as without this
 (the batch in flight is lost, committed chunks stay). Outside the block, and in other threads
 (where Python cannot install handlers), signals keep their previous handlers.

@@ -14,7 +14,7 @@ Streaming and resumable by construction:
   written: between those the job calls `Catalog.release()` (a no-op unless the catalog was
   opened with `keep_open=False`, as `embsum precompute` does), so `embsum info` and other
   readers get in while the model computes.
-Graceful stop (`stop`, set on Ctrl-C/SIGTERM by offline.interrupts): the worker stops between
+Graceful stop (`stop`, set on Ctrl-C/SIGTERM by embsum.offline.interrupts): the worker stops between
 two batches, the finished batches of the chunk in flight are committed after the chunk being
 written, and the counts say what is left (`items_left`, `users_left`). What is committed is
 always a prefix of the work order made of whole batches, so a resumed run cuts the same batches
@@ -33,12 +33,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from index import embeddings as E
-from index import failpoints
-from index.catalog import Catalog, RunRecord
-from offline.job_configs import PrecomputeConfig
-from offline.texts import item_texts
+from embsum.index import embeddings as E
+from embsum.index import failpoints
+from embsum.index.catalog import Catalog, RunRecord
+from embsum.offline.job_configs import PrecomputeConfig
+from embsum.offline.texts import item_texts
 
 log = logging.getLogger("embsum.precompute")
 
@@ -90,7 +89,7 @@ def encode_items(model, texts: list[str], cfg: PrecomputeConfig, stop: threading
     """(CPE, CPE') of `texts` (of its first rows only, if `stop` is set meanwhile): each distinct
     text encoded once, `batch_size` distinct texts per forward pass in first-appearance order.
     `on_rows(n)`: n more leading rows are finished (progress)."""
-    from embsum.encoding import encode_item_texts
+    from embsum.inference.encoding import encode_item_texts
 
     uniq, inverse = _distinct(texts)
     # The row where each distinct text first appears: once k distinct texts are encoded, every
@@ -114,7 +113,7 @@ def encode_users(model, histories: list[list[str]], cfg: PrecomputeConfig, stop:
                  on_rows: Callable[[int], None] | None = None) -> Encoded:
     """UPE of users given by their history texts (of the first ones only, if `stop` is set
     meanwhile), `batch_size` users per call, in the given order."""
-    from embsum.encoding import encode_user_histories
+    from embsum.inference.encoding import encode_user_histories
 
     finished = 0
 

@@ -10,7 +10,7 @@ current hashes, the index step diffs the live snapshot against the catalog), so:
 - a refresh killed anywhere is finished by simply running it again: committed chunks are
   kept, the index is rebuilt or updated from whatever snapshot is live, and a half-written
   version folder is never made live.
-One refresh per catalog at a time (`index.lock`); a second one exits at once.
+One refresh per catalog at a time (`embsum.index.lock`); a second one exits at once.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from index import failpoints
-from index.faiss_index import IndexConfig
-from index.lock import exclusive, lock_path
-from offline.indexing import default_index_dir, load_model, sync_index
-from offline.job_configs import PrecomputeConfig, RefreshConfig
-from offline.precompute import precompute
+from embsum.index import failpoints
+from embsum.index.faiss_index import IndexConfig
+from embsum.index.lock import exclusive, lock_path
+from embsum.offline.indexing import default_index_dir, load_model, sync_index
+from embsum.offline.job_configs import PrecomputeConfig, RefreshConfig
+from embsum.offline.precompute import precompute
 
 log = logging.getLogger("embsum.refresh")
 
@@ -36,7 +36,7 @@ def refresh(db_path: str | Path, checkpoint: str, cfg: RefreshConfig, pre: Preco
     Like precompute, it takes the catalog's job lock (a writer job started meanwhile waits and
     names this refresh) and opens its `runs` row before loading the model (a broken checkpoint
     leaves a 'failed' row); the catalog file itself is held only while a step reads or commits."""
-    from index.catalog import Catalog
+    from embsum.index.catalog import Catalog
 
     with exclusive(lock_path(db_path)), \
             Catalog(db_path, wait_s=wait_s, job="refresh", keep_open=False) as cat, \
@@ -48,7 +48,7 @@ def refresh(db_path: str | Path, checkpoint: str, cfg: RefreshConfig, pre: Preco
         run.args["model_hash"] = model_hash
         root = Path(cfg.index_dir) if cfg.index_dir else default_index_dir(db_path)
         if cfg.inputs:
-            from offline.ingest.job import IngestConfig, ingest
+            from embsum.offline.ingest.job import IngestConfig, ingest
 
             report = ingest(cat, cfg.inputs, IngestConfig(format=cfg.format), progress=progress)
             run.counts.update({f"ingest_{k}": v for k, v in report.counts().items()

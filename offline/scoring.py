@@ -29,12 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
-from index import faiss_index as F
-from index import snapshot as S
-from index.catalog import Catalog, CatalogError, run_outcome
-from offline.common import progress, step
-from offline.job_configs import ScoreConfig
+from embsum.index import faiss_index as F
+from embsum.index import snapshot as S
+from embsum.index.catalog import Catalog, CatalogError, run_outcome
+from embsum.offline.common import progress, step
+from embsum.offline.job_configs import ScoreConfig
 
 log = logging.getLogger("embsum.score")
 
@@ -46,7 +45,7 @@ def score_pairs(upe: np.ndarray, cpe: np.ndarray, cpe_prime: np.ndarray, uidx: n
     memory map: only the rows the pairs touch are read, `pair_batch` pairs at a time."""
     import torch
 
-    from embsum.scoring import poly_score
+    from embsum.model.scoring import poly_score
 
     out = np.empty(len(uidx), dtype=np.float32)
     with torch.inference_mode():
@@ -158,7 +157,7 @@ def score_all_items(snap: S.Snapshot, upe: np.ndarray, cfg: ScoreConfig,
                     exclude: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Exact top-N of every live item for each user (rows, scores, best first): the poly-score
     matrix over item chunks, keeping a running top-N per user."""
-    from embsum.scoring import poly_score_matrix
+    from embsum.model.scoring import poly_score_matrix
 
     live = snap.live_rows()
     n_users = len(upe)
@@ -275,8 +274,7 @@ def read_candidates(path: str | Path) -> pa.Table:
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
     import pyarrow.parquet as pq
-
-    from offline.indexing import JobError
+    from embsum.offline.indexing import JobError
 
     path = Path(path)
     if not path.exists():
@@ -334,7 +332,7 @@ class Users:
 
 
 def read_users(cat: Catalog, model_hash: str, user_ids: list[str] | None, seen: bool) -> Users:
-    from index import embeddings as E
+    from embsum.index import embeddings as E
 
     if user_ids is None:
         user_ids = E.keys(cat, model_hash, E.USER)["user_id"].to_pylist()
@@ -411,11 +409,11 @@ def score_job(db_path: str | Path, model_hash: str | None, cfg: ScoreConfig, *, 
               table: str | None = "scores", wait_s: float = 600.0) -> Scored:
     """The `embsum score` job: read (catalog open briefly), compute (catalog closed), write.
     `model_hash` None: the catalog's only model."""
-    from offline.indexing import default_index_dir, resolve_model_hash
+    from embsum.offline.indexing import default_index_dir, resolve_model_hash
 
     args = {"model_hash": model_hash, "candidates": candidates, "users": None if users is None else len(users),
             "index_dir": str(index_dir) if index_dir else None, "out": out, "table": table, **cfg.__dict__}
-    from index import embeddings as E
+    from embsum.index import embeddings as E
 
     root = Path(index_dir) if index_dir else default_index_dir(db_path)
     with open_waiting(db_path, wait_s=wait_s) as cat:  # the run first: every failure below is recorded

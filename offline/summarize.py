@@ -1,13 +1,13 @@
 """The summary job: which users need a summary, batched generation, checks, retry, writing.
 
 - Which users: those whose summary_key = hash(history_hash, prompt_hash, model) has no unflagged
-  row (index.summaries.pending_users). A nightly re-run therefore touches only new users and
+  row (embsum.index.summaries.pending_users). A nightly re-run therefore touches only new users and
   users whose history changed, plus earlier flagged outputs, which get another try.
 - Kill safety: each batch of users is generated, checked and committed in its own transaction;
   a killed run loses at most the batch in flight and the next run starts after the last one.
 - Checks: an empty, over-long or echo-only output is generated once more with seed + 1 at the
   retry temperature; still bad, it is stored with flagged = TRUE and its flag_reason, so it
-  stays inspectable but is never a training target (index.summaries.training_summaries).
+  stays inspectable but is never a training target (embsum.index.summaries.training_summaries).
 - Nothing to do, nothing loaded: the model loads only when some user is pending.
 """
 
@@ -17,14 +17,15 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from embsum.index.catalog import Catalog
+from embsum.index.summaries import pending_users, summary_key, upsert_summaries
+from embsum.offline.common import progress
+from embsum.offline.ingest.formats import EXTENSIONS, _generic_reader
+from embsum.offline.ingest.job import IMPORT_BACKEND, IMPORT_MODEL, IMPORT_PROMPT
+from embsum.offline.ingest.records import MISSING_ID, FormatError
+
 from embsum.summarizer import Backend, Item, PromptTemplate, SummarizerConfig, check_summary, clean_summary
 from embsum.summarizer.backends import model_label
-from index.catalog import Catalog
-from index.summaries import pending_users, summary_key, upsert_summaries
-from offline.common import progress
-from offline.ingest.formats import EXTENSIONS, _generic_reader
-from offline.ingest.job import IMPORT_BACKEND, IMPORT_MODEL, IMPORT_PROMPT
-from offline.ingest.records import MISSING_ID, FormatError
 
 log = logging.getLogger("embsum.summarize")
 

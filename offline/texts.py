@@ -3,7 +3,7 @@
 `item_text(title, description, category)` = `"{title}. {category}. {description}"` with a
 missing or blank part left out, so an item without a category (Goodreads) reads exactly
 `"{title}. {description}"` (the goodreads-v1 template of EVAL.md). It lives in
-`index.catalog` (the catalog keys each item at ingest and index/ never imports offline/) and is
+`embsum.index.catalog` (the catalog keys each item at ingest and index/ never imports offline/) and is
 re-exported here: offline code (precompute, train, evaluate, align) takes its texts from this
 module, and `items.content_hash` is `content_hash(item_text(...))`, so a vector's key is the
 hash of exactly the text it was encoded from.
@@ -12,8 +12,7 @@ hash of exactly the text it was encoded from.
 from __future__ import annotations
 
 import pyarrow as pa
-
-from index.catalog import content_hash, history_hash, item_key, item_text
+from embsum.index.catalog import content_hash, history_hash, item_key, item_text
 
 __all__ = ["content_hash", "history_hash", "item_key", "item_text", "item_texts"]
 

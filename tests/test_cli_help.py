@@ -5,15 +5,14 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-
-from offline.cli import _available, cli
+from embsum.offline.cli import _available, cli
 
 
 def test_top_level_help_imports_no_heavy_library():
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from offline.cli import cli\n"
+        "from embsum.offline.cli import cli\n"
         "r = CliRunner().invoke(cli, ['--help'])\n"
         "assert r.exit_code == 0, r.output\n"
         "heavy = [m for m in ('torch', 'transformers', 'faiss', 'peft') if m in sys.modules]\n"
@@ -35,7 +34,7 @@ def test_subcommand_help_imports_no_torch(name):
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from offline.cli import cli\n"
+        "from embsum.offline.cli import cli\n"
         f"r = CliRunner().invoke(cli, [{name!r}, '--help'])\n"
         "assert r.exit_code == 0, r.output\n"
         "print('torch' in sys.modules)\n"

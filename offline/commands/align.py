@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import click
+from embsum.offline.job_options import config_from, config_options
 
-from embsum.align_config import AlignConfig
-from offline.job_options import config_from, config_options
+from embsum.alignment.align_config import AlignConfig
 
 
 def recipe_values(name: str) -> dict:
     """The [align] table of a packaged recipe (`align_cpu`, or `cpu` for short) or a TOML file."""
-    from offline.recipes import RecipeError, available, load_recipe
+    from embsum.offline.recipes import RecipeError, available, load_recipe
 
     for candidate in (name, f"align_{name}"):
         try:
@@ -46,9 +46,10 @@ def command(ctx: click.Context, checkpoint: str, recipe: str | None, **options) 
     import json
     import logging
 
+    from embsum.offline.align import AlignError, run_align
+    from embsum.offline.common import db_path, progress
+
     from embsum.config import ConfigError
-    from offline.align import AlignError, run_align
-    from offline.common import db_path, progress
 
     if recipe:
         for key, value in recipe_values(recipe).items():

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-
-from offline.common import db_path, open_catalog
+from embsum.offline.common import db_path, open_catalog
 
 log = logging.getLogger("embsum.demo")
 
@@ -126,7 +125,7 @@ class Demo:
 
     def cli(self, *args: str) -> None:
         """Run another embsum command on the demo catalog, as a user would type it."""
-        from offline.cli import cli
+        from embsum.offline.cli import cli
 
         root = self.ctx.find_root().params
         flags = ["-q"] if root.get("quiet") else ["-v"] * int(root.get("verbose") or 0)
@@ -138,8 +137,8 @@ class Demo:
 
 
 def step_ingest(demo: Demo) -> None:
-    from offline.common import progress
-    from offline.ingest.job import IngestConfig, ingest
+    from embsum.offline.common import progress
+    from embsum.offline.ingest.job import IngestConfig, ingest
 
     with open_catalog(demo.ctx) as cat:
         report = ingest(cat, [demo.data], IngestConfig(format="movielens"), progress=progress)
@@ -221,14 +220,14 @@ def step_show(demo: Demo, n_items: int = 5) -> None:
 
 # (name, module the step needs, what it does); a missing module means "not built yet: skip".
 STEPS: list[tuple[str, str, Callable[[Demo], None]]] = [
-    ("ingest", "offline.commands.ingest", step_ingest),
-    ("train", "offline.commands.train", step_train),
-    ("align", "offline.commands.align", step_align),
-    ("compare", "offline.commands.evaluate", step_compare),
-    ("precompute", "offline.commands.precompute", step_precompute),
-    ("index", "offline.commands.index_cmd", step_index),
-    ("score", "offline.commands.score", step_score),
-    ("show", "offline.commands.demo", step_show),
+    ("ingest", "embsum.offline.commands.ingest", step_ingest),
+    ("train", "embsum.offline.commands.train", step_train),
+    ("align", "embsum.offline.commands.align", step_align),
+    ("compare", "embsum.offline.commands.evaluate", step_compare),
+    ("precompute", "embsum.offline.commands.precompute", step_precompute),
+    ("index", "embsum.offline.commands.index_cmd", step_index),
+    ("score", "embsum.offline.commands.score", step_score),
+    ("show", "embsum.offline.commands.demo", step_show),
 ]
 STEP_NAMES = [name for name, _, _ in STEPS]
 

@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import click
-
-from offline.common import open_catalog, quiet, recorded_run
-from offline.evaluate import EvaluateConfig
-from offline.job_options import config_from, config_options
+from embsum.offline.common import open_catalog, quiet, recorded_run
+from embsum.offline.evaluate import EvaluateConfig
+from embsum.offline.job_options import config_from, config_options
 
 
 @click.command("evaluate")
@@ -47,9 +46,9 @@ def command(ctx: click.Context, checkpoints: tuple[str, ...], scores_files: tupl
     row beats the reference when that interval lies above 0 (bold in the table).
     A scores file must score every candidate pair, or --allow-partial.
     """
-    from offline.data import load_catalog_data
-    from offline.errors import UserError
-    from offline.evaluate import Evaluation, markdown_table, planned_names, resolve_reference
+    from embsum.offline.data import load_catalog_data
+    from embsum.offline.errors import UserError
+    from embsum.offline.evaluate import Evaluation, markdown_table, planned_names, resolve_reference
 
     config = config_from(EvaluateConfig, values)
     if not (checkpoints or scores_files or config.baselines):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import click
-
-from index.index_config import IndexConfig
-from offline.job_options import config_from, config_options
+from embsum.index.index_config import IndexConfig
+from embsum.offline.job_options import config_from, config_options
 
 
 @click.command("index")
@@ -28,8 +27,8 @@ def command(ctx: click.Context, checkpoint: str | None, model_hash: str | None, 
     A new version is written beside the live one and swapped in atomically; a scoring job
     holding the previous version keeps working. Nothing changed: no new version.
     """
-    from offline.common import db_path, open_catalog
-    from offline.indexing import default_index_dir, resolve_model_hash, sync_index
+    from embsum.offline.common import db_path, open_catalog
+    from embsum.offline.indexing import default_index_dir, resolve_model_hash, sync_index
 
     cfg = config_from(IndexConfig, options)
     root = index_dir or default_index_dir(db_path(ctx))

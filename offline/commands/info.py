@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import click
-
-from offline.common import open_catalog
+from embsum.offline.common import open_catalog
 
 
 def _counts(raw: str | None, most: int = 8) -> str:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import click
-
-from offline.common import open_catalog, progress
-from offline.ingest.formats import DEFAULT_POSITIVE_FROM, FORMATS
+from embsum.offline.common import open_catalog, progress
+from embsum.offline.ingest.formats import DEFAULT_POSITIVE_FROM, FORMATS
 
 
 @click.command("ingest")
@@ -54,8 +53,8 @@ def command(ctx: click.Context, paths: tuple[str, ...], fmt: str, kind: str, max
     non-zero only when nothing usable was read, the reject rate is over --max-reject-rate, or
     a file cannot be read as asked (a label column holding ratings: nothing is written).
     """
-    from offline.ingest.formats import Mapping
-    from offline.ingest.job import IngestConfig, ingest
+    from embsum.offline.ingest.formats import Mapping
+    from embsum.offline.ingest.job import IngestConfig, ingest
 
     config = IngestConfig(format=fmt, kind=kind, batch_size=batch_size, max_reject_rate=max_reject_rate,
                           quoting=quoting)

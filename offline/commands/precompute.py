@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import click
-
-from offline.job_configs import PrecomputeConfig
-from offline.job_options import config_from, config_options
+from embsum.offline.job_configs import PrecomputeConfig
+from embsum.offline.job_options import config_from, config_options
 
 
 @click.command("precompute")
@@ -31,11 +30,11 @@ def command(ctx: click.Context, checkpoint: str, init: bool, **options) -> None:
     (again: at once). While it runs, readers (`embsum info`, `score`, `evaluate`) still work; a
     second writer waits up to --wait for it, then exits 75.
     """
-    from offline.common import open_catalog, progress
-    from offline.errors import Interrupted
-    from offline.indexing import init_if_missing, load_model
-    from offline.interrupts import graceful_stop
-    from offline.precompute import precompute, stopped_early
+    from embsum.offline.common import open_catalog, progress
+    from embsum.offline.errors import Interrupted
+    from embsum.offline.indexing import init_if_missing, load_model
+    from embsum.offline.interrupts import graceful_stop
+    from embsum.offline.precompute import precompute, stopped_early
 
     cfg = config_from(PrecomputeConfig, options)
     # Catalog, job lock and run before the model: a busy or unwritable catalog fails in a second

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import click
-
-from index.index_config import IndexConfig
-from offline.job_configs import PrecomputeConfig, RefreshConfig
-from offline.job_options import config_from, config_options
+from embsum.index.index_config import IndexConfig
+from embsum.offline.job_configs import PrecomputeConfig, RefreshConfig
+from embsum.offline.job_options import config_from, config_options
 
 
 @click.command("refresh")
@@ -33,8 +32,8 @@ def command(ctx: click.Context, inputs: tuple[str, ...], checkpoint: str, **opti
     Idempotent (a second run changes nothing) and safe to re-run after a crash. A second
     refresh started while one runs exits at once; scoring jobs keep using the previous index.
     """
-    from offline.common import db_path, progress, wait_s
-    from offline.refresh import refresh
+    from embsum.offline.common import db_path, progress, wait_s
+    from embsum.offline.refresh import refresh
 
     cfg = config_from(RefreshConfig, {**options, "inputs": list(inputs)})
     pre = config_from(PrecomputeConfig, options)

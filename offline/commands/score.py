@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import click
-
-from offline.job_configs import ScoreConfig
-from offline.job_options import config_from, config_options
+from embsum.offline.job_configs import ScoreConfig
+from embsum.offline.job_options import config_from, config_options
 
 
 @click.command("score")
@@ -42,11 +41,11 @@ def command(ctx: click.Context, checkpoint, model_hash, candidates, users_file, 
     without a vector for their current text/history) are reported, recorded in `rejects` and
     skipped.
     """
-    from index.catalog import CatalogError
-    from index.snapshot import IndexFileError
-    from offline.common import db_path
-    from offline.indexing import JobError, resolve_model_hash
-    from offline.scoring import score_job
+    from embsum.index.catalog import CatalogError
+    from embsum.index.snapshot import IndexFileError
+    from embsum.offline.common import db_path
+    from embsum.offline.indexing import JobError, resolve_model_hash
+    from embsum.offline.scoring import score_job
 
     if include_seen:
         options["exclude_history"] = False

@@ -6,10 +6,10 @@ import os
 from dataclasses import fields
 
 import click
+from embsum.offline.common import open_catalog, quiet
 
 from embsum.summarizer.backends import TEST_BACKENDS_ENV
 from embsum.summarizer.config import BACKENDS, SummarizerConfig
-from offline.common import open_catalog, quiet
 
 _HELP = {f.name: f.metadata["help"] for f in fields(SummarizerConfig)}
 _DEFAULT = SummarizerConfig()
@@ -95,8 +95,9 @@ def command(ctx: click.Context, prompt_path: str | None, source: str | None, tex
     killed run resumes where it stopped. Empty, over-long or echo-only outputs are retried once
     with another seed, then stored flagged (never used as training targets).
     """
+    from embsum.offline.summarize import import_file, summarize
+
     from embsum.summarizer import BackendError, PromptTemplate
-    from offline.summarize import import_file, summarize
 
     try:
         config = SummarizerConfig(**options)
@@ -118,7 +119,7 @@ def command(ctx: click.Context, prompt_path: str | None, source: str | None, tex
                 return
             counts = summarize(cat, config, template, lambda: _load(config, quiet(ctx)), user_ids, limit,
                                counts=run.counts)
-    except BackendError as err:  # not one of offline.errors.USER_ERRORS (embsum/summarizer keeps its own root)
+    except BackendError as err:  # not one of embsum.offline.errors.USER_ERRORS (embsum/summarizer keeps its own root)
         raise click.ClickException(str(err)) from None
     if not counts["pending"]:
         click.echo("every user's summary is up to date")

@@ -7,10 +7,10 @@ import logging
 from pathlib import Path
 
 import click
+from embsum.offline.common import open_catalog, quiet, recorded_run
+from embsum.offline.job_options import config_from, config_options
 
 from embsum.config import ModelConfig, TrainConfig
-from offline.common import open_catalog, quiet, recorded_run
-from offline.job_options import config_from, config_options
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def _resume_model_config(out: str, requested: ModelConfig) -> ModelConfig:
 
 def _apply_recipe(ctx: click.Context, name: str, values: dict, summary_source: str) -> str:
     """Recipe values replace built-in defaults only: the command line and --config still win."""
-    from offline.recipes import RecipeError, load_recipe
+    from embsum.offline.recipes import RecipeError, load_recipe
 
     try:
         table = load_recipe(name).get("train", {})
@@ -73,10 +73,11 @@ def command(ctx: click.Context, summary_source: str, init_from: str | None, reci
     every user (dev and test users' full histories too): nothing is held out, so there is no
     dev evaluation and OUT/best is OUT/last (its config.json records all_users: true).
     """
-    from embsum.checkpoint import build_model, load_checkpoint
-    from embsum.evaluation import build_eval_set
-    from embsum.trainer import TrainData, Trainer
-    from offline.data import load_catalog_data, training_examples
+    from embsum.offline.data import load_catalog_data, training_examples
+
+    from embsum.evaluation.protocol import build_eval_set
+    from embsum.model.checkpoint import build_model, load_checkpoint
+    from embsum.training.trainer import TrainData, Trainer
 
     if recipe:
         summary_source = _apply_recipe(ctx, recipe, values, summary_source)

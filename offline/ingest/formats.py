@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from offline.ingest.records import (
+from embsum.offline.ingest.records import (
     BAD_VALUE,
     DUPLICATE_ID,
     EMPTY_TEXT,

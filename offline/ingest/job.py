@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-
-from index.catalog import Catalog
-from index.summaries import summary_key, upsert_summaries
-from offline.ingest.formats import ITEMS, Batch, Mapping, Source, plan_sources
-from offline.ingest.records import UNKNOWN_ITEM
+from embsum.index.catalog import Catalog
+from embsum.index.summaries import summary_key, upsert_summaries
+from embsum.offline.ingest.formats import ITEMS, Batch, Mapping, Source, plan_sources
+from embsum.offline.ingest.records import UNKNOWN_ITEM
 
 log = logging.getLogger("embsum.ingest")
 
@@ -46,7 +45,7 @@ class IngestConfig:
     quoting: bool = field(default=True, metadata={"help": "TSV/CSV: honour \"quoted\" fields (off: split on the delimiter only)."})
 
     def __post_init__(self):
-        from offline.ingest.formats import FORMATS
+        from embsum.offline.ingest.formats import FORMATS
 
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}")

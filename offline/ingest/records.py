@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from offline.errors import UserError
+from embsum.offline.errors import UserError
 
 # Why a row was rejected (the `rejects.reason` values; stable names, tests and `info` use them).
 MISSING_ID = "missing_id"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from offline.errors import UserError
+from embsum.offline.errors import UserError
 
 
 class RecipeError(UserError, ValueError):

@@ -7,7 +7,7 @@ import pytest
 
 
 def _save_tiny(directory, model) -> str:
-    from embsum.backbone import load_tokenizer, packaged_dir
+    from embsum.model.backbone import load_tokenizer, packaged_dir
 
     model.save_pretrained(str(directory))
     load_tokenizer(packaged_dir()).save_pretrained(str(directory))
@@ -38,7 +38,7 @@ def tiny_t5_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_bert_dir):
-    from embsum.checkpoint import build_model
     from embsum.config import ModelConfig
+    from embsum.model.checkpoint import build_model
 
     return build_model(ModelConfig(backbone=tiny_bert_dir, item_codes=3, user_codes=2, item_max_tokens=24)).eval()

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from embsum.backbone import BackboneError, load_encoder, mean_pool, resolve
+from embsum.model.backbone import BackboneError, load_encoder, mean_pool, resolve
 
 
 def test_unresolvable_name_gives_clear_error(monkeypatch):
@@ -70,9 +70,9 @@ def test_hub_name_is_never_downloaded_unless_allowed(monkeypatch, tmp_path):
 
 def test_cli_allow_download_flag_switches_downloads_on(monkeypatch):
     from click.testing import CliRunner
+    from embsum.offline.cli import cli
 
     from embsum.hub import downloads_allowed
-    from offline.cli import cli
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("EMBSUM_ALLOW_DOWNLOAD", "")  # monkeypatch restores it after the CLI's write

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from embsum.bootstrap import (
+from embsum.evaluation.bootstrap import (
     BootstrapConfig,
     paired_difference,
     percentile_interval,

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from embsum.checkpoint import CheckpointError, check_checkpoint, load_checkpoint, save_checkpoint
 from embsum.errors import EmbsumError
+from embsum.model.checkpoint import CheckpointError, check_checkpoint, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def no_backbone_build(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the backbone was built before the checkpoint was checked")
 
-    monkeypatch.setattr("embsum.backbone.seq2seq_from_config", refuse)
+    monkeypatch.setattr("embsum.model.backbone.seq2seq_from_config", refuse)
 
 
 def fails(directory, message: str, found_by_check: bool = True) -> str:

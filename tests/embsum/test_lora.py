@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers import BartConfig, BartModel, BertConfig, BertModel, T5Config, T5EncoderModel
 
-from embsum.lora import (
+from embsum.model.lora import (
     LoraSettings,
     add_lora,
     load_adapters,

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from embsum.losses import nce_loss, summary_nll
+from embsum.training.losses import nce_loss, summary_nll
 
 
 def test_nce_matches_hand_computation_and_excludes():
@@ -30,9 +30,9 @@ def test_summary_nll_ignores_padding():
 
 
 def test_losses_fall_on_a_tiny_model(tiny_bert_dir):
-    from embsum.checkpoint import build_model
     from embsum.config import ModelConfig
-    from embsum.scoring import poly_score
+    from embsum.model.checkpoint import build_model
+    from embsum.model.scoring import poly_score
 
     model = build_model(ModelConfig(backbone=tiny_bert_dir, item_codes=2, user_codes=2, item_max_tokens=16))
     model.train()

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from embsum import encoding, packed_linear
-from embsum.checkpoint import build_model
 from embsum.config import ModelConfig
-from embsum.encoding import encode_item_texts, encode_user_histories
-from embsum.lora import LoraSettings, add_lora
+from embsum.inference import encoding, packed_linear
+from embsum.inference.encoding import encode_item_texts, encode_user_histories
+from embsum.model.checkpoint import build_model
+from embsum.model.lora import LoraSettings, add_lora
 
 pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="torch built without oneDNN")
 

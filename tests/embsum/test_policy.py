@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from embsum.checkpoint import build_model, load_checkpoint, save_checkpoint
+from embsum.alignment.dpo import dpo_loss
+from embsum.alignment.policy import Policy
 from embsum.config import ModelConfig
-from embsum.dpo import dpo_loss
-from embsum.encoding import session_index
-from embsum.lora import LoraSettings
-from embsum.moe import MoEConfig
-from embsum.policy import Policy
-from embsum.scoring import poly_score_matrix
+from embsum.inference.encoding import session_index
+from embsum.model.checkpoint import build_model, load_checkpoint, save_checkpoint
+from embsum.model.lora import LoraSettings
+from embsum.model.moe import MoEConfig
+from embsum.model.scoring import poly_score_matrix
 
 ITEMS = ["A quiet novel about the sea.", "Space opera with pirates and a lost empire.",
          "Cooking for one: simple recipes.", "A history of the Roman army.", "Poems about winter light."]
@@ -93,7 +93,7 @@ def test_reference_is_the_sft_model_with_adapters_disabled(tiny_bert_dir):
     with policy.reference() as ref:
         assert torch.allclose(scores(ref), before, atol=1e-6)
         assert not torch.is_grad_enabled()
-    assert torch.allclose(scores(policy.model), moved)  # adapters and MoE back on afterwards
+    assert torch.allclose(scores(policy.model), moved, atol=1e-6)  # adapters and MoE back on afterwards
     # No second copy of the backbone: every parameter tensor exists once.
     assert sum(p.numel() for p in policy.parameters()) < 1.1 * sum(p.numel() for p in make_sft(tiny_bert_dir).parameters())
 
@@ -120,7 +120,7 @@ def test_merged_export_scores_like_the_unmerged_policy_and_round_trips(backbone,
     exported = policy.export()
     assert not any("lora_" in n for n, _ in exported.named_parameters())
     assert torch.allclose(scores(exported), unmerged, atol=1e-5)
-    assert torch.allclose(scores(policy.model), unmerged)  # the policy itself is untouched
+    assert torch.allclose(scores(policy.model), unmerged, atol=1e-6)  # the policy itself is untouched
     digest = save_checkpoint(exported, tmp_path / "aligned")
     modules = json.loads((tmp_path / "aligned" / "modules.json").read_text())
     assert [m["name"] for m in modules if m["name"] in ("backbone", "fusion")] == ["backbone", "fusion"]

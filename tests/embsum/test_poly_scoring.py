@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from embsum.poly_attention import PolyAttention
-from embsum.scoring import poly_score, poly_score_matrix
+from embsum.model.poly_attention import PolyAttention
+from embsum.model.scoring import poly_score, poly_score_matrix
 
 
 def test_poly_attention_shape_and_padding_changes_nothing():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from embsum.config import TrainConfig
-from embsum.training import (
+from embsum.training.loop import (
     STATE_JSON,
     LoopConfig,
     ResumeError,
@@ -28,9 +28,9 @@ TEXTS = [f"Book {i}: a story about {w}." for i, w in enumerate(WORDS)]
 
 def test_warmup_then_linear_decay():
     factor = warmup_then_decay(total_steps=10, warmup_steps=2)
-    assert [factor(s) for s in range(3)] == pytest.approx([0.5, 1.0, 1.0])
-    assert factor(6) == pytest.approx(0.5) and factor(10) == 0.0
-    assert warmup_then_decay(4, 0)(0) == pytest.approx(1.0)  # no warmup: full LR at once
+    assert [factor(s) for s in range(3)] == pytest.approx([0.5, 1.0, 1.0], abs=1e-6)
+    assert factor(6) == pytest.approx(0.5, abs=1e-6) and factor(10) == 0.0
+    assert warmup_then_decay(4, 0)(0) == pytest.approx(1.0, abs=1e-6)  # no warmup: full LR at once
 
 
 def test_schedule_length_streams_or_ends_batches_at_epochs():
@@ -78,9 +78,9 @@ def test_loop_config_takes_the_fields_both_configs_share():
 
 
 def _trainer(tiny_bert_dir, out, **overrides):
-    from embsum.checkpoint import build_model
     from embsum.config import ModelConfig
-    from embsum.trainer import TrainData, Trainer
+    from embsum.model.checkpoint import build_model
+    from embsum.training.trainer import TrainData, Trainer
 
     model = build_model(ModelConfig(backbone=tiny_bert_dir, item_codes=3, user_codes=2, item_max_tokens=24), seed=0)
     ids = [f"b{i:02d}" for i in range(len(TEXTS))]

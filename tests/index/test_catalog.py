@@ -4,8 +4,7 @@ import datetime as dt
 
 import pyarrow as pa
 import pytest
-
-from index.catalog import KEY_VERSION, Catalog, content_hash, history_hash, item_key, item_text
+from embsum.index.catalog import KEY_VERSION, Catalog, content_hash, history_hash, item_key, item_text
 
 
 @pytest.fixture
@@ -185,8 +184,8 @@ def test_interacted_counts_every_label(cat):
 def _downgrade_keys(cat):
     """Make `cat` look like a catalog written before KEY_VERSION 2: old-style item and user keys
     (fields hashed apart, users keyed on item ids), a summary under the old user key."""
-    from index.catalog import _sha1
-    from index.summaries import summary_key, upsert_summaries
+    from embsum.index.catalog import _sha1
+    from embsum.index.summaries import summary_key, upsert_summaries
 
     with cat.transaction():
         for item_id, title, desc, category in cat.con.execute(
@@ -202,7 +201,7 @@ def _downgrade_keys(cat):
 
 
 def test_old_catalog_is_rekeyed_once_and_keeps_its_summaries(db_file):
-    from index.summaries import pending_users, summary_key, training_summaries
+    from embsum.index.summaries import pending_users, summary_key, training_summaries
 
     with Catalog(db_file) as cat:
         cat.upsert_items(pa.table({"item_id": ["a", "b"], "title": ["A", "B"], "description": ["x", "y"],

@@ -3,9 +3,8 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from index import embeddings as E
-from index.catalog import Catalog, CatalogError
+from embsum.index import embeddings as E
+from embsum.index.catalog import Catalog, CatalogError
 
 N, n, d = 40, 3, 8
 H1, H2 = "a" * 40, "b" * 40
@@ -109,7 +108,7 @@ def test_bulk_writes_survive_a_kill_before_any_checkpoint_and_restore_settings(c
     cat.close()
     code = (
         "import os, numpy as np\n"
-        "from index.catalog import Catalog\n"
+        "from embsum.index.catalog import Catalog\n"
         "from index import embeddings as E\n"
         f"cat = Catalog({str(path)!r})\n"
         "keys = cat.items().select(['item_id', 'content_hash'])\n"

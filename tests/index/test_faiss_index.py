@@ -7,11 +7,10 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from index import embeddings as E
-from index import faiss_index as F
-from index import snapshot as S
-from index.catalog import Catalog
+from embsum.index import embeddings as E
+from embsum.index import faiss_index as F
+from embsum.index import snapshot as S
+from embsum.index.catalog import Catalog
 
 N, n, d = 120, 4, 16
 H = "f" * 40
@@ -194,7 +193,7 @@ def test_killed_writer_leaves_previous_version_live(cat, tmp_path, point):
     cat.close()
     code = (
         "import sys\n"
-        "from index.catalog import Catalog\n"
+        "from embsum.index.catalog import Catalog\n"
         "from index import embeddings as E, faiss_index as F\n"
         f"cat = Catalog({str(cat.path)!r})\n"
         f"H = {H!r}\n"

@@ -9,10 +9,9 @@ import subprocess
 import sys
 
 from click.testing import CliRunner
-
-from index.catalog import Catalog
-from offline.cli import cli
-from offline.ingest.job import SLEEP_ENV
+from embsum.index.catalog import Catalog
+from embsum.offline.cli import cli
+from embsum.offline.ingest.job import SLEEP_ENV
 
 # What a run's table contents are: every column but the bookkeeping (times, run ids).
 CONTENT = {
@@ -52,7 +51,7 @@ def test_sigkill_mid_ingest_then_rerun_matches_uninterrupted(goodreads_dir, tmp_
 
     env = {**os.environ, SLEEP_ENV: "0.2", "EMBSUM_NO_PROGRESS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "offline.cli", "-v", "--db", str(killed), "ingest", str(data),
+        [sys.executable, "-m", "embsum.offline.cli", "-v", "--db", str(killed), "ingest", str(data),
          "--format", "goodreads", "--batch-size", BATCH],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     committed = 0

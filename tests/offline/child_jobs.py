@@ -10,16 +10,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from embsum.index import embeddings as E
+from embsum.index.catalog import Catalog
 from jobs_fixtures import ROOT
-
-from index import embeddings as E
-from index.catalog import Catalog
 
 
 def embsum_command() -> list[str]:
     """The installed console script of the interpreter running the tests (.venv/bin/embsum)."""
     script = Path(sys.executable).parent / "embsum"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "offline.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "embsum.offline.cli"]
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -76,6 +75,6 @@ def wait_until_encoding(proc: subprocess.Popen, db: Path, model_hash: str, timeo
 
 
 def model_hash_of(ckpt) -> str:
-    from embsum.checkpoint import checkpoint_hash
+    from embsum.model.checkpoint import checkpoint_hash
 
     return checkpoint_hash(ckpt)

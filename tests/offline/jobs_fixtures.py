@@ -39,7 +39,7 @@ def write_items_tsv(path: Path, table: pa.Table) -> Path:
 
 
 def build_catalog(db: Path, n_items: int = 48, n_users: int = 16, seed: int = 0) -> None:
-    from index.catalog import Catalog
+    from embsum.index.catalog import Catalog
 
     rng = np.random.default_rng(seed)
     ids = [f"b{k:03d}" for k in range(n_items)]
@@ -58,7 +58,7 @@ def tiny_backbone(directory: Path, seed: int = 0) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from embsum.backbone import load_tokenizer, packaged_dir
+    from embsum.model.backbone import load_tokenizer, packaged_dir
 
     torch.manual_seed(seed)
     BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -69,8 +69,8 @@ def tiny_backbone(directory: Path, seed: int = 0) -> Path:
 
 def make_checkpoint(directory: Path, seed: int = 0) -> str:
     """A tiny BERT (1 layer, d=32) warm-started into EmbSum with n=3 item and m=2 user codes."""
-    from embsum.checkpoint import build_model, save_checkpoint
     from embsum.config import ModelConfig
+    from embsum.model.checkpoint import build_model, save_checkpoint
 
     backbone = tiny_backbone(directory.parent / f"{directory.name}-backbone", seed)
     config = ModelConfig(backbone=str(backbone), item_codes=3, user_codes=2, item_max_tokens=32)
@@ -101,8 +101,7 @@ def catalog(tmp_path) -> Path:
 def cli(*args, ok: bool = True):
     """Run the CLI in-process; assert success unless ok=False."""
     from click.testing import CliRunner
-
-    from offline.cli import cli as group
+    from embsum.offline.cli import cli as group
 
     result = CliRunner().invoke(group, [str(a) for a in args])
     if ok:
@@ -116,7 +115,7 @@ def cli_subprocess(*args, kill_at: str | None = None, timeout: float = 240) -> s
     env.pop("EMBSUM_KILL_AT", None)
     if kill_at:
         env["EMBSUM_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "offline.cli", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "embsum.offline.cli", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -128,8 +127,8 @@ def copy_state(src: Path, dst: Path) -> Path:
 
 def embeddings_state(db: Path, model_hash: str) -> dict:
     """Every stored vector row (stale ones too) by kind: id -> (hash, vectors)."""
-    from index import embeddings as E
-    from index.catalog import Catalog
+    from embsum.index import embeddings as E
+    from embsum.index.catalog import Catalog
 
     out = {}
     with Catalog(db, read_only=True) as cat:
@@ -152,8 +151,8 @@ def assert_same_embeddings(a: dict, b: dict) -> None:
 
 
 def assert_same_index(root_a: Path, root_b: Path, model_hash: str) -> None:
-    from index import faiss_index as F
-    from index import snapshot as S
+    from embsum.index import faiss_index as F
+    from embsum.index import snapshot as S
 
     a, b = F.by_item(S.load(root_a, model_hash)), F.by_item(S.load(root_b, model_hash))
     assert sorted(a) == sorted(b)

@@ -7,9 +7,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from embsum.offline.cli import cli
 from jobs_fixtures import build_catalog
-
-from offline.cli import cli
 
 
 @pytest.fixture
@@ -28,10 +27,10 @@ def align(db, checkpoint, out, *extra):
 
 def test_align_writes_checkpoints_records_the_run_and_resumes(db, tiny_checkpoint, tmp_path):
     import numpy as np
+    from embsum.index.catalog import Catalog
 
-    from embsum.checkpoint import load_checkpoint
-    from embsum.encoding import encode_item_texts
-    from index.catalog import Catalog
+    from embsum.inference.encoding import encode_item_texts
+    from embsum.model.checkpoint import load_checkpoint
 
     out = tmp_path / "aligned"
     result = align(db, tiny_checkpoint, out, "--strategy", "rodpo", "--beta", "10")

@@ -7,10 +7,16 @@ import math
 import pytest
 import torch
 
-from embsum.align_trainer import AlignConfig, AlignData, AlignTrainer, build_bank, expert_utilisation
-from embsum.checkpoint import load_checkpoint
+from embsum.alignment.align_trainer import (
+    AlignConfig,
+    AlignData,
+    AlignTrainer,
+    build_bank,
+    expert_utilisation,
+)
+from embsum.alignment.policy import Policy
 from embsum.config import ConfigError
-from embsum.policy import Policy
+from embsum.model.checkpoint import load_checkpoint
 
 TEXTS = [f"Book {i}: a story about {w}." for i, w in enumerate(
     ["dragons", "the sea", "cooking", "war", "love", "space", "gardens", "trains", "music", "crime", "birds", "snow"])]
@@ -76,7 +82,7 @@ def test_fit_writes_checkpoints_state_and_adapters_and_resumes(sft, tmp_path, ti
 def test_resumed_alignment_equals_the_uninterrupted_one(tiny_checkpoint, tmp_path, monkeypatch):
     """Pools kept across the save (refresh 3 > save 2), bank rows rewritten by the steps, the
     sampler's generator: all part of OUT/last, so the resumed run draws the same negatives."""
-    from embsum.training import TrainingLoop
+    from embsum.training.loop import TrainingLoop
 
     def trainer(out, seed=0):
         sft = load_checkpoint(tiny_checkpoint)[0]
@@ -124,7 +130,7 @@ def test_config_errors_are_one_line(bad):
 
 
 def test_decoder_scope_steps_reuse_cached_encoder_states(sft, tmp_path, monkeypatch):
-    from embsum.encoding import StateCache
+    from embsum.inference.encoding import StateCache
 
     cfg = config(tmp_path, lora_scope="decoder", beta=5.0)
     data = tiny_data(sft)

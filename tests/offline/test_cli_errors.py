@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from embsum.index.catalog import Catalog
+from embsum.index.errors import CatalogBusy
+from embsum.offline.cli import cli
+from embsum.offline.ingest.job import SLEEP_ENV
 from jobs_fixtures import build_catalog, item_rows, write_items_tsv
-
-from index.catalog import Catalog
-from index.errors import CatalogBusy
-from offline.cli import cli
-from offline.ingest.job import SLEEP_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,7 +50,7 @@ def test_user_error_is_one_line_exit_1(tmp_path):
 
 
 def test_internal_error_is_one_line_exit_70_traceback_with_v(tmp_path, monkeypatch):
-    monkeypatch.setattr("offline.commands.info.open_catalog", _raise(RuntimeError("boom")))
+    monkeypatch.setattr("embsum.offline.commands.info.open_catalog", _raise(RuntimeError("boom")))
     result = invoke("--db", tmp_path / "x.duckdb", "info")
     assert result.exit_code == 70
     assert lines(result) == ["embsum: internal error: RuntimeError: boom (run with -v for the traceback)"]
@@ -66,7 +65,7 @@ def test_internal_error_is_one_line_exit_70_traceback_with_v(tmp_path, monkeypat
     (KeyboardInterrupt(), 130, "embsum: interrupted: finished batches are committed; re-run the command to resume"),
 ])
 def test_busy_and_interrupt_exit_codes(tmp_path, monkeypatch, err, code, line):
-    monkeypatch.setattr("offline.commands.info.open_catalog", _raise(err))
+    monkeypatch.setattr("embsum.offline.commands.info.open_catalog", _raise(err))
     result = invoke("--db", tmp_path / "x.duckdb", "info")
     assert result.exit_code == code and lines(result) == [line]  # no click "Aborted!"
 
@@ -118,7 +117,7 @@ def test_precompute_with_broken_checkpoint_leaves_a_failed_row(tmp_path):
 def test_interrupted_job_row_says_interrupted(tmp_path, monkeypatch):
     db = tmp_path / "cat.duckdb"
     tsv = write_items_tsv(tmp_path / "items.tsv", item_rows(["a", "b", "c"]))
-    monkeypatch.setattr("offline.ingest.job.ingest_source", _raise(KeyboardInterrupt()))
+    monkeypatch.setattr("embsum.offline.ingest.job.ingest_source", _raise(KeyboardInterrupt()))
     result = invoke("--db", db, "ingest", tsv, "--kind", "items")
     assert result.exit_code == 130 and "Aborted" not in result.output
     (row,) = runs(db, "ingest")
@@ -126,7 +125,7 @@ def test_interrupted_job_row_says_interrupted(tmp_path, monkeypatch):
 
 
 def test_interrupted_precompute_keeps_the_counts_so_far(catalog, tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr("offline.precompute.precompute_users", _raise(KeyboardInterrupt()))
+    monkeypatch.setattr("embsum.offline.precompute.precompute_users", _raise(KeyboardInterrupt()))
     result = invoke("--db", catalog, "precompute", "--checkpoint", tiny_checkpoint)
     assert result.exit_code == 130
     (row,) = runs(catalog, "precompute")
@@ -153,7 +152,7 @@ def test_sigterm_exits_130_and_marks_the_run_interrupted(tmp_path):
     tsv = write_items_tsv(tmp_path / "items.tsv", item_rows([f"i{k:03d}" for k in range(60)]))
     env = {**os.environ, SLEEP_ENV: "0.2", "EMBSUM_NO_PROGRESS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "offline.cli", "-v", "--db", str(db), "ingest", str(tsv), "--kind", "items",
+        [sys.executable, "-m", "embsum.offline.cli", "-v", "--db", str(db), "ingest", str(tsv), "--kind", "items",
          "--batch-size", "1"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:  # each committed batch is logged (debug level, -v)

@@ -7,9 +7,8 @@ import importlib
 
 import pytest
 from click.testing import CliRunner
-
-from index.catalog import Catalog
-from offline.cli import _available, _config_keys, _primary_key, cli, load_config
+from embsum.index.catalog import Catalog
+from embsum.offline.cli import _available, _config_keys, _primary_key, cli, load_config
 
 
 def invoke(*args):

@@ -5,10 +5,9 @@ import zipfile
 
 import pytest
 from click.testing import CliRunner
-
-from index.catalog import Catalog
-from offline.cli import cli
-from offline.commands.demo import FILES, WHEEL_DIR
+from embsum.index.catalog import Catalog
+from embsum.offline.cli import cli
+from embsum.offline.commands.demo import FILES, WHEEL_DIR
 
 ITEM = ("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
         "1\tToy Story\t1995\tAnimation Children's Comedy\n"

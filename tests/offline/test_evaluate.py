@@ -9,9 +9,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from embsum.offline.cli import cli
 from jobs_fixtures import build_catalog, tiny_checkpoint  # noqa: F401
-
-from offline.cli import cli
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +21,9 @@ def catalog_db(tmp_path_factory):
 
 
 def _test_users(db):
-    from embsum.evaluation import build_eval_set
-    from index.catalog import Catalog
+    from embsum.index.catalog import Catalog
+
+    from embsum.evaluation.protocol import build_eval_set
 
     with Catalog(db, read_only=True) as cat:
         histories, items = cat.histories(), cat.items().column("item_id").to_pylist()
@@ -99,8 +99,7 @@ def test_real_goodreads_popularity_matches_reference(goodreads_dir, tmp_path):
 def test_read_scores_file_parquet_and_tsv(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from offline.evaluate import read_scores_file
+    from embsum.offline.evaluate import read_scores_file
 
     pq.write_table(pa.table({"user_id": ["u1", "u1"], "item_id": ["7", "8"], "score": [0.5, 1.0]}), tmp_path / "s.parquet")
     assert read_scores_file(tmp_path / "s.parquet") == {"u1": {"7": 0.5, "8": 1.0}}
@@ -152,7 +151,7 @@ def test_reference_is_checked_first_and_used(tmp_path, catalog_db):
 
 
 def _users_in_bucket(n: int, want: int = 0) -> list[str]:
-    from embsum.evaluation import bucket
+    from embsum.evaluation.protocol import bucket
 
     return [u for u in (f"cust{k}" for k in range(1000)) if bucket(u) == want][:n]
 
@@ -163,10 +162,9 @@ def test_any_catalog_target_is_the_last_positive_by_time(tmp_path):
     import datetime as dt
 
     import pyarrow as pa
-
-    from index.catalog import Catalog
-    from offline.data import load_catalog_data
-    from offline.evaluate import EvaluateConfig, Evaluation
+    from embsum.index.catalog import Catalog
+    from embsum.offline.data import load_catalog_data
+    from embsum.offline.evaluate import EvaluateConfig, Evaluation
 
     db = tmp_path / "log.duckdb"
     build_catalog(db, n_items=70, n_users=0)
@@ -188,7 +186,7 @@ def test_any_catalog_target_is_the_last_positive_by_time(tmp_path):
 
 
 def test_holdout_file_replaces_split_and_target(tmp_path, catalog_db):
-    from index.catalog import Catalog
+    from embsum.index.catalog import Catalog
 
     with Catalog(catalog_db, read_only=True) as cat:
         histories = cat.histories()

@@ -39,7 +39,7 @@ def goodreads_slice(source: Path, target: Path) -> Path:
 
 
 def run_rows(db: Path, kind: str) -> list[dict]:
-    from index.catalog import Catalog
+    from embsum.index.catalog import Catalog
 
     with Catalog(db, read_only=True) as cat:
         return cat.runs(kind).to_pylist()
@@ -51,10 +51,10 @@ def policy_vectors(sft: Path, aligned: Path, texts: list[str]) -> tuple[np.ndarr
     import torch
     from safetensors.torch import load_file
 
-    from embsum.checkpoint import WEIGHTS, load_checkpoint
-    from embsum.encoding import encode_item_texts
-    from embsum.lora import load_adapters
-    from embsum.moe import MoEConfig, MoEFusion
+    from embsum.inference.encoding import encode_item_texts
+    from embsum.model.checkpoint import WEIGHTS, load_checkpoint
+    from embsum.model.lora import load_adapters
+    from embsum.model.moe import MoEConfig, MoEFusion
 
     model, _ = load_checkpoint(sft)
     meta = json.loads((aligned / "config.json").read_text())
@@ -71,10 +71,11 @@ def policy_vectors(sft: Path, aligned: Path, texts: list[str]) -> tuple[np.ndarr
 
 @pytest.mark.slow
 def test_whole_flow_on_real_goodreads(goodreads_dir, tmp_path):
-    from embsum.checkpoint import checkpoint_hash
-    from index import embeddings as E
-    from index.catalog import Catalog
-    from offline.texts import item_texts
+    from embsum.index import embeddings as E
+    from embsum.index.catalog import Catalog
+    from embsum.offline.texts import item_texts
+
+    from embsum.model.checkpoint import checkpoint_hash
 
     data = goodreads_slice(goodreads_dir, tmp_path / "goodreads")
     db = tmp_path / "flow.duckdb"

@@ -7,11 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-
-from index.catalog import Catalog
-from offline.cli import cli
-from offline.ingest.formats import parse_time
-from offline.texts import item_text
+from embsum.index.catalog import Catalog
+from embsum.offline.cli import cli
+from embsum.offline.ingest.formats import parse_time
+from embsum.offline.texts import item_text
 
 ITEMS_TSV = "item_id\ttitle\tdescription\na\tAlpha\tfirst\nb\tBeta\tsecond\nc\tGamma\tthird\n"
 
@@ -199,7 +198,7 @@ def test_item_text_template():
 
 
 def test_runaway_quote_is_rejected_and_reading_goes_on(tmp_path, db_file, monkeypatch):
-    from offline.ingest import records
+    from embsum.offline.ingest import records
 
     monkeypatch.setattr(records, "MAX_FIELD_CHARS", 40)  # 1 MiB in real use
     text = "id\ttitle\td\na\tA\tx\nb\t\"open quote\tnever\nc\tC\tcloses\nd\tD\tdd\ne\tE\tee\nf\tF\tff\n"

@@ -5,10 +5,9 @@ missing-column message, and fields far larger than csv's default limit."""
 import json
 
 import pytest
+from embsum.index.catalog import Catalog
+from embsum.offline.ingest.formats import Mapping, RatingLabel, plan_sources
 from test_ingest import rejects, run, write
-
-from index.catalog import Catalog
-from offline.ingest.formats import Mapping, RatingLabel, plan_sources
 
 MOVIES = "movieId,title\n1,Toy Story\n2,GoldenEye\n3,Four Rooms\n4,Get Shorty\n5,Copycat\n"
 # userId/movieId/rating/timestamp, as MovieLens' ratings.csv writes them (half stars).
@@ -162,7 +161,7 @@ def test_five_megabyte_field_without_quotes_is_accepted(tmp_path, db_file, name,
 
 @pytest.mark.parametrize("quoting", ["--quoting", "--no-quoting"])
 def test_field_over_the_limit_is_field_too_large_not_bad_quoting(tmp_path, db_file, monkeypatch, quoting):
-    from offline.ingest import records
+    from embsum.offline.ingest import records
 
     monkeypatch.setattr(records, "MAX_FIELD_CHARS", 1000)  # 64 MiB in real use
     monkeypatch.setattr(records, "MAX_RAW_CHARS", 100)
@@ -177,7 +176,7 @@ def test_field_over_the_limit_is_field_too_large_not_bad_quoting(tmp_path, db_fi
 
 
 def test_runaway_quote_stops_after_max_record_lines(tmp_path, db_file, monkeypatch):
-    from offline.ingest import records
+    from embsum.offline.ingest import records
 
     monkeypatch.setattr(records, "MAX_RECORD_LINES", 3)  # 10,000 in real use; the field limit stays 64 MiB
     rows = "".join(f"{k}\tT{k}\td{k}\n" for k in range(3, 10))

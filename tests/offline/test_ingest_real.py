@@ -7,10 +7,9 @@ from collections import Counter
 
 import pytest
 from click.testing import CliRunner
-
-from index.catalog import Catalog, history_hash
-from index.summaries import summary_key
-from offline.cli import cli
+from embsum.index.catalog import Catalog, history_hash
+from embsum.index.summaries import summary_key
+from embsum.offline.cli import cli
 
 
 def ingest(db, *args):

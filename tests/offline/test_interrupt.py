@@ -11,9 +11,8 @@ import signal
 
 import pytest
 from child_jobs import finish, model_hash_of, start_embsum, wait_until_encoding
+from embsum.index.catalog import Catalog
 from jobs_fixtures import assert_same_embeddings, build_catalog, cli, copy_state, embeddings_state
-
-from index.catalog import Catalog
 
 pytestmark = pytest.mark.slow  # child processes that import torch; bounded, runs in CI
 BATCH = 4

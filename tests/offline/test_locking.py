@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 from child_jobs import finish, model_hash_of, run_embsum, start_embsum, wait_until_encoding
+from embsum.index.catalog import Catalog
+from embsum.index.errors import CatalogBusy
 from jobs_fixtures import ROOT, build_catalog, item_rows, write_items_tsv
-
-from index.catalog import Catalog
-from index.errors import CatalogBusy
 
 JOB = ("--chunk-size", 8, "--batch-size", 4)
 
@@ -79,7 +78,7 @@ def test_second_writer_waits_then_exits_75_naming_the_job(running, tmp_path, wri
 # -- the connection layer, without a model (fast) --------------------------------------------------
 HOLDER = """
 import sys, duckdb
-from index.lock import JobLock
+from embsum.index.lock import JobLock
 lock = JobLock(sys.argv[1], "precompute").acquire()
 lock.note_run("precompute-r1")
 con = duckdb.connect(sys.argv[1])

@@ -5,11 +5,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from embsum.index import embeddings as E
+from embsum.index.catalog import Catalog
+from embsum.offline.texts import item_text
 from jobs_fixtures import cli
-
-from index import embeddings as E
-from index.catalog import Catalog
-from offline.texts import item_text
 
 # Precompute-then-score vs a per-pair forward pass (batch of one, no padding): float32 rounding
 # differs between padded batches and single sequences, nothing else.
@@ -17,7 +16,7 @@ SCORE_ATOL = 1e-5
 
 
 def _hash(ckpt):
-    from embsum.checkpoint import checkpoint_hash
+    from embsum.model.checkpoint import checkpoint_hash
 
     return checkpoint_hash(ckpt)
 
@@ -25,9 +24,9 @@ def _hash(ckpt):
 def test_scores_from_stored_vectors_equal_forward_pass(catalog, tiny_checkpoint, tmp_path):
     import torch
 
-    from embsum.checkpoint import load_checkpoint
-    from embsum.encoding import user_sessions
-    from embsum.scoring import poly_score
+    from embsum.inference.encoding import user_sessions
+    from embsum.model.checkpoint import load_checkpoint
+    from embsum.model.scoring import poly_score
 
     cli("--db", catalog, "precompute", "--checkpoint", tiny_checkpoint, "--chunk-size", 10, "--batch-size", 4)
     with Catalog(catalog) as cat:
@@ -90,7 +89,7 @@ def test_checkpoints_never_mix(catalog, tiny_checkpoint, other_checkpoint):
     with Catalog(catalog, read_only=True) as cat:
         a = E.read(cat, _hash(tiny_checkpoint), E.ITEM)
         b = E.read(cat, _hash(other_checkpoint), E.ITEM)
-    assert a.ids == b.ids and not np.allclose(a.vectors["cpe"], b.vectors["cpe"])
+    assert a.ids == b.ids and not np.allclose(a.vectors["cpe"], b.vectors["cpe"], atol=1e-6)
     # two models in the catalog: index/score must be told which
     result = cli("--db", catalog, "index", ok=False)
     assert result.exit_code == 1 and "choose one with --checkpoint" in result.output
@@ -135,7 +134,7 @@ def test_encode_ahead_writes_in_order_and_stops_at_a_failed_encode():
     chunk is written (the committed prefix is what a resumed run skips)."""
     import threading
 
-    from offline.precompute import encode_ahead
+    from embsum.offline.precompute import encode_ahead
 
     written, threads = [], set()
 
@@ -162,9 +161,10 @@ def test_encode_ahead_writes_in_order_and_stops_at_a_failed_encode():
 def test_scattered_edits_encode_as_one_chunk(catalog, tiny_checkpoint, monkeypatch):
     """A nightly run's few edits, spread over many catalog pages, are encoded together: one
     length-sorted chunk, not one small batch per page."""
-    from embsum.checkpoint import load_checkpoint
-    from offline import precompute as P
-    from offline.job_configs import PrecomputeConfig
+    from embsum.offline import precompute as P
+    from embsum.offline.job_configs import PrecomputeConfig
+
+    from embsum.model.checkpoint import load_checkpoint
 
     model, digest = load_checkpoint(tiny_checkpoint)
     cfg = PrecomputeConfig(chunk_size=8, users=False)
@@ -188,7 +188,7 @@ def test_encode_ahead_reads_nothing_more_after_a_stop_request():
     with what its encode finished, and no chunk after it is read."""
     import threading
 
-    from offline.precompute import encode_ahead
+    from embsum.offline.precompute import encode_ahead
 
     stop, read, written = threading.Event(), [], []
 
@@ -211,9 +211,10 @@ def test_stopped_encode_returns_whole_leading_rows(tiny_checkpoint):
     whose texts are all encoded (a repeated text counts once), with the vectors a whole run gives."""
     import threading
 
-    from embsum.checkpoint import load_checkpoint
-    from offline.job_configs import PrecomputeConfig
-    from offline.precompute import encode_items
+    from embsum.offline.job_configs import PrecomputeConfig
+    from embsum.offline.precompute import encode_items
+
+    from embsum.model.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(tiny_checkpoint)
     cfg = PrecomputeConfig(batch_size=2)

@@ -5,10 +5,9 @@ import csv
 
 import pyarrow as pa
 import pytest
+from embsum.index import embeddings as E
+from embsum.index.catalog import Catalog
 from jobs_fixtures import cli
-
-from index import embeddings as E
-from index.catalog import Catalog
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +30,7 @@ def test_packaged_backbone_pipeline_on_real_books(goodreads_dir, tmp_path):
     cli("--db", db, "index", "--checkpoint", ckpt)
     out = cli("--db", db, "score", "--checkpoint", ckpt, "--top", 5, "--retrieve", 10).output
     assert "users_scored 10" in out and "users_certified_exact 10" in out
-    from embsum.checkpoint import checkpoint_hash
+    from embsum.model.checkpoint import checkpoint_hash
 
     with Catalog(db, read_only=True) as cat:
         sp = E.space(cat, checkpoint_hash(ckpt), E.ITEM)

@@ -7,17 +7,16 @@ import sys
 import time
 
 import pytest
+from embsum.index import embeddings as E
+from embsum.index import faiss_index as F
+from embsum.index import snapshot as S
+from embsum.index.catalog import Catalog
+from embsum.index.lock import exclusive, lock_path
 from jobs_fixtures import ROOT, cli, item_rows, write_items_tsv
-
-from index import embeddings as E
-from index import faiss_index as F
-from index import snapshot as S
-from index.catalog import Catalog
-from index.lock import exclusive, lock_path
 
 
 def _hash(ckpt):
-    from embsum.checkpoint import checkpoint_hash
+    from embsum.model.checkpoint import checkpoint_hash
 
     return checkpoint_hash(ckpt)
 
@@ -136,9 +135,9 @@ def test_second_refresh_exits_at_once_while_one_runs(refreshed, tiny_checkpoint)
 READER = r"""
 import json, sys, time
 from pathlib import Path
-from index.catalog import Catalog
-from offline.job_configs import ScoreConfig
-from offline.scoring import Retriever, read_users
+from embsum.index.catalog import Catalog
+from embsum.offline.job_configs import ScoreConfig
+from embsum.offline.scoring import Retriever, read_users
 
 db, root, model_hash, stop = sys.argv[1:5]
 with Catalog(db, read_only=True) as cat:          # reads the user side, then lets go

@@ -5,6 +5,8 @@ The kill is a real SIGKILL of a child `embsum` process at a named failpoint
 (index/failpoints.py): no cleanup handler, no rollback, as with the OOM killer."""
 
 import pytest
+from embsum.index import snapshot as S
+from embsum.index.catalog import Catalog
 from jobs_fixtures import (
     assert_same_embeddings,
     assert_same_index,
@@ -17,15 +19,12 @@ from jobs_fixtures import (
     write_items_tsv,
 )
 
-from index import snapshot as S
-from index.catalog import Catalog
-
 pytestmark = pytest.mark.slow  # ~10 child processes that import torch; bounded, runs in CI
 CHUNK = ("--chunk-size", 8)
 
 
 def _hash(ckpt):
-    from embsum.checkpoint import checkpoint_hash
+    from embsum.model.checkpoint import checkpoint_hash
 
     return checkpoint_hash(ckpt)
 

@@ -8,13 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from embsum.index import embeddings as E
+from embsum.index import snapshot as S
+from embsum.index.catalog import Catalog
+from embsum.offline.job_configs import ScoreConfig
+from embsum.offline.scoring import rank_users, read_users, recommend
 from jobs_fixtures import cli
-
-from index import embeddings as E
-from index import snapshot as S
-from index.catalog import Catalog
-from offline.job_configs import ScoreConfig
-from offline.scoring import rank_users, read_users, recommend
 
 
 def _add_negatives(db, per_user: int = 6, seed: int = 3):
@@ -40,7 +39,7 @@ def indexed(catalog, tiny_checkpoint):
 def _exact_top(cat, model_hash, top, exclude_seen: bool = True):
     """Brute force: every user against every item (seen items, any label, excluded), by
     poly_score_matrix."""
-    from embsum.scoring import poly_score_matrix
+    from embsum.model.scoring import poly_score_matrix
 
     users = E.read(cat, model_hash, E.USER)
     items = E.read(cat, model_hash, E.ITEM)
@@ -60,8 +59,9 @@ def _exact_top(cat, model_hash, top, exclude_seen: bool = True):
 def test_retrieval_plus_exact_rerank_is_exact_top_n(indexed, retrieve, widen_limit, monkeypatch):
     """Exact either way: certified by widening the search, or (past 1/widen_limit of the index
     per query) by scoring every live item."""
-    from embsum.checkpoint import checkpoint_hash
-    from offline import scoring
+    from embsum.offline import scoring
+
+    from embsum.model.checkpoint import checkpoint_hash
 
     monkeypatch.setattr(scoring, "WIDEN_LIMIT", widen_limit)
     calls = []
@@ -146,7 +146,7 @@ def _one_line_error(result, text):
 
 def test_wrong_model_missing_and_truncated_index(indexed, other_checkpoint, tmp_path):
     cli("--db", indexed, "precompute", "--checkpoint", other_checkpoint)
-    from embsum.checkpoint import checkpoint_hash
+    from embsum.model.checkpoint import checkpoint_hash
 
     result = cli("--db", indexed, "score", "--checkpoint", other_checkpoint, ok=False)
     _one_line_error(result, f"was built for model {checkpoint_hash(_tiny(indexed))[:12]}, not "
@@ -172,7 +172,7 @@ def _tiny(db):
 
 
 def test_recommend_handles_everything_excluded(indexed):
-    from embsum.checkpoint import checkpoint_hash
+    from embsum.model.checkpoint import checkpoint_hash
 
     with Catalog(indexed, read_only=True) as cat:
         h = checkpoint_hash(_ckpt(cat))
@@ -202,7 +202,7 @@ def test_retrieval_never_returns_seen_items_unless_asked(indexed):
 
 
 def test_certified_top_n_equals_brute_force_with_and_without_exclusions(indexed):
-    from embsum.checkpoint import checkpoint_hash
+    from embsum.model.checkpoint import checkpoint_hash
 
     root = indexed.with_suffix(".index")
     with Catalog(indexed, read_only=True) as cat:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pyarrow as pa
 from click.testing import CliRunner
+from embsum.index.catalog import Catalog
+from embsum.index.summaries import training_summaries
+from embsum.offline.cli import cli
+from embsum.offline.summarize import import_file, summarize
 
 from embsum.summarizer import PromptTemplate, SummarizerConfig
 from embsum.summarizer.fake import FakeBackend
-from index.catalog import Catalog
-from index.summaries import training_summaries
-from offline.cli import cli
-from offline.summarize import import_file, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 ITEMS = {f"b{i}": (f"{w.title()} of Yesterday", f"A story about {w}.") for i, w in
@@ -269,7 +269,7 @@ def test_killed_run_resumes_where_it_stopped(db_file):
     build_catalog(db_file, histories(12))
     env = {**os.environ, "EMBSUM_TEST_BACKENDS": "1", "EMBSUM_TEST_FAKE_SLEEP": "0.2",
            "EMBSUM_NO_PROGRESS": "1"}
-    cmd = [sys.executable, "-m", "offline.cli", "-v", "--db", str(db_file), "summarize",
+    cmd = [sys.executable, "-m", "embsum.offline.cli", "-v", "--db", str(db_file), "summarize",
            "--backend", "test-fake", "--batch-size", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     committed = 0

@@ -9,10 +9,10 @@ import json
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from embsum.index.catalog import Catalog
+from embsum.offline.cli import cli
 
 from embsum.summarizer import check_summary
-from index.catalog import Catalog
-from offline.cli import cli
 
 N_USERS = 2
 

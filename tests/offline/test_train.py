@@ -7,9 +7,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from embsum.offline.cli import cli
 from jobs_fixtures import build_catalog, tiny_checkpoint  # noqa: F401
-
-from offline.cli import cli
 
 TINY = ["--batch-size", "4", "--dev-users", "3", "--log-every", "0", "--new-lr", "3e-3"]
 
@@ -19,7 +18,7 @@ def _state(out):
 
 
 def test_train_resumes_after_kill(tmp_path, tiny_checkpoint, monkeypatch):  # noqa: F811
-    from embsum.training import TrainingLoop
+    from embsum.training.loop import TrainingLoop
 
     db, out = tmp_path / "cat.duckdb", tmp_path / "run"
     build_catalog(db, n_items=40, n_users=40)
@@ -48,7 +47,7 @@ def test_train_resumes_after_kill(tmp_path, tiny_checkpoint, monkeypatch):  # no
 
 
 def _users_by_split(count: int) -> dict[str, list[str]]:
-    from embsum.evaluation import split_of
+    from embsum.evaluation.protocol import split_of
 
     found: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
     for k in range(200):
@@ -59,7 +58,7 @@ def _users_by_split(count: int) -> dict[str, list[str]]:
 
 
 def test_all_users_adds_dev_and_test_histories_to_the_examples():
-    from offline.data import CatalogData, training_examples
+    from embsum.offline.data import CatalogData, training_examples
 
     split = _users_by_split(2)
     histories = {u: [f"{u}-a", f"{u}-b", f"{u}-c"] for users in split.values() for u in users}
@@ -84,8 +83,8 @@ def test_train_all_users_records_the_flag_and_skips_dev(tmp_path, tiny_checkpoin
     result = CliRunner().invoke(cli, ["--db", str(db), "train", "--init-from", str(tiny_checkpoint), "--out", str(out),
                                       "--all-users", "--max-steps", "2", "--eval-every", "1", *TINY])
     assert result.exit_code == 0, result.output
-    from index.catalog import Catalog
-    from offline.data import load_catalog_data, training_examples
+    from embsum.index.catalog import Catalog
+    from embsum.offline.data import load_catalog_data, training_examples
 
     with Catalog(db, read_only=True) as cat:
         data = load_catalog_data(cat)
@@ -104,9 +103,10 @@ def test_train_all_users_records_the_flag_and_skips_dev(tmp_path, tiny_checkpoin
 
 
 def test_recipe_options_are_train_options():
+    from embsum.offline.commands.train import command
+    from embsum.offline.recipes import available, load_recipe
+
     from embsum.config import ModelConfig, TrainConfig
-    from offline.commands.train import command
-    from offline.recipes import available, load_recipe
 
     params = {p.name for p in command.params}
     train_recipes = [name for name in available() if "train" in load_recipe(name)]
@@ -120,7 +120,7 @@ def test_recipe_options_are_train_options():
 
 def test_clear_errors(tmp_path, tiny_checkpoint):  # noqa: F811
     db = tmp_path / "empty.duckdb"
-    from index.catalog import Catalog
+    from embsum.index.catalog import Catalog
 
     Catalog(db).close()
     result = CliRunner().invoke(cli, ["--db", str(db), "train", "--out", str(tmp_path / "r")])
@@ -150,9 +150,9 @@ def _goodreads_slice(src, dst, n_users: int):
 def test_train_real_goodreads_slice_loss_falls_and_reloads(goodreads_dir, tmp_path):
     import numpy as np
 
-    from embsum.checkpoint import checkpoint_hash, load_checkpoint
-    from embsum.encoding import encode_item_texts, encode_user_histories
-    from embsum.scoring import poly_score_matrix
+    from embsum.inference.encoding import encode_item_texts, encode_user_histories
+    from embsum.model.checkpoint import checkpoint_hash, load_checkpoint
+    from embsum.model.scoring import poly_score_matrix
 
     data = _goodreads_slice(goodreads_dir, tmp_path / "gr", 40)
     db, out = tmp_path / "gr.duckdb", tmp_path / "run"

@@ -11,7 +11,7 @@ saved on the 16.8k-item catalog).
 A packed copy is for inference only: the packed weights are not parameters (no gradients,
 not in the state dict), so it is made from a model and thrown away, never trained or saved. It
 shares the model's other parameters (made again whenever the model's weights change:
-`embsum.encoding.inference_model`).
+`embsum.inference.encoding.inference_model`).
 `EMBSUM_PACK_LINEARS=0` switches it off (then the plain model runs).
 """
 

@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embsum.align_config import AlignConfig
-from embsum.dpo import NegativeSampler, dpo_loss, dpo_stats, scores_to_candidates
-from embsum.encoding import (
+from embsum.alignment.align_config import AlignConfig
+from embsum.alignment.dpo import NegativeSampler, dpo_loss, dpo_stats, scores_to_candidates
+from embsum.alignment.policy import Policy
+from embsum.inference.encoding import (
     StateCache,
     encode_token_states,
     pad_states,
@@ -42,11 +43,10 @@ from embsum.encoding import (
     session_index,
     user_sessions,
 )
-from embsum.lora import save_adapters
-from embsum.losses import nce_loss
-from embsum.policy import Policy
-from embsum.scoring import poly_score, poly_score_matrix
-from embsum.training import LoopConfig, ResumeError, TrainingLoop, TrainingMethod, schedule_length
+from embsum.model.lora import save_adapters
+from embsum.model.scoring import poly_score, poly_score_matrix
+from embsum.training.loop import LoopConfig, ResumeError, TrainingLoop, TrainingMethod, schedule_length
+from embsum.training.losses import nce_loss
 
 
 @dataclass
@@ -69,7 +69,7 @@ def build_bank(model, texts: Sequence[str], batch_size: int, device, bf16: bool,
                cache: StateCache | None = None):
     """The item bank from a forward over the catalog (when precompute has not stored it); with a
     `cache`, the encoder's token states of every text are kept for the steps."""
-    from embsum.encoding import encode_item_texts
+    from embsum.inference.encoding import encode_item_texts
 
     cpe, cpe_prime = encode_item_texts(model, texts, batch_size=batch_size, device=device,
                                        dtype="bf16" if bf16 else "fp32", progress=progress, cache=cache)

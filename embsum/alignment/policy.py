@@ -9,7 +9,7 @@ One copy of the weights serves three roles:
 
 The MoE is the model's own fusion layer (`EmbSumModel.set_fusion`, `ModelConfig.fusion`): the
 model applies it to every pooled vector right before its L2 normalisation. An exported model is
-therefore saved and loaded like any other (`embsum.checkpoint`), its MoE under `fusion.*`.
+therefore saved and loaded like any other (`embsum.model.checkpoint`), its MoE under `fusion.*`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from embsum.lora import LoraSettings, add_lora, merge_adapters
-from embsum.model import EmbSumModel
-from embsum.moe import MoEConfig, MoEFusion
+from embsum.model.embsum_model import EmbSumModel
+from embsum.model.lora import LoraSettings, add_lora, merge_adapters
+from embsum.model.moe import MoEConfig, MoEFusion
 
 
 class Policy(nn.Module):

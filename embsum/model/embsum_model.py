@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embsum.backbone import hidden_size, mean_pool
 from embsum.config import ConfigError, ModelConfig
-from embsum.moe import MoEConfig, MoEFusion
-from embsum.poly_attention import PolyAttention
+from embsum.model.backbone import hidden_size, mean_pool
+from embsum.model.moe import MoEConfig, MoEFusion
+from embsum.model.poly_attention import PolyAttention
 
 # Parameters created by EmbSum itself (or by warm-starting a decoder): trained with the higher
 # "new layers" learning rate.
@@ -232,7 +232,7 @@ class EmbSumModel(nn.Module):
         global_vec = self.global_proj(out.decoder_hidden_states[-1][:, 0])
         nll = None
         if labels is not None and bool((labels != -100).any()):
-            from embsum.losses import summary_nll
+            from embsum.training.losses import summary_nll
 
             nll = summary_nll(out.logits, labels)
         return global_vec, nll

@@ -23,14 +23,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embsum.checkpoint import WEIGHTS
 from embsum.config import TrainConfig
-from embsum.encoding import StateCache, encode_token_states, pad_states, resolve_device
-from embsum.evaluation import EvalSet, dev_score, evaluate_model
-from embsum.losses import nce_loss
-from embsum.model import EmbSumModel
-from embsum.scoring import poly_score_matrix
-from embsum.training import LoopConfig, TrainingLoop, TrainingMethod, schedule_length, tqdm_progress, use_bf16
+from embsum.evaluation.protocol import EvalSet, dev_score, evaluate_model
+from embsum.inference.encoding import StateCache, encode_token_states, pad_states, resolve_device
+from embsum.model.checkpoint import WEIGHTS
+from embsum.model.embsum_model import EmbSumModel
+from embsum.model.scoring import poly_score_matrix
+from embsum.training.loop import (
+    LoopConfig,
+    TrainingLoop,
+    TrainingMethod,
+    schedule_length,
+    tqdm_progress,
+    use_bf16,
+)
+from embsum.training.losses import nce_loss
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +243,7 @@ class Trainer(TrainingMethod):
             cpe, cpe_p = model.item_embeddings(states[cand_rows], mask[cand_rows])
             out = model.user_embeddings(states, mask, sess.to(self.device), summaries)
         else:
-            from embsum.encoding import session_index, user_sessions
+            from embsum.inference.encoding import session_index, user_sessions
 
             states, mask = self._states(columns.tolist())
             cpe, cpe_p = model.item_embeddings(states, mask)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from embsum.config import ConfigError, _Base, _check
 
-# The negative strategies of embsum.dpo (kept here too: that module imports torch).
+# The negative strategies of embsum.alignment.dpo (kept here too: that module imports torch).
 STRATEGIES = ("rodpo", "hard", "random")
 
 
@@ -87,13 +87,13 @@ class AlignConfig(_Base):
             raise ConfigError(str(err)) from None
 
     def lora_settings(self):
-        from embsum.lora import LoraSettings
+        from embsum.model.lora import LoraSettings
 
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
                             target_modules=self.lora_targets, scope=self.lora_scope)
 
     def moe_config(self, d_model: int = 384):
-        from embsum.moe import MoEConfig
+        from embsum.model.moe import MoEConfig
 
         return MoEConfig(d_model=d_model, num_experts=self.experts, top_k=self.top_k,
                          hidden=self.expert_hidden, dropout=self.moe_dropout)

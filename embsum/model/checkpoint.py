@@ -33,7 +33,7 @@ import torch
 
 from embsum.config import ConfigError, ModelConfig
 from embsum.errors import EmbsumError
-from embsum.model import EmbSumModel, module_names
+from embsum.model.embsum_model import EmbSumModel, module_names
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class CheckpointError(EmbsumError):
 
 def build_model(config: ModelConfig, seed: int | None = 0) -> EmbSumModel:
     """An untrained EmbSum model warm-started from the configured backbone."""
-    from embsum.backbone import load_seq2seq
+    from embsum.model.backbone import load_seq2seq
 
     if seed is not None:
         torch.manual_seed(seed)
@@ -292,7 +292,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     one line before the backbone is built."""
     from safetensors.torch import load_model
 
-    from embsum.backbone import load_tokenizer, seq2seq_from_config
+    from embsum.model.backbone import load_tokenizer, seq2seq_from_config
 
     info = check_checkpoint(directory)
     backbone = seq2seq_from_config(info.directory / BACKBONE)

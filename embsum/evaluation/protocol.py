@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embsum import metrics
+from embsum.evaluation import metrics
 
 LEAVE_LAST_OUT = "leave-last-out-v1"
 HOLDOUT = "holdout-v1"
@@ -301,7 +301,7 @@ def poly_scorer(upe: np.ndarray, cpe: np.ndarray, cpe_prime: np.ndarray, item_po
     `item_positions` (None: all items, in eval_set.item_ids order)."""
     import torch
 
-    from embsum.scoring import poly_score_matrix
+    from embsum.model.scoring import poly_score_matrix
 
     local = None if item_positions is None else {int(c): j for j, c in enumerate(item_positions)}
 
@@ -381,7 +381,7 @@ def evaluate_model(model, eval_set: EvalSet, item_texts: Sequence[str], full_ran
     THE poly score (encode_item_texts / encode_user_histories, as precompute does).
     `item_texts` follow eval_set.item_ids; `cache` (a StateCache) shares encoder states.
     `per_user`: the per-user arrays of evaluate_per_user instead of their means."""
-    from embsum.encoding import encode_item_texts, encode_user_histories
+    from embsum.inference.encoding import encode_item_texts, encode_user_histories
 
     if len(item_texts) != len(eval_set.item_ids):
         raise ValueError("item_texts must follow eval_set.item_ids (one text per catalog item)")

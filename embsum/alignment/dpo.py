@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from embsum.align_config import STRATEGIES
+from embsum.alignment.align_config import STRATEGIES
 
 # pool_fn(rows) -> (candidate item indices [b, c], their scores [b, c]), best first, for the
 # batch rows that need a new pool. c should be at least K + the rows' number of positives.

@@ -8,7 +8,7 @@ periodic dev evaluation with OUT/best selection, the periodic OUT/last save and 
 A method (`TrainingMethod`) brings its parameters, its batches, its loss, its evaluation and
 the model it serves.
 
-OUT/last is a checkpoint (embsum.checkpoint) plus, inside the same atomic swap, what a resumed
+OUT/last is a checkpoint (embsum.model.checkpoint) plus, inside the same atomic swap, what a resumed
 run needs, in one format for every method (safetensors + JSON, no pickle):
 
     trainer_state.json     step, counters, dev history, losses, scheduler, optimizer groups and
@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embsum.checkpoint import save_checkpoint
 from embsum.config import _check
-from embsum.encoding import autocast, bf16_supported, resolve_device
 from embsum.errors import EmbsumError
+from embsum.inference.encoding import autocast, bf16_supported, resolve_device
+from embsum.model.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
 

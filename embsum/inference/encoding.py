@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from embsum import packed_linear
-from embsum.model import EmbSumModel
+from embsum.inference import packed_linear
+from embsum.model.embsum_model import EmbSumModel
 
 DTYPES = ("fp32", "bf16", "int8")
 # model -> {dtype: (weights version, the copy that runs it on CPU)}
@@ -256,7 +256,7 @@ def encode_mean_pooled(encoder, tokenizer, texts: Sequence[str], batch_size: int
     """Sentence embeddings of a plain HF encoder (the zero-shot backbone baseline): masked mean
     of the token states, L2-normalised, float32 [N, d] in input order. 256 tokens is
     all-MiniLM-L6-v2's own sentence-transformers limit."""
-    from embsum.backbone import mean_pool
+    from embsum.model.backbone import mean_pool
 
     device = resolve_device(device)
     encoder = encoder.to(device).eval()

@@ -1,0 +1,1 @@
+"""Metrics, the leave-last-out protocol (goodreads-v1), paired bootstrap intervals."""

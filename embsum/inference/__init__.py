@@ -1,0 +1,1 @@
+"""Batch inference: length-sorted encoding, oneDNN-packed and int8 CPU copies."""

@@ -1,0 +1,1 @@
+"""The model: backbone, poly-attention, THE score, MoE fusion, LoRA, checkpoints."""
