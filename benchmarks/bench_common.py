@@ -78,6 +78,33 @@ def round_ratios(baseline: list[float], other: list[float]) -> float:
     return statistics.median(b / o for b, o in zip(baseline, other))
 
 
+# /proc/cpuinfo flags of the matrix instructions the scoring GEMMs can use
+MATRIX_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """The CPU model, its matrix instructions (AVX512-BF16, AMX), the cores torch uses and
+    whether oneDNN runs bf16 natively (the check behind every `--dtype auto`)."""
+    import torch
+
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return {"model": model, "matrix_flags": [f for f in MATRIX_FLAGS if f in flags], "threads": torch.get_num_threads(),
+            "bf16_native": native}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -2,7 +2,16 @@
 one process.
 
     .venv/bin/python benchmarks/scoring.py [--db bench-out/scoring.duckdb] [--users 1000]
-        [--synthetic 1000000] [--repeats 3]
+        [--synthetic 1000000] [--repeats 3] [--random]
+
+First, side by side in one run (issue 15): the CPU model and its matrix instructions; the GEMM
+roofline (fp32 and bf16 at the scoring shapes [64*m, d] x [d, items*n]); matrix poly-scoring
+pairs/s and its share of that roofline (today's scorer beside the fused one, fp32 and bf16);
+certified exact top-10 users/s: today's algorithm (FAISS search widened until certified, else
+every item re-sorted per user in Python), the bound-and-prune `certified_top_n`, and the
+brute-force GEMM baseline (every item as a matrix, running top-N), all on the same vectors.
+--random: random-but-clustered normalised vectors of the real shapes instead of a checkpoint
+(no encoding; only this section runs; label such figures as such).
 
 Real vectors (16,833 Goodreads books, goodreads-v1 test users) come from --checkpoint (default: an untrained
 checkpoint of the packaged backbone), precomputed once into --db (kept: re-runs reuse it).
@@ -31,6 +40,8 @@ from bench_common import (
     DATA,
     OUT,
     checkpoint_dir,
+    cpu_info,
+    interleaved_seconds,
     load_books,
     load_histories,
     median_seconds,
@@ -44,7 +55,14 @@ from embsum.index.catalog import Catalog
 from embsum.offline.indexing import load_model
 from embsum.offline.job_configs import PrecomputeConfig, ScoreConfig
 from embsum.offline.precompute import precompute
-from embsum.offline.scoring import _unique_by_best, recommend, score_pairs
+from embsum.offline.scoring import (
+    _unique_by_best,
+    certified_top_n,
+    item_spheres,
+    recommend,
+    resolved_dtype,
+    score_pairs,
+)
 
 
 def prepare(db: Path, data: Path, n_items: int, n_users: int, dtype: str, checkpoint: Path | None = None) -> str:
@@ -127,6 +145,164 @@ def synthetic(base: np.ndarray, queries: np.ndarray, total: int, factory: str, t
     return rows
 
 
+# -- today's algorithm (before issue 15), kept here as the baseline --------------------------------
+def legacy_poly_score_matrix(upe, cpe, cpe_prime):
+    """The matrix scorer before issue 15: item chunks of ~64M floats, permuted copies, softmax."""
+    import torch
+
+    upe, cpe, cpe_prime = (torch.from_numpy(np.asarray(x, np.float32)) for x in (upe, cpe, cpe_prime))
+    n_users, m, d = upe.shape
+    n_items, n, _ = cpe.shape
+    chunk = max(1, (64 << 20) // max(1, n_users * m * n))
+    flat_u, parts = upe.reshape(n_users * m, d), []
+    for start in range(0, n_items, chunk):
+        c, cp = cpe[start:start + chunk], cpe_prime[start:start + chunk]
+        size = c.shape[0]
+        k = (flat_u @ c.reshape(size * n, d).T).reshape(n_users, m, size, n).permute(0, 2, 1, 3)
+        w = (flat_u @ cp.reshape(size * n, d).T).reshape(n_users, m, size, n).permute(0, 2, 1, 3)
+        parts.append((torch.softmax(w.flatten(-2), dim=-1) * k.flatten(-2)).sum(-1))
+    return torch.cat(parts, dim=1).numpy()
+
+
+def legacy_certified_top(index, cpe, cpe_prime, upe, top: int, retrieve: int = 100, widen_limit: int = 64):
+    """Today's certified top-N on a multi-vector Flat index: search K*n hits per UPE vector,
+    re-rank, widen 4x until the k-th hit bounds the rest, past 1/widen_limit of the index score
+    every item (today's matrix, each user's running top-N re-sorted per chunk in Python)."""
+    n_users, m, d = upe.shape
+    n_items, n, _ = cpe.shape
+    ntotal = index.ntotal
+    out: list = [None] * n_users
+    pending, k = np.arange(n_users), min(retrieve * n, ntotal)
+    while len(pending):
+        dots, ids = index.search(np.ascontiguousarray(upe[pending].reshape(-1, d)), k)
+        kk = dots.shape[1]
+        rows = (ids // n).reshape(len(pending), m * kk)
+        flat = dots.reshape(len(pending), m * kk)
+        cands = [_unique_by_best(rows[p], flat[p], None) for p in range(len(pending))]
+        uidx = np.repeat(np.arange(len(pending)), [len(c) for c in cands])
+        scores = np.split(score_pairs(upe[pending], cpe, cpe_prime, uidx, np.concatenate(cands)),
+                          np.cumsum([len(c) for c in cands])[:-1])
+        bound = dots.reshape(len(pending), m, kk)[:, :, -1].max(axis=1)
+        still = []
+        for p, u in enumerate(pending):
+            order = np.argsort(-scores[p], kind="stable")[:top]
+            out[u] = cands[p][order]
+            if not (kk >= ntotal or (len(order) >= top and scores[p][order][-1] >= bound[p] + 1e-5)):
+                still.append(u)
+        pending, k = np.array(still, np.int64), min(k * 4, ntotal)
+        if len(pending) and k > ntotal // widen_limit:
+            for start in range(0, len(pending), 256):
+                users = pending[start:start + 256]
+                best = [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * len(users)
+                chunk = max(256, (1 << 22) // len(users))
+                for s in range(0, n_items, chunk):
+                    part = legacy_poly_score_matrix(upe[users], cpe[s:s + chunk], cpe_prime[s:s + chunk])
+                    rows_s = np.arange(s, min(s + chunk, n_items))
+                    for j in range(len(users)):
+                        r, sc = np.concatenate([best[j][0], rows_s]), np.concatenate([best[j][1], part[j]])
+                        order = np.argsort(-sc, kind="stable")[:top]
+                        best[j] = (r[order], sc[order])
+                for j, u in enumerate(users):
+                    out[u] = best[j][0]
+            pending = pending[:0]
+    return out
+
+
+def random_vectors(n_items: int, n_users: int, n: int = 8, m: int = 8, d: int = 384, topics: int = 256, seed: int = 0):
+    """Random-but-trained-like vectors of the real shapes: normalised, around `topics` topic
+    directions (an item's n codes and a user's m codes near one topic), CPE' small."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((topics, d)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+
+    def near(count, codes):
+        x = centres[rng.integers(0, topics, count)][:, None] + \
+            rng.standard_normal((count, codes, d)).astype(np.float32) * (0.7 / np.sqrt(d))
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    cpe_prime = (rng.standard_normal((n_items, n, d)) / np.sqrt(d)).astype(np.float32)
+    return near(n_users, m), near(n_items, n), cpe_prime
+
+
+def gemm_only(upe, cpe, cpe_prime, dtype):
+    """The roofline's work: the matrix scorer's two GEMMs per item block ([U*m, d] x [d, B*n],
+    the same blocks), nothing else. Inputs converted once, outside the timing."""
+    from embsum.model.scoring import block_items
+
+    n_users, m, d = upe.shape
+    n = cpe.shape[1]
+    flat_u = upe.reshape(-1, d).to(dtype)
+    step = block_items(n_users, m, n)
+    blocks = [(cpe[s:s + step].reshape(-1, d).to(dtype), cpe_prime[s:s + step].reshape(-1, d).to(dtype))
+              for s in range(0, len(cpe), step)]
+
+    def run():
+        for c, cp in blocks:
+            flat_u @ c.T
+            flat_u @ cp.T
+    return run
+
+
+def hardware_limit(upe, cpe, cpe_prime, certify_users: int, repeats: int, label: str) -> dict:
+    """Issue 15's figures, side by side on the same vectors and in one run."""
+    import torch
+
+    from embsum.model.scoring import poly_score_matrix
+
+    info = cpu_info()
+    print(f"CPU: {info['model']}; matrix instructions: {', '.join(info['matrix_flags']) or 'none'}; "
+          f"torch threads {info['threads']}; bf16 native (oneDNN): {info['bf16_native']}", flush=True)
+    n_items, n, d = cpe.shape
+    m = upe.shape[1]
+    block = upe[:64]
+    flops_pair = 2 * m * n * d * 2
+    tg = {name: torch.from_numpy(np.ascontiguousarray(x, np.float32)) for name, x in (("u", block), ("c", cpe), ("p", cpe_prime))}
+    runs = interleaved_seconds({
+        "roofline fp32": gemm_only(tg["u"], tg["c"], tg["p"], torch.float32),
+        "roofline bf16": gemm_only(tg["u"], tg["c"], tg["p"], torch.bfloat16),
+        "today (fp32)": lambda: legacy_poly_score_matrix(block, cpe, cpe_prime),
+        "fused (fp32)": lambda: poly_score_matrix(tg["u"], tg["c"], tg["p"]),
+        "fused (bf16 GEMMs)": lambda: poly_score_matrix(tg["u"], tg["c"], tg["p"], gemm_dtype=torch.bfloat16),
+    }, repeats)
+    roof = {kind: len(block) * n_items * flops_pair / runs.pop(f"roofline {kind}")[0] / 1e9 for kind in ("fp32", "bf16")}
+    mrows = []
+    for name, (sec, _, _) in runs.items():
+        pairs = len(block) * n_items / sec
+        ref = roof["bf16" if "bf16" in name else "fp32"]
+        native = "" if "bf16" not in name or info["bf16_native"] else " (bf16 NOT native: emulated)"
+        mrows.append([f"{name}{native}", pairs, pairs * flops_pair / 1e9, ref, pairs * flops_pair / 1e9 / ref])
+    print("\n" + table([f"matrix poly-score, {len(block)} users x {n_items:,} items ({label})", "pairs/s",
+                        "GFLOP/s", "roofline GFLOP/s (GEMM, same shapes)", "share of roofline"], mrows), flush=True)
+
+    users = upe[:certify_users]
+    faiss = F.faiss_module()
+    flat = faiss.IndexFlatIP(d)
+    flat.add(np.ascontiguousarray(cpe.reshape(-1, d)))
+    t0 = time.perf_counter()
+    spheres = item_spheres(cpe, np.arange(n_items))
+    sphere_s = time.perf_counter() - t0
+    auto = resolved_dtype(ScoreConfig())
+    runs = interleaved_seconds({
+        "today: FAISS widening, else every item re-sorted in Python": lambda: legacy_certified_top(
+            flat, cpe, cpe_prime, users, 10),
+        "brute force: every item as a matrix, running top-N": lambda: certified_top_n(
+            users, cpe, cpe_prime, 10, spheres=spheres, prune=False),
+        f"certified_top_n: bound, prune, exact re-rank (bounds {auto}, = --dtype auto)": lambda: certified_top_n(
+            users, cpe, cpe_prime, 10, spheres=spheres, bound_dtype=auto),
+    }, repeats)
+    (today_s, _, today), (brute_s, _, brute), (_, _, new) = runs.values()
+    same = np.mean([np.array_equal(a, b) for a, b in zip(new.rows, brute.rows)])
+    same_today = np.mean([np.array_equal(a, b) for a, b in zip(new.rows, today)])
+    crows = [[name, len(users) / sec, brute_s / sec, today_s / sec] for name, (sec, _, _) in runs.items()]
+    print("\n" + table([f"certified exact top-10, {len(users)} users x {n_items:,} items ({label})", "users/s",
+                        "x brute force", "x today"], crows))
+    print(f"item spheres (once per index version): {sphere_s:.2f} s; items exact-scored per user: "
+          f"{new.searched.mean():,.0f} of {n_items:,}; same top-10 as brute force: {same:.1%} of users, "
+          f"as today's: {same_today:.1%} (differences: exact float ties only)", flush=True)
+    return {"cpu": info, "roofline_gflops": roof, "matrix": mrows, "certified": crows, "label": label,
+            "exact_scored_per_user": float(new.searched.mean()), "same_as_brute": float(same)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DATA)
@@ -141,8 +317,18 @@ def main() -> None:
     p.add_argument("--synthetic-factory", default="IVF1024,Flat")
     p.add_argument("--synthetic-train", type=int, default=65_536)
     p.add_argument("--synthetic-queries", type=int, default=2048)
+    p.add_argument("--certify-users", type=int, default=512, help="users in the certified top-10 comparison")
+    p.add_argument("--random", action="store_true",
+                   help="random-but-clustered normalised vectors of the real shapes (16,833 items unless --items; "
+                        "--users users): only the side-by-side section, no checkpoint")
     args = p.parse_args()
     OUT.mkdir(exist_ok=True)
+    if args.random:
+        upe, cpe, cpe_prime = random_vectors(args.items or 16_833, args.users)
+        result = hardware_limit(upe, cpe, cpe_prime, args.certify_users, args.repeats,
+                                "RANDOM clustered vectors, real shapes")
+        print(f"\nsaved {save('scoring-random', result)}")
+        return
 
     model_hash = prepare(args.db, args.data, args.items, args.users, args.dtype, args.checkpoint)
     with Catalog(args.db, read_only=True) as cat:
@@ -151,6 +337,8 @@ def main() -> None:
     cpe, cpe_prime, upe = items.vectors["cpe"].copy(), items.vectors["cpe_prime"].copy(), users.vectors["upe"].copy()
     n_items, n, d = cpe.shape
     results = {"items": n_items, "users": len(upe), "n": n, "m": upe.shape[1], "d": d}
+    label = "trained checkpoint" if args.checkpoint else "UNTRAINED checkpoint"
+    results["hardware_limit"] = hardware_limit(upe, cpe, cpe_prime, args.certify_users, args.repeats, label)
 
     # -- exact scores from stored vectors
     rng = np.random.default_rng(0)

@@ -63,6 +63,19 @@ class ModelConfig(_Base):
     fusion: dict = field(default_factory=dict, metadata={"cli": False, "help": (
         "MoE fusion layer applied to every CPE/UPE vector right before L2 normalisation "
         "(embsum.model.moe.MoEConfig as a dict, or an MoEConfig; empty: none). Set by `embsum align`.")})
+    # -- quality levers (issue 14); at their defaults they are left out of config.json (to_dict)
+    poly_init: str = field(default="random", metadata={"choices": ["random", "uniform"], "help": (
+        "Poly-attention initialisation. 'random': small random codes (each code starts as an "
+        "arbitrary weighted mean). 'uniform': every code starts attending uniformly over the "
+        "tokens (the masked mean, where mean pooling starts), plus poly_init_noise to break the "
+        "symmetry between codes.")})
+    poly_init_noise: float = field(default=0.01, metadata={"help": (
+        "With poly_init 'uniform': the largest standard deviation of an initial attention logit "
+        "(0: every code exactly the masked mean, and all codes alike).")})
+    item_prior: str = field(default="none", metadata={"choices": ["none", "content"], "help": (
+        "Per-item score prior b. 'content': a linear head on the item's mean-pooled token states, "
+        "appended as one extra dimension to every CPE vector (and 1 to every UPE vector), so "
+        "s = s_without + b and the vectors stay precomputable (d + 1 columns). 'none': no prior.")})
 
     def __post_init__(self):
         self.fusion = _fusion_dict(self.fusion)
@@ -72,6 +85,9 @@ class ModelConfig(_Base):
                      "session_max_tokens", "summary_max_tokens", "max_history"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1")
         _check(self.decoder_layers >= 0, "decoder_layers must be >= 0")
+        _check(self.poly_init in ("random", "uniform"), f"poly_init must be 'random' or 'uniform', not {self.poly_init!r}")
+        _check(self.poly_init_noise >= 0, "poly_init_noise must be >= 0")
+        _check(self.item_prior in ("none", "content"), f"item_prior must be 'none' or 'content', not {self.item_prior!r}")
         if self.pooling == "mean":
             # One vector a side: the softmax over a single dot product is 1, so s = <u, v>.
             self.item_codes = self.user_codes = 1
@@ -82,7 +98,15 @@ class ModelConfig(_Base):
             # A model without fusion writes the config.json (so the content hash) it wrote before
             # the field existed: re-saving an unchanged SFT model keeps its hash and its vectors.
             del values["fusion"]
+        # The same for the quality levers: a model that uses none of them keeps its hash.
+        for name in _LEVERS_OMITTED_AT_DEFAULT:
+            if values[name] == _MODEL_DEFAULTS[name]:
+                del values[name]
         return values
+
+
+_LEVERS_OMITTED_AT_DEFAULT = ("poly_init", "poly_init_noise", "item_prior")
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 def _fusion_dict(fusion) -> dict:
@@ -99,6 +123,10 @@ def _fusion_dict(fusion) -> dict:
         raise ConfigError(f"fusion: {err}") from None
 
 
+# What `optimizer` may name (TrainConfig, AlignConfig, embsum.training.loop.make_optimizer builds them).
+OPTIMIZERS = ("adamw", "apollo", "apollo-mini")
+
+
 @dataclass
 class TrainConfig(_Base):
     out: str = field(default="runs/embsum", metadata={"help": "Output directory (OUT/best, OUT/last: resumable)."})
@@ -109,6 +137,11 @@ class TrainConfig(_Base):
     lr: float = field(default=3e-5, metadata={"help": "Learning rate of pretrained backbone weights."})
     new_lr: float = field(default=1e-3, metadata={"help": "Learning rate of new layers (codes, W, W_s, cross-attention)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases/norms/codes)."})
+    optimizer: str = field(default="adamw", metadata={"choices": OPTIMIZERS, "help": (
+        "'adamw'; 'apollo' (AdamW moments of a random rank-r projection scale the full gradient "
+        "per channel: about a quarter of AdamW's state on the projected matrices) or "
+        "'apollo-mini' (rank 1, one scale per tensor: SGD-like memory). Vectors, codes and "
+        "embedding tables stay on AdamW (embsum/training/apollo.py).")})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps of linear warmup, then linear decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
     negatives: int = field(default=4, metadata={"help": "k: sampled negatives per positive (uniform over unread items)."})
@@ -134,6 +167,14 @@ class TrainConfig(_Base):
     save_every: int = field(default=200, metadata={"help": "Write OUT/last (resumable) every N optimizer steps."})
     dev_users: int = field(default=200, metadata={"help": "Dev users in the periodic evaluation (0: all)."})
     log_every: int = field(default=20, metadata={"help": "Log loss and samples/s every N optimizer steps."})
+    logq_correction: bool = field(default=False, metadata={"help": (
+        "Sampling-bias (logQ) correction of the NCE negatives: subtract log(N q(item)) from each "
+        "negative's logit, q being the item's probability of being a candidate of the batch "
+        "(targets are popularity-distributed, sampled negatives uniform). Popular items are then "
+        "penalised less for appearing often. Needs in_batch_negatives.")})
+    dislike_negatives: float = field(default=0.0, metadata={"help": (
+        "Share of each example's k sampled negatives drawn from the user's explicit dislikes "
+        "(label-0 interactions) when the user has any; the rest stay uniform. 0: off.")})
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, shuffling and negative sampling."})
     resume: bool = field(default=True, metadata={"help": "Continue from OUT/last when it exists."})
 
@@ -150,3 +191,6 @@ class TrainConfig(_Base):
         _check(self.examples in ("prefixes", "last"), f"examples must be 'prefixes' or 'last', not {self.examples!r}")
         _check(self.bf16 in ("auto", "on", "off"), f"bf16 must be auto/on/off, not {self.bf16!r}")
         _check(self.negatives > 0 or self.in_batch_negatives, "need negatives > 0 or in_batch_negatives")
+        _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        _check(not self.logq_correction or self.in_batch_negatives, "logq_correction needs in_batch_negatives")
+        _check(0.0 <= self.dislike_negatives <= 1.0, "dislike_negatives must be in [0, 1]")

@@ -106,27 +106,69 @@ def set_nprobe(index, nprobe: int) -> None:
         pass  # not an IVF index
 
 
-def to_gpu(index):
-    """All GPUs when faiss has them; the CPU index otherwise (or if this index type cannot move)."""
+# faiss's GPU k-selection handles k <= 2048; a wider search (a rare certification round) runs on
+# a CPU copy of the index.
+GPU_MAX_K = 2048
+_said_no_gpu: set[str] = set()
+
+
+def gpu_count() -> int:
+    """GPUs faiss can use: 0 for the faiss-cpu build or where no GPU is visible."""
     faiss = faiss_module()
 
-    if faiss.get_num_gpus() <= 0 or not hasattr(faiss, "index_cpu_to_all_gpus"):
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
+def use_gpu(device: str) -> bool:
+    """Whether FAISS runs on GPUs for `device` (auto|cpu|gpu, see index_config.FAISS_DEVICES).
+    Without one the CPU path runs and says so once per process: at WARNING when the user asked
+    for `gpu`, at DEBUG for `auto` (the default on every CPU machine: not news)."""
+    if device == "cpu":
+        return False
+    if gpu_count() > 0:
+        return True
+    if device not in _said_no_gpu:
+        _said_no_gpu.add(device)
+        why = "no GPU visible" if hasattr(faiss_module(), "StandardGpuResources") else \
+            "this faiss is the CPU build (install the `gpu` extra: FAISS_EXTRA=gpu ./install.sh)"
+        log.log(logging.WARNING if device == "gpu" else logging.DEBUG, "FAISS runs on the CPU: %s", why)
+    return False
+
+
+def to_gpu(index):
+    """The index on every GPU (sharded across several, so each holds 1/n of the vectors); the CPU
+    index itself when faiss has no GPU (index_cpu_to_all_gpus would then return an index whose
+    `add` fails) or this index type cannot move."""
+    faiss = faiss_module()
+
+    n_gpus = gpu_count()
+    if n_gpus <= 0 or not hasattr(faiss, "index_cpu_to_all_gpus"):
         return index
     try:
-        return faiss.index_cpu_to_all_gpus(index)
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = n_gpus > 1
+        return faiss.index_cpu_to_all_gpus(index, co=options)
     except (RuntimeError, AttributeError) as err:
         log.warning("FAISS index stays on CPU: %s", err)
         return index
 
 
+def on_gpu(index) -> bool:
+    """Whether `index` (or the index an IDMap wraps) lives on GPUs."""
+    if gpu_count() <= 0:
+        return False
+    faiss = faiss_module()
+    inner = getattr(index, "index", None)
+    kinds = [type(index).__name__] + ([type(faiss.downcast_index(inner)).__name__] if inner is not None else [])
+    return any(k.startswith(("Gpu", "IndexShards")) or k == "IndexReplicas" for k in kinds)
+
+
 def to_cpu(index):
+    """A CPU copy of a GPU index (what is written to disk); a CPU index unchanged."""
     faiss = faiss_module()
 
-    if hasattr(faiss, "index_gpu_to_cpu") and faiss.get_num_gpus() > 0:
-        try:
-            return faiss.index_gpu_to_cpu(index)
-        except (RuntimeError, AttributeError):
-            return index
+    if hasattr(faiss, "index_gpu_to_cpu") and on_gpu(index):
+        return faiss.index_gpu_to_cpu(index)
     return index
 
 
@@ -146,6 +188,8 @@ def remove(index, ids: np.ndarray) -> int:
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k by inner product: (scores [Q, k], ids [Q, k]); missing results are id -1."""
     k = max(1, min(int(k), int(index.ntotal))) if index.ntotal else 1
+    if k > GPU_MAX_K and on_gpu(index):
+        index = to_cpu(index)
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
@@ -259,7 +303,7 @@ def build(root, model_hash: str, blocks: Blocks, cfg: IndexConfig, run_id: str |
         n_vectors = total * (1 if cfg.mode == "pooled" else blocks.n)
         factory = cfg.factory or choose_factory(n_vectors, cfg.flat_threshold)
         index = new_index(blocks.d, factory)
-        if cfg.gpu:
+        if use_gpu(cfg.device):
             index = to_gpu(index)
         cpe = np.load(staging.file(VECTOR_FILES[0]), mmap_mode="r")
         _train_and_fill(index, cpe, np.arange(total, dtype=np.int64), cfg, blocks.n)

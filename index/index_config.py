@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MODES = ("multi", "pooled")
+# Where FAISS builds and searches: auto = the GPUs when faiss has them (the `gpu` extra, a visible
+# GPU), else the CPU; gpu = the same, but a missing GPU is said once at WARNING; cpu = never a GPU.
+FAISS_DEVICES = ("auto", "cpu", "gpu")
 
 
 @dataclass
@@ -27,7 +30,9 @@ class IndexConfig:
     train_size: int = field(default=200_000, metadata={"help": "Vectors sampled to train an IVF quantizer."})
     chunk_size: int = field(default=2048, metadata={"help": "Items read from the catalog per chunk while building."})
     keep: int = field(default=3, metadata={"help": "Versions kept on disk (readers may still hold older ones)."})
-    gpu: bool = field(default=True, metadata={"help": "Use GPUs when faiss has them (faiss-gpu)."})
+    device: str = field(default="auto", metadata={
+        "help": "Where FAISS builds the index: auto (GPUs when faiss-gpu sees one), gpu (the same, saying so "
+                "when it falls back to the CPU), cpu.", "choices": FAISS_DEVICES})
     seed: int = field(default=0, metadata={"help": "Seed of the IVF training sample."})
 
     def __post_init__(self):
@@ -39,3 +44,5 @@ class IndexConfig:
             raise ValueError(f"max_drift must be in [0, 1], got {self.max_drift}")
         if self.nprobe is not None and self.nprobe < 1:
             raise ValueError("nprobe must be positive")
+        if self.device not in FAISS_DEVICES:
+            raise ValueError(f"device must be one of {', '.join(FAISS_DEVICES)}, got {self.device!r}")

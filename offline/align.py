@@ -120,9 +120,15 @@ def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool, cache
     return run
 
 
-def run_align(db: str, checkpoint: str, cfg: AlignConfig, progress=None, bank=None) -> dict:
-    """Align the SFT `checkpoint` on the catalog at `db`; returns a summary (also in `runs`)."""
+def run_align(db: str, checkpoint: str, cfg: AlignConfig, progress=None, bank=None, wait_s: float = 0.0) -> dict:
+    """Align the SFT `checkpoint` on the catalog at `db`; returns a summary (also in `runs`).
+
+    Under torchrun every rank reads the catalog (read-only, waiting up to `wait_s` while another
+    process holds it) and only rank 0 writes the `runs` row."""
     from embsum.model.checkpoint import CheckpointError, check_checkpoint, load_checkpoint
+    from embsum.training import distributed
+
+    main = distributed.context().is_main
 
     try:
         if check_checkpoint(checkpoint).config.fusion:  # known before the model is built
@@ -130,20 +136,23 @@ def run_align(db: str, checkpoint: str, cfg: AlignConfig, progress=None, bank=No
         sft, sft_hash = load_checkpoint(checkpoint, "cpu")
     except CheckpointError as err:
         raise AlignError(str(err)) from None
-    with Catalog(db) as cat:
+    with Catalog(db, read_only=True, wait_s=wait_s) as cat:
         data = read_catalog(cat)
         if bank is None and cfg.strategy != "random":
             bank = stored_bank(cat, sft_hash, data.item_ids)
             log.info("item bank: %s", "precomputed vectors from the catalog" if bank is not None else "encoding the catalog")
+    if not main:
+        return align(sft, sft_hash, data, cfg, bank=bank)
+    with Catalog(db, wait_s=wait_s) as cat:
         run_id = cat.start_run("align", {"checkpoint": checkpoint, "sft_hash": sft_hash, **cfg.to_dict()})
     try:
         summary = align(sft, sft_hash, data, cfg, progress=progress, bank=bank)
     except BaseException as err:
-        with Catalog(db) as cat:
+        with Catalog(db, wait_s=wait_s) as cat:
             status, error = run_outcome(err)  # 'interrupted' on Ctrl-C/SIGTERM, else 'failed'
             cat.finish_run(run_id, status, error=error)
         raise
-    with Catalog(db) as cat:
+    with Catalog(db, wait_s=wait_s) as cat:
         cat.finish_run(run_id, "ok", {k: v for k, v in summary.items() if k != "dev"})
     return summary
 

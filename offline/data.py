@@ -7,7 +7,7 @@ DuckDB catalog into them.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from embsum.index.catalog import Catalog
 from embsum.index.summaries import training_summaries
@@ -25,6 +25,8 @@ class CatalogData:
     item_texts: list[str]  # embsum.offline.texts.item_text (what the item vectors are keyed on), aligned with item_ids
     histories: dict[str, list[str]]  # every user's positive items, oldest first
     summaries: dict[str, str]  # user -> summary text (training targets)
+    # user -> explicit dislikes (label-0 interactions that are no positive), sorted: hard negatives
+    dislikes: dict[str, list[str]] = field(default_factory=dict)
 
 
 def read_summaries(cat: Catalog, source: str = SUMMARY_ANY) -> dict[str, str]:
@@ -42,10 +44,33 @@ def load_catalog_data(cat: Catalog, summary_source: str = SUMMARY_ANY) -> Catalo
     texts = item_texts(items)
     order = sorted(range(len(ids)), key=ids.__getitem__)  # catalog order is item_id already; be sure
     summaries = read_summaries(cat, summary_source)
-    data = CatalogData([ids[i] for i in order], [texts[i] for i in order], cat.histories(), summaries)
-    log.info("catalog: %d items, %d users, %d summaries (source %s)", len(data.item_ids), len(data.histories),
-             len(summaries), summary_source)
+    histories = cat.histories()
+    data = CatalogData([ids[i] for i in order], [texts[i] for i in order], histories, summaries,
+                       explicit_dislikes(cat.interacted(), histories))
+    log.info("catalog: %d items, %d users, %d summaries (source %s), %d users with dislikes", len(data.item_ids),
+             len(data.histories), len(summaries), summary_source, len(data.dislikes))
     return data
+
+
+def explicit_dislikes(interacted: dict[str, list[str]], histories: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Every label of `Catalog.interacted` minus the positives (label 1 or NULL) of `histories`:
+    the label-0 items (an item both liked and disliked counts as liked). Users without any are
+    left out."""
+    out = {}
+    for user, items in interacted.items():
+        liked = set(histories.get(user, ()))
+        disliked = [i for i in items if i not in liked]
+        if disliked:
+            out[user] = disliked
+    return out
+
+
+def train_data(data: CatalogData, examples: list[tuple[str, list[str], str]]):
+    """The model layer's TrainData for `examples` (training_examples) over this catalog's items,
+    histories, summaries and dislikes."""
+    from embsum.training.trainer import TrainData
+
+    return TrainData(data.item_ids, data.item_texts, examples, data.histories, data.summaries, data.dislikes)
 
 
 def training_examples(data: CatalogData, mode: str = "prefixes", limit_users: int = 0,

@@ -48,7 +48,8 @@ class EvaluateConfig:
     zero_shot: bool = field(default=True, metadata={"help": "Include the zero-shot backbone in the baselines (encodes the catalog)."})
     zero_shot_backbone: str = field(default="packaged", metadata={"help": "Encoder of the zero-shot baseline."})
     zero_shot_max_tokens: int = field(default=256, metadata={"help": "Token limit of the zero-shot encoder (MiniLM's own: 256)."})
-    dtype: str = field(default="fp32", metadata={"choices": ["fp32", "bf16", "int8"], "help": "Inference dtype."})
+    dtype: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "int8"], "help": (
+        "Inference dtype; auto: bf16 where the device runs it natively, else fp32.")})
     batch_size: int = field(default=64, metadata={"help": "Texts per encoder batch."})
     device: str = field(default="auto", metadata={"help": "'auto', 'cpu', 'cuda'."})
     seed: int = field(default=0, metadata={"help": "Seed of the random baseline."})

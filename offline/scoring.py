@@ -1,17 +1,17 @@
 """Offline scoring: exact poly-scores of (user, item) pairs from stored vectors, either for a
 candidates file or for candidates retrieved from the FAISS index, top-N per user.
 
-Retrieval + re-rank is exact where the index allows it. With all n CPE vectors per item in an
-exact (Flat) index, every unretrieved item's poly-score is at most the best dot product any
-UPE vector could still reach, i.e. the largest k-th hit score over the user's m queries (a
-poly-score is a softmax-weighted mean of dot products, never above their max). A user whose
-N-th best exact score is >= that bound has a certified exact top-N; the others are searched
-again with 4x the hits until certified (or the whole index was searched). Pooled or IVF
-indexes give no such bound: their top-N is exact over the K retrieved items only.
+With all n CPE vectors per item in an exact (Flat) index, each user's top-N is certified exact
+over every live item (`certified_top_n`): a poly-score is a softmax-weighted mean of the m x n
+dot products, never above their max, and that max is bounded for every (user, item) pair at
+once by a ball around each item's CPE vectors; items are exact-scored in order of their bound,
+those the bounds cannot rule out are scored too (as one matrix when that is most of them).
+Pooled or IVF indexes give no such bound: retrieval + re-rank, exact over the K retrieved
+items only.
 
 A retrieval never returns an item the user has seen: every interaction counts, label 1, 0 or
 NULL (`Catalog.interacted`), and the certificate above holds with those items left out (an
-excluded item is simply not a candidate; the bound covers every unretrieved one). A candidates
+excluded item is simply not a candidate). A candidates
 file is scored as given. Results replace the stored rows of the same (model_hash,
 index_version, user_id), so scoring twice leaves one copy (`write_results`).
 
@@ -86,95 +86,300 @@ class Ranked:
     rows: list[np.ndarray]
     scores: list[np.ndarray]
     certified: np.ndarray  # bool per user: provably the exact top-N of the whole index
-    searched: np.ndarray  # hits per UPE vector finally used
-
-
-# Widening stops once a query would fetch more than 1/WIDEN_LIMIT of the index's vectors; the
-# users left are scored against every live item (`score_all_items`). Scoring the whole catalog as
-# a matrix runs ~10x more pairs/s than re-ranking gathered candidates (benchmarks/scoring.py), so a
-# round that would re-rank more than ~1/10 of the items per user costs more than scoring them all.
-# Certifying only happens on Flat indexes (< IndexConfig.flat_threshold vectors), so the hit
-# arrays stay under users x m x (1M / 64) x 12 bytes.
-WIDEN_LIMIT = 64
+    searched: np.ndarray  # per user: FAISS hits per UPE vector, or items exact-scored (certified path)
 
 
 def recommend(snap: S.Snapshot, upe: np.ndarray, cfg: ScoreConfig,
               exclude: list[np.ndarray] | None = None) -> Ranked:
-    """Retrieve with every UPE vector, dedupe to items, exact poly-score, keep top-N."""
+    """Top-N per user. On a multi-vector Flat index with `cfg.exact`: the certified exact top-N
+    of every live item (`certified_top_n`: bound, prune, exact re-rank; no FAISS search needed).
+    Otherwise: retrieve `cfg.retrieve` items per UPE vector, dedupe, exact poly-score, keep top-N
+    (exact over the retrieved items only)."""
     n_users, m, d = upe.shape
     n, mode = snap.manifest["n"], snap.mode
+    if cfg.exact and cfg.top > 0 and mode == "multi" and not F.is_ivf(snap.manifest["factory"]):
+        return certified_top_n(upe, snap.cpe, snap.cpe_prime, cfg.top, exclude, _spheres_of(snap),
+                               bound_dtype=resolved_dtype(cfg))
     ntotal = int(snap.index.ntotal)
-    can_certify = cfg.exact and cfg.top > 0 and mode == "multi" and not F.is_ivf(snap.manifest["factory"])
     top = cfg.top if cfg.top > 0 else None
-    rows_out: list = [None] * n_users
-    scores_out: list = [None] * n_users
-    certified = np.zeros(n_users, bool)
-    searched = np.zeros(n_users, np.int64)
-    pending = np.arange(n_users)
-    # an item's n vectors tend to sit together: K items need about K * n hits per query
     k = min(cfg.retrieve * (n if mode == "multi" else 1), max(ntotal, 1))
-    while len(pending):
-        dots, ids = F.search(snap.index, upe[pending].reshape(-1, d), k)
-        kk = dots.shape[1]
-        dots = dots.reshape(len(pending), m * kk)
-        rows = F.rows_of(ids, n, mode).reshape(len(pending), m * kk)
-        cands = [_unique_by_best(rows[p], dots[p], exclude[u] if exclude is not None else None)
-                 for p, u in enumerate(pending)]
-        if not can_certify:
-            cands = [c[: cfg.retrieve] for c in cands]
-        uidx = np.repeat(np.arange(len(pending)), [len(c) for c in cands])
-        iidx = np.concatenate(cands) if cands else np.zeros(0, np.int64)
-        scores = score_pairs(upe[pending], snap.cpe, snap.cpe_prime, uidx, iidx, cfg.pair_batch)
-        split = np.split(scores, np.cumsum([len(c) for c in cands])[:-1])
-        exhausted = kk >= ntotal
-        # the best score any unretrieved vector could still give this user
-        bound = dots.reshape(len(pending), m, kk)[:, :, -1].max(axis=1)
-        still = []
-        for p, u in enumerate(pending):
-            order = np.argsort(-split[p], kind="stable")[:top]
-            rows_out[u], scores_out[u] = cands[p][order], split[p][order]
-            searched[u] = kk
-            if can_certify:
-                ok = exhausted or (len(order) >= top and scores_out[u][-1] >= bound[p] + 1e-5)
-                certified[u] = ok
-                if not ok:
-                    still.append(u)
-        pending = np.array(still, dtype=np.int64)
-        k = min(k * 4, ntotal)
-        if len(pending) and k > ntotal // WIDEN_LIMIT:
-            # Certifying would mean searching a large share of the index per query (trained
-            # vectors give loose bounds), and the hit arrays grow as users x m x k: score every
-            # live item exactly instead, which is certified by construction and memory-bounded.
-            sub = [exclude[u] for u in pending] if exclude is not None else None
-            all_rows, all_scores = score_all_items(snap, upe[pending], cfg, sub)
-            for u, r, sc in zip(pending, all_rows, all_scores):
-                rows_out[u], scores_out[u], certified[u], searched[u] = r, sc, True, ntotal
-            pending = pending[:0]
-    return Ranked(rows_out, scores_out, certified, searched)
+    dots, ids = F.search(snap.index, upe.reshape(-1, d), k)
+    dots = dots.reshape(n_users, -1)
+    rows = F.rows_of(ids, n, mode).reshape(n_users, -1)
+    cands = [_unique_by_best(rows[u], dots[u], exclude[u] if exclude is not None else None)[: cfg.retrieve]
+             for u in range(n_users)]
+    uidx = np.repeat(np.arange(n_users), [len(c) for c in cands])
+    iidx = np.concatenate(cands) if cands else np.zeros(0, np.int64)
+    scores = np.split(score_pairs(upe, snap.cpe, snap.cpe_prime, uidx, iidx, cfg.pair_batch),
+                      np.cumsum([len(c) for c in cands])[:-1])
+    orders = [np.argsort(-sc, kind="stable")[:top] for sc in scores]
+    return Ranked([c[o] for c, o in zip(cands, orders)], [sc[o] for sc, o in zip(scores, orders)],
+                  np.zeros(n_users, bool), np.full(n_users, dots.shape[1] // m if m else 0, np.int64))
+
+
+# -- certified exact top-N ------------------------------------------------------------------------
+# Each exact re-rank round per user: the FIRST_ROUND x top-N (at least FIRST_MIN) items of highest
+# upper bound; a good tau early prunes the most.
+FIRST_ROUND, FIRST_MIN = 4, 64
+# Past this share of the items left to re-rank (averaged over a user block), scoring them all
+# as a matrix (`_brute_top`, ~3-5x the pairs/s of gathered candidates) is cheaper.
+FULL_SHARE = 0.2
+USER_BLOCK = 64  # users bounded and re-ranked together ([users, items] bounds in memory)
+GATHER_FLOATS = 1 << 24  # gathered candidate vectors per batched GEMM (64 MiB)
+# The bound's max-dot round scores every user of a block against the union of their candidates
+# (GEMMs: fast) unless that is over UNION_FACTOR x the pairs gathered one user at a time.
+UNION_FACTOR = 8
+
+
+@dataclass
+class Spheres:
+    """The live rows of an item table and, per live row, the ball holding its n CPE vectors."""
+
+    rows: np.ndarray
+    centre: object  # torch [I, d]
+    radius: object  # torch [I]
+
+
+def item_spheres(cpe, rows: np.ndarray, block: int = 4096) -> Spheres:
+    """`Spheres` of `rows`, streamed from `cpe` (an array or memory map) `block` items at a time."""
+    import torch
+
+    from embsum.model.scoring import item_spheres as spheres
+
+    parts = [spheres(np.asarray(cpe[rows[s:s + block]], np.float32)) for s in range(0, len(rows), block)]
+    d = cpe.shape[-1]
+    centre = torch.cat([p[0] for p in parts]) if parts else torch.zeros((0, d))
+    radius = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0)
+    return Spheres(np.asarray(rows, np.int64), centre, radius)
+
+
+_SPHERES: dict = {}  # (index root, version) -> Spheres of that snapshot's live rows
+
+
+def _spheres_of(snap: S.Snapshot) -> Spheres:
+    """The snapshot's `Spheres`, computed once per loaded version (a long-lived Retriever reuses them)."""
+    key = (str(snap.root), snap.version)
+    if key not in _SPHERES:
+        if len(_SPHERES) >= 4:
+            _SPHERES.pop(next(iter(_SPHERES)))
+        _SPHERES[key] = item_spheres(snap.cpe, snap.live_rows())
+    return _SPHERES[key]
+
+
+def resolved_dtype(cfg: ScoreConfig) -> str:
+    """cfg.dtype with 'auto' resolved (bf16 where the CPU runs it natively: the one rule of
+    `embsum.inference.encoding.resolve_dtype`)."""
+    from embsum.inference.encoding import resolve_dtype
+
+    return resolve_dtype(cfg.dtype, "cpu")
+
+
+def certified_top_n(upe: np.ndarray, cpe, cpe_prime, top: int, exclude: list[np.ndarray] | None = None,
+                    spheres: Spheres | None = None, rows: np.ndarray | None = None,
+                    bound_dtype: str = "fp32", prune: bool = True) -> Ranked:
+    """The exact top-`top` of every item row in `spheres.rows` (default `rows`, default all of
+    `cpe`) for each user, `exclude[u]` rows left out, ties broken by row (as a stable sort of
+    the brute-force scores would). Provably exact:
+
+    1. bound every (user, item) pair from above (`score_upper_bound`: s <= max_ij K_ij <= a
+       centre-and-radius bound, one small GEMM);
+    2. exact-score each user's FIRST_ROUND x top items of highest bound; tau = the top-th best;
+    3. every other item whose bound reaches tau - margin is exact-scored too (an item below
+       can score no better than tau - margin: it cannot enter the top-N, not even as a tie),
+       all of them as a matrix when they are many (`_brute_top`).
+
+    `bound_dtype` bf16 runs the max-dot GEMM of the bound in bf16 (fast on AVX512-BF16/AMX), its
+    margin widened by bf16's rounding (2^-6 |Gamma| |Lambda| covers inputs and output): the
+    certificate holds all the same; every score in the result is fp32. `prune` False: brute
+    force (every item as a matrix, no bounds), the baseline.
+    """
+    import torch
+
+    if spheres is None:
+        spheres = item_spheres(cpe, np.arange(len(cpe)) if rows is None else rows)
+    n_users = len(upe)
+    out_rows: list = [None] * n_users
+    out_scores: list = [None] * n_users
+    scored = np.zeros(n_users, np.int64)
+    with torch.inference_mode():
+        for start in range(0, n_users, USER_BLOCK):
+            users = slice(start, min(start + USER_BLOCK, n_users))
+            sub = exclude[users] if exclude is not None else None
+            res = _certified_block(torch.from_numpy(np.ascontiguousarray(upe[users], np.float32)), cpe, cpe_prime,
+                                   top, spheres, sub, bound_dtype if prune else None)
+            out_rows[users], out_scores[users], scored[users] = res
+    return Ranked(out_rows, out_scores, np.ones(n_users, bool), scored)
+
+
+def _excluded_pairs(spheres: Spheres, exclude: list[np.ndarray] | None):
+    """(user, item position) pairs to leave out, as two torch index tensors."""
+    import torch
+
+    if exclude is None:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    pos = np.searchsorted(spheres.rows, np.concatenate(exclude) if exclude else np.zeros(0, np.int64))
+    who = np.repeat(np.arange(len(exclude)), [len(e) for e in exclude])
+    pos = np.minimum(pos, max(len(spheres.rows) - 1, 0))
+    live = spheres.rows[pos] == np.concatenate(exclude) if len(pos) else np.zeros(0, bool)
+    return torch.from_numpy(who[live]), torch.from_numpy(pos[live])
+
+
+def _gather_scores(g, cpe, cpe_prime, rows: np.ndarray, pos):
+    """Exact scores [U, C] of each user against its candidate positions `pos` [U, C] (rows[pos]);
+    each distinct item is read once, GATHER_FLOATS candidate floats per batched GEMM."""
+    import torch
+
+    from embsum.model.scoring import poly_score_gathered
+
+    n_users, cands = pos.shape
+    if not cands:
+        return torch.zeros((n_users, 0))
+    uniq, local = torch.unique(pos, return_inverse=True)
+    take = rows[uniq.numpy()]
+    c = torch.from_numpy(np.asarray(cpe[take], np.float32))
+    cp = torch.from_numpy(np.asarray(cpe_prime[take], np.float32))
+    step = max(1, GATHER_FLOATS // max(1, n_users * c.shape[1] * c.shape[2]))
+    return torch.cat([poly_score_gathered(g, c, cp, local[:, s:s + step]) for s in range(0, cands, step)], dim=1)
+
+
+def _certified_block(g, cpe, cpe_prime, top: int, spheres: Spheres, exclude, bound_dtype: str | None):
+    import torch
+
+    from embsum.model.scoring import score_upper_bound
+
+    n_users, n_items = len(g), len(spheres.rows)
+    who, where = _excluded_pairs(spheres, exclude)
+    if not n_items:
+        return [np.zeros(0, np.int64)] * n_users, [np.zeros(0, np.float32)] * n_users, np.zeros(n_users, np.int64)
+    if bound_dtype is None:  # no pruning: brute force
+        return _all_items(g, cpe, cpe_prime, top, spheres, who, where)
+    bound = score_upper_bound(g, spheres.centre, spheres.radius)
+    # float32 rounding of the bound's and the scores' dot products (~d * 2^-24 of |g| |l|)
+    g_norm = float(g.norm(dim=-1).max())
+    scale = g_norm * float((spheres.centre.norm(dim=-1) + spheres.radius).max())
+    margin = 1e-4 * max(scale, 1.0)
+    bound.index_put_((who, where), torch.tensor(float("-inf")))
+    # round 1: the items whose centres come closest (the bound less its radius term) -> tau
+    first = min(n_items, max(FIRST_ROUND * top, FIRST_MIN))
+    pos = (bound - g_norm * spheres.radius).topk(first, dim=1).indices
+    scores = _gather_scores(g, cpe, cpe_prime, spheres.rows, pos)
+    scores[bound.gather(1, pos) == float("-inf")] = float("-inf")
+    bound.scatter_(1, pos, float("-inf"))  # scored: no longer a candidate
+    tau = scores.topk(min(top, first), dim=1).values[:, -1] - margin
+    # round 2: the ball bound is loose where an item's n vectors spread out; for the items it
+    # leaves in, each user's own, the exact max_ij K_ij (one GEMM of the two) rules most out
+    more, counts = _survivors((bound >= tau[:, None]) & (bound > float("-inf")))
+    if int(counts.sum()) > FULL_SHARE * n_users * n_items:
+        return _all_items(g, cpe, cpe_prime, top, spheres, who, where)
+    dot_margin = scale * 2.0 ** -6 if bound_dtype == "bf16" else margin
+    gemm_dtype = torch.bfloat16 if bound_dtype == "bf16" else torch.float32
+    top_dot = _gather_max_dot(g, cpe, spheres.rows, more, gemm_dtype) + dot_margin
+    valid = torch.arange(more.shape[1])[None, :] < counts[:, None]
+    keep, kept = _survivors(valid & (top_dot >= tau[:, None]))
+    more = more.gather(1, keep)
+    # round 3: exact scores of what is left (every other item's bound is below tau)
+    extra = _gather_scores(g, cpe, cpe_prime, spheres.rows, more)
+    extra[torch.arange(more.shape[1])[None, :] >= kept[:, None]] = float("-inf")
+    best_pos, best = _rank(torch.cat([pos, more], dim=1), torch.cat([scores, extra], dim=1), top)
+    return _to_rows(spheres.rows, best_pos, best) + ((first + kept).numpy(),)
+
+
+def _survivors(mask):
+    """Per row, the column indices where `mask` holds first (padded to the widest row with
+    other columns), and how many hold."""
+    import torch
+
+    counts = mask.sum(dim=1)
+    width = int(counts.max()) if len(counts) else 0
+    return mask.to(torch.int8).sort(dim=1, descending=True, stable=True).indices[:, :width], counts
+
+
+def _gather_max_dot(g, cpe, rows: np.ndarray, pos, gemm_dtype):
+    """max_ij K_ij [U, C] of each user against its candidate positions `pos` [U, C]. Where the
+    users' candidates overlap enough, every user against their union as a matrix (blocked
+    GEMMs); else each user's own, gathered (copies n*d floats per pair: slower per pair)."""
+    import torch
+
+    from embsum.model.scoring import block_items
+
+    n_users, cands = pos.shape
+    if not cands:
+        return torch.zeros((n_users, 0))
+    uniq, local = torch.unique(pos, return_inverse=True)
+    c = torch.from_numpy(np.asarray(cpe[rows[uniq.numpy()]], np.float32)).to(gemm_dtype)
+    u = g.to(gemm_dtype)
+    m, n, d = u.shape[1], c.shape[1], c.shape[2]
+    if n_users * len(uniq) <= UNION_FACTOR * n_users * cands:
+        flat_u, step = u.reshape(-1, d), block_items(n_users, m, n)
+        every = torch.cat([(flat_u @ c[s:s + step].reshape(-1, d).T).view(n_users, m, -1, n).amax(dim=(1, 3))
+                           for s in range(0, len(c), step)], dim=1)
+        return every.float().gather(1, local)
+    step = max(1, GATHER_FLOATS // max(1, n_users * n * d))
+    parts = []
+    for s in range(0, cands, step):
+        idx = local[:, s:s + step]
+        picked = c.index_select(0, idx.reshape(-1)).view(n_users, -1, d)
+        k = torch.bmm(u, picked.transpose(1, 2))  # [U, m, C*n]
+        parts.append(k.view(n_users, m, idx.shape[1], n).amax(dim=(1, 3)).float())
+    return torch.cat(parts, dim=1)
+
+
+def _all_items(g, cpe, cpe_prime, top: int, spheres: Spheres, who, where):
+    """`_certified_block`'s answer by brute force (each user scored every non-excluded item)."""
+    best_pos, best = _brute_top(g, cpe, cpe_prime, spheres.rows, top, who, where)
+    scored = len(spheres.rows) - np.bincount(who.numpy(), minlength=len(g))
+    return _to_rows(spheres.rows, best_pos, best) + (scored,)
+
+
+def _rank(pos, scores, top: int):
+    """Per user, the `top` best (position, score), best first, ties by position (= row order)."""
+    by_pos = pos.argsort(dim=1)
+    pos, scores = pos.gather(1, by_pos), scores.gather(1, by_pos)
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :top]
+    return pos.gather(1, order), scores.gather(1, order)
+
+
+def _to_rows(rows: np.ndarray, pos, scores) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per user, item rows and scores with the -inf padding (excluded, missing) dropped."""
+    keep = (scores > float("-inf")).numpy()
+    pos, scores = pos.numpy(), scores.numpy().astype(np.float32)
+    return [rows[p[k]] for p, k in zip(pos, keep)], [s[k] for s, k in zip(scores, keep)]
+
+
+def _brute_top(g, cpe, cpe_prime, rows: np.ndarray, top: int, who, where):
+    """Exact top-`top` positions and scores of every item for users `g`: the matrix scorer over
+    item blocks read from `cpe` (a memory map is fine), a running top-N per block (no per-user
+    Python), pairs (who, where) left out."""
+    import torch
+
+    from embsum.model.scoring import block_items, poly_score_matrix
+
+    n_users, m, _ = g.shape
+    n = cpe.shape[1]
+    step = block_items(n_users, m, n) * 4
+    best = torch.full((n_users, 0), float("-inf"))
+    best_pos = torch.zeros((n_users, 0), dtype=torch.long)
+    for start in range(0, len(rows), step):
+        block = rows[start:start + step]
+        s = poly_score_matrix(g, torch.from_numpy(np.asarray(cpe[block], np.float32)),
+                              torch.from_numpy(np.asarray(cpe_prime[block], np.float32)))
+        inside = (where >= start) & (where < start + len(block))
+        s.index_put_((who[inside], where[inside] - start), torch.tensor(float("-inf")))
+        both = torch.cat([best, s], dim=1)
+        order = both.sort(dim=1, descending=True, stable=True).indices[:, :top]
+        best = both.gather(1, order)
+        best_pos = torch.cat([best_pos, torch.arange(start, start + len(block)).expand(n_users, -1)], dim=1).gather(
+            1, order)
+    return best_pos, best
 
 
 def score_all_items(snap: S.Snapshot, upe: np.ndarray, cfg: ScoreConfig,
                     exclude: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Exact top-N of every live item for each user (rows, scores, best first): the poly-score
-    matrix over item chunks, keeping a running top-N per user."""
-    from embsum.model.scoring import poly_score_matrix
-
-    live = snap.live_rows()
-    n_users = len(upe)
-    top = cfg.top if cfg.top > 0 else len(live)
-    chunk = max(256, (1 << 22) // max(1, n_users))  # ~4M scores per chunk
-    best_rows = [np.zeros(0, np.int64)] * n_users
-    best_scores = [np.zeros(0, np.float32)] * n_users
-    for start in range(0, len(live), chunk):
-        rows = live[start:start + chunk]
-        scores = poly_score_matrix(upe, np.asarray(snap.cpe[rows]), np.asarray(snap.cpe_prime[rows]))
-        for u in range(n_users):
-            keep = ~np.isin(rows, exclude[u]) if exclude is not None and len(exclude[u]) else slice(None)
-            r = np.concatenate([best_rows[u], rows[keep]])
-            sc = np.concatenate([best_scores[u], scores[u][keep]])
-            order = np.argsort(-sc, kind="stable")[:top]
-            best_rows[u], best_scores[u] = r[order], sc[order]
-    return best_rows, best_scores
+    """Exact top-N of every live item for each user (rows, scores, best first), by brute force:
+    the poly-score matrix over item blocks with a running top-N (no bound, no pruning)."""
+    top = cfg.top if cfg.top > 0 else len(snap.live_rows())
+    ranked = certified_top_n(upe, snap.cpe, snap.cpe_prime, top, exclude, _spheres_of(snap), prune=False)
+    return ranked.rows, ranked.scores
 
 
 def exclude_rows(snap: S.Snapshot, seen: list[list[str]]) -> list[np.ndarray]:
@@ -404,15 +609,23 @@ def rank_users(snap: S.Snapshot, users: Users, cfg: ScoreConfig, run_id: str) ->
                   list(users.ids), snap.model_hash, snap.version)
 
 
+def rank_from_index(root: Path, model_hash: str, who: Users, cfg: ScoreConfig, run_id: str) -> Scored:
+    """Retrieval on the local engine: the live snapshot (on the GPUs where `cfg.index_device`
+    allows), then `rank_users`. The Ray engine passes its own `rank` to `score_job`."""
+    return rank_users(S.load(root, model_hash, gpu=F.use_gpu(cfg.index_device)), who, cfg, run_id)
+
+
 def score_job(db_path: str | Path, model_hash: str | None, cfg: ScoreConfig, *, candidates: str | None = None,
               users: list[str] | None = None, index_dir: str | Path | None = None, out: str | None = None,
-              table: str | None = "scores", wait_s: float = 600.0) -> Scored:
+              table: str | None = "scores", wait_s: float = 600.0, rank=rank_from_index) -> Scored:
     """The `embsum score` job: read (catalog open briefly), compute (catalog closed), write.
-    `model_hash` None: the catalog's only model."""
+    `model_hash` None: the catalog's only model. `rank(root, model_hash, users, cfg, run_id)`
+    ranks retrieval's users (`rank_from_index`: here; the Ray engine: on its actors)."""
     from embsum.offline.indexing import default_index_dir, resolve_model_hash
 
     args = {"model_hash": model_hash, "candidates": candidates, "users": None if users is None else len(users),
             "index_dir": str(index_dir) if index_dir else None, "out": out, "table": table, **cfg.__dict__}
+    args["dtype"] = resolved_dtype(cfg)  # what 'auto' picked on this machine
     from embsum.index import embeddings as E
 
     root = Path(index_dir) if index_dir else default_index_dir(db_path)
@@ -435,7 +648,7 @@ def score_job(db_path: str | Path, model_hash: str | None, cfg: ScoreConfig, *, 
             result = score_candidates(pairs, who, items, known_items, model_hash, cfg, run_id)
         else:
             step("loading the index %s (model %s) for %d users", root, model_hash, len(who.ids))
-            result = rank_users(S.load(root, model_hash), who, cfg, run_id)
+            result = rank(root, model_hash, who, cfg, run_id)
     except BaseException as err:
         status, error = run_outcome(err)
         with open_waiting(db_path, wait_s=wait_s) as cat:

@@ -5,6 +5,8 @@
   users whose history changed, plus earlier flagged outputs, which get another try.
 - Kill safety: each batch of users is generated, checked and committed in its own transaction;
   a killed run loses at most the batch in flight and the next run starts after the last one.
+- Padding: a window of `bucket_window` batches is rendered first and cut into batches of similar
+  prompt length (a batch pads every prompt to its longest one).
 - Checks: an empty, over-long or echo-only output is generated once more with seed + 1 at the
   retry temperature; still bad, it is stored with flagged = TRUE and its flag_reason, so it
   stays inspectable but is never a training target (embsum.index.summaries.training_summaries).
@@ -26,6 +28,7 @@ from embsum.offline.ingest.records import MISSING_ID, FormatError
 
 from embsum.summarizer import Backend, Item, PromptTemplate, SummarizerConfig, check_summary, clean_summary
 from embsum.summarizer.backends import model_label
+from embsum.summarizer.batching import length_buckets
 
 log = logging.getLogger("embsum.summarize")
 
@@ -83,33 +86,45 @@ def summarize(cat: Catalog, config: SummarizerConfig, template: PromptTemplate,
         return counts
     backend = backend_factory()
     counter = backend.counter()
+    window = config.batch_size * config.bucket_window
     try:
         with progress(total=len(todo), unit="user", desc="summarize") as bar:
-            for start in range(0, len(todo), config.batch_size):
-                batch = todo[start:start + config.batch_size]
-                items = _user_items(cat, [u for u, _, _ in batch])
+            for start in range(0, len(todo), window):
+                chunk = todo[start:start + window]
+                items = _user_items(cat, [u for u, _, _ in chunk])
                 # Users none of whose items has text get flagged without a model call.
-                usable = [b for b in batch if items[b[0]]]
-                prompts = [template.render(items[u], counter) for u, _, _ in usable]
-                texts, reasons, retried = generate_checked(backend, prompts, config) if prompts else ([], [], 0)
-                results = {u: (t, r) for (u, _, _), t, r in zip(usable, texts, reasons)}
-                rows = [{"user_id": u, "summary_key": key, "history_hash": h, "backend": backend.name,
-                         "model": model, "prompt_hash": template.hash,
-                         "summary": results.get(u, (None, NO_ITEM_TEXT))[0] or None,
-                         "flag_reason": results.get(u, (None, NO_ITEM_TEXT))[1]}
-                        for u, h, key in batch]
-                for row in rows:
-                    row["flagged"] = row["flag_reason"] is not None
-                with cat.transaction():
-                    upsert_summaries(cat, rows)
-                counts["written"] += len(rows)
-                counts["flagged"] += sum(r["flagged"] for r in rows)
-                counts["retried"] += retried
-                log.debug("batch %d committed (%d users)", start // config.batch_size + 1, len(rows))
-                bar.update(len(batch))
+                prompts = {u: template.render(items[u], counter) for u, _, _ in chunk if items[u]}
+                # Batches of similar prompt length pad less (each batch is still its own commit).
+                lengths = [counter.count(prompts[u].user) if u in prompts else 0 for u, _, _ in chunk]
+                for idx in length_buckets(lengths, config.batch_size):
+                    batch = [chunk[i] for i in idx]
+                    _summarize_batch(cat, config, template, backend, model, batch, prompts, counts)
+                    bar.update(len(batch))
     finally:
         backend.close()
     return counts
+
+
+def _summarize_batch(cat: Catalog, config: SummarizerConfig, template: PromptTemplate, backend: Backend,
+                     model: str, batch: list, prompts: dict, counts: dict) -> None:
+    """Generate, check and commit one batch of (user, history_hash, key)."""
+    usable = [u for u, _, _ in batch if u in prompts]
+    texts, reasons, retried = generate_checked(backend, [prompts[u] for u in usable], config) if usable \
+        else ([], [], 0)
+    results = dict(zip(usable, zip(texts, reasons)))
+    rows = [{"user_id": u, "summary_key": key, "history_hash": h, "backend": backend.name,
+             "model": model, "prompt_hash": template.hash,
+             "summary": results.get(u, (None, NO_ITEM_TEXT))[0] or None,
+             "flag_reason": results.get(u, (None, NO_ITEM_TEXT))[1]}
+            for u, h, key in batch]
+    for row in rows:
+        row["flagged"] = row["flag_reason"] is not None
+    with cat.transaction():
+        upsert_summaries(cat, rows)
+    counts["written"] += len(rows)
+    counts["flagged"] += sum(r["flagged"] for r in rows)
+    counts["retried"] += retried
+    log.debug("batch committed (%d users)", len(rows))
 
 
 # -- import of existing summaries ----------------------------------------------------------------

@@ -39,3 +39,28 @@ def mind_dir() -> Path:
 @pytest.fixture
 def db_file(tmp_path) -> Path:
     return tmp_path / "catalog.duckdb"
+
+
+@pytest.fixture
+def killed_after_save(monkeypatch):
+    """`killed_after_save(fit, step)`: run `fit()` as if the process died right after the
+    training loop saved OUT/last at `step` (KeyboardInterrupt), then restore the real save."""
+    from embsum.training.loop import TrainingLoop
+
+    real_save = TrainingLoop.save_last
+
+    def run(fit, step: int) -> None:
+        def save_then_die(loop):
+            digest = real_save(loop)
+            if loop.step == step:
+                raise KeyboardInterrupt
+            return digest
+
+        monkeypatch.setattr(TrainingLoop, "save_last", save_then_die)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                fit()
+        finally:
+            monkeypatch.setattr(TrainingLoop, "save_last", real_save)
+
+    return run

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from embsum.config import ConfigError, _Base, _check
+from embsum.config import OPTIMIZERS, ConfigError, _Base, _check
 
 # The negative strategies of embsum.alignment.dpo (kept here too: that module imports torch).
 STRATEGIES = ("rodpo", "hard", "random")
@@ -50,6 +50,9 @@ class AlignConfig(_Base):
         "nDCG@10 fell below the SFT model's within 75 steps.")})
     moe_lr: float = field(default=5e-5, metadata={"help": "Learning rate of the MoE layer."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    optimizer: str = field(default="adamw", metadata={"choices": OPTIMIZERS, "help": (
+        "'adamw', 'apollo' or 'apollo-mini' (low-rank optimizer state for the adapter and expert "
+        "matrices; vectors stay on AdamW: embsum/training/apollo.py).")})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps of linear warmup, then linear decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
     examples: str = field(default="prefixes", metadata={"choices": ("prefixes", "last"),
@@ -78,6 +81,7 @@ class AlignConfig(_Base):
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
         _check(self.examples in ("prefixes", "last"), f"examples must be 'prefixes' or 'last', not {self.examples!r}")
         _check(self.bf16 in ("auto", "on", "off"), f"bf16 must be auto/on/off, not {self.bf16!r}")
+        _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         for name in ("nce_negatives", "max_steps", "train_users", "eval_every", "save_every", "dev_users", "log_every"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0")
         try:  # the nested settings validate their own ranges

@@ -45,6 +45,7 @@ from embsum.inference.encoding import (
 )
 from embsum.model.lora import save_adapters
 from embsum.model.scoring import poly_score, poly_score_matrix
+from embsum.training.distributed import as_shard
 from embsum.training.loop import LoopConfig, ResumeError, TrainingLoop, TrainingMethod, schedule_length
 from embsum.training.losses import nce_loss
 
@@ -211,6 +212,11 @@ class AlignTrainer(TrainingMethod):
     def resume_state(self) -> dict:
         return {"sampler": self.sampler.state()[1]}
 
+    def shared_buffers(self) -> list[torch.Tensor]:
+        # The MoE's routing statistics follow the vectors each rank saw: averaged after each
+        # step, so every rank routes alike (an approximation of one process's running averages).
+        return list(self.policy.moe.buffers())
+
     def restore(self, directory: Path, tensors: dict, state: dict) -> None:
         def part(prefix: str) -> dict:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -236,16 +242,30 @@ class AlignTrainer(TrainingMethod):
             return scores_to_candidates(scores, [positives[r] for r in rows], k)
         return fn
 
-    def loss(self, examples, step: int, micro: int = 0) -> tuple[torch.Tensor, dict]:
+    def loss(self, examples, step: int, micro: int = 0) -> tuple[torch.Tensor | None, dict]:
+        """DPO (+ aux, + NCE) of this rank's rows. On several processes the sampler (pools, RNG)
+        and the item bank stay replicated: every rank samples the whole batch's rejected items
+        from every rank's (detached) UPE and writes every rank's fresh item vectors, so ranks
+        draw what one process would. The optional NCE term sees only this rank's in-batch items."""
         c, model, device = self.config, self.policy.model, self.device
-        batch = Batch(model, self.data.item_texts, examples, self.data.cache)
-        positives = [self.data.positives[u] for u in batch.users]
-        upe = batch.encode_users(model, device)
-        rejected = self.sampler.sample(batch.users, positives, step,
-                                       None if c.strategy == "random" else self.pool_fn(upe, positives))
+        shard, dist = as_shard(examples), self.loop.dist
+        mine = slice(shard.start, shard.stop)
+        all_users = [ex[0] for ex in shard.whole]
+        all_positives = [self.data.positives[u] for u in all_users]
+        positives = all_positives[mine]
+        batch = Batch(model, self.data.item_texts, list(shard), self.data.cache) if len(shard) else None
+        upe = None if batch is None else batch.encode_users(model, device)
+        pool_fn = None
+        if c.strategy != "random":
+            parts = dist.gather_objects(None if upe is None else upe.detach().float().cpu())
+            pool_fn = self.pool_fn(torch.cat([p for p in parts if p is not None]), all_positives)
+        rejected = self.sampler.sample(all_users, all_positives, step, pool_fn)[mine]
         extra = None
         if c.nce_weight > 0 and c.nce_negatives > 0:
             extra = torch.randint(len(self.data.item_texts), (c.nce_negatives,), generator=self.sampler.generator)
+        if batch is None:  # a short last batch left this rank no rows: only the bank's exchange
+            self._update_bank(None)
+            return None, {}
         batch.with_rejected(rejected, extra)
         cpe, cpe_prime = batch.encode_items(model, device)
         s_w, s_l = batch.pair_scores(upe, cpe, cpe_prime)
@@ -253,10 +273,7 @@ class AlignTrainer(TrainingMethod):
         with self.policy.reference() as ref:
             r_upe = batch.encode_users(ref, device)
             r_w, r_l = batch.pair_scores(r_upe, *batch.encode_items(ref, device))
-        if self.data.bank is not None:
-            self.data.bank[0][batch.item_ids] = cpe.detach().float().cpu()
-            self.data.bank[1][batch.item_ids] = cpe_prime.detach().float().cpu()
-            self.bank_rows.update(batch.item_ids.tolist())
+        self._update_bank((batch.item_ids, cpe.detach().float().cpu(), cpe_prime.detach().float().cpu()))
         dpo = dpo_loss(s_w.float(), s_l.float(), r_w.float(), r_l.float(), c.beta)
         loss = dpo + c.aux_weight * aux
         stats = {"dpo": dpo.item(), "aux": aux.item(), **dpo_stats(s_w.float(), s_l.float(), r_w.float(), r_l.float())}
@@ -273,6 +290,16 @@ class AlignTrainer(TrainingMethod):
         stats["loss"] = loss.item()
         return loss, stats
 
+    def _update_bank(self, fresh: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+        """Write the fresh (item ids, cpe, cpe_prime) of every rank (in rank order) into the bank."""
+        if self.data.bank is None:
+            return
+        for part in self.loop.dist.gather_objects(fresh):
+            if part is not None:
+                ids, cpe, cpe_prime = part
+                self.data.bank[0][ids], self.data.bank[1][ids] = cpe, cpe_prime
+                self.bank_rows.update(ids.tolist())
+
     def train_step(self, examples) -> dict:
         """One optimizer step on `examples` (outside `fit`: tests, benchmarks)."""
         self.policy.train()
@@ -283,7 +310,8 @@ class AlignTrainer(TrainingMethod):
         if self.data.bank is None and self.config.strategy != "random":
             raise ValueError(f"strategy {self.config.strategy!r} needs the item bank (precomputed item embeddings)")
         run = self.loop.run()
-        save_adapters(self.policy.peft, self.out / "adapters")
+        if self.loop.dist.is_main:
+            save_adapters(self.policy.peft, self.out / "adapters")
         return {"steps": run.steps, "best": run.best_score, "dev": run.final_report,
                 "expert_shares": self.policy.moe.expert_shares(), "pools_refreshed": self.sampler.refreshed,
                 "examples_per_s": run.examples_per_s_this_session}

@@ -15,6 +15,10 @@ Negatives (`strategy`):
 - `hard`: the deterministic top-1 of the same pool (the baseline RoDPO argues against).
 - `random`: uniform over the catalog, positives excluded.
 
+Explicit dislikes (`dislike_share`): with that probability, an example whose user has explicit
+dislikes (label-0 interactions) gets one of them, uniformly, as its rejected item instead; a
+dislike is a sure negative, unlike an unseen top-K item. 0 (the default) draws nothing extra.
+
 The pool is computed by a caller-supplied `pool_fn` from precomputed item embeddings (a matmul
 over an item bank, or a FAISS search in the offline layer: this module knows neither) and is
 reused for `refresh` steps before it is recomputed: no forward pass over the catalog per step.
@@ -103,6 +107,7 @@ class NegativeSampler:
         refresh: int = 50,
         temperature: float = 0.0,
         seed: int = 0,
+        dislike_share: float = 0.0,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown negative strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -110,6 +115,9 @@ class NegativeSampler:
             raise ValueError(f"need at least 2 items to sample negatives, got {num_items}")
         if pool_size < 1 or refresh < 1 or temperature < 0:
             raise ValueError("pool_size and refresh must be >= 1 and temperature >= 0")
+        if not 0.0 <= dislike_share <= 1.0:
+            raise ValueError(f"dislike_share must be in [0, 1], not {dislike_share}")
+        self.dislike_share = dislike_share
         self.strategy = strategy
         self.num_items = num_items
         self.pool_size = min(pool_size, num_items - 1)
@@ -146,8 +154,24 @@ class NegativeSampler:
         positives: Sequence[Sequence[int]],
         step: int,
         pool_fn: PoolFn | None = None,
+        dislikes: Sequence[Sequence[int]] | None = None,
     ) -> torch.Tensor:
-        """keys: one per example (the user); positives: item indices never to pick for that row."""
+        """keys: one per example (the user); positives: item indices never to pick for that row;
+        dislikes: each row's explicit dislikes (item indices), picked with `dislike_share`."""
+        picks = self._sample(keys, positives, step, pool_fn)
+        if dislikes is not None and self.dislike_share > 0:
+            picks = self._swap_in_dislikes(picks, dislikes)
+        return picks
+
+    def _swap_in_dislikes(self, picks: torch.Tensor, dislikes: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Each row with dislikes: with probability `dislike_share`, one of them (uniformly)."""
+        out = picks.clone()
+        for row, items in enumerate(dislikes):
+            if len(items) and float(torch.rand((), generator=self.generator)) < self.dislike_share:
+                out[row] = int(items[int(torch.randint(len(items), (1,), generator=self.generator))])
+        return out
+
+    def _sample(self, keys, positives, step, pool_fn) -> torch.Tensor:
         if self.strategy == "random":
             return self._uniform(positives)
         if pool_fn is None:

@@ -3,7 +3,7 @@
 Texts are sorted by token length so a batch pads to similar lengths, run under
 `torch.inference_mode()`, optionally in bf16 autocast (about 2x faster on CPUs with
 AVX512-BF16, cosine to fp32 about 0.99999) or int8 (dynamic quantization of the Linear layers,
-CPU only). On CPU a copy of the model with its Linear weights prepacked for oneDNN runs
+CPU only); 'auto' is bf16 where the device runs it natively (`bf16_supported`), else fp32. On CPU a copy of the model with its Linear weights prepacked for oneDNN runs
 (packed_linear.py). Results come back in the input order.
 
 A `StateCache` (text -> encoder token states) lets one pass over the catalog's item texts serve
@@ -59,6 +59,14 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
+def resolve_dtype(dtype: str, device: str | torch.device | None = None) -> str:
+    """An inference dtype with 'auto' resolved: bf16 where `bf16_supported` says the device runs
+    it natively (AVX512-BF16 / AMX CPUs, bf16 GPUs), fp32 elsewhere (emulated bf16 is slower)."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if bf16_supported(resolve_device(device)) else "fp32"
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on the device, or a no-op."""
     if not enabled:
@@ -101,6 +109,7 @@ def _inference_copy(model: EmbSumModel, dtype: str) -> EmbSumModel:
 def inference_model(model: EmbSumModel, dtype: str, device: torch.device) -> EmbSumModel:
     """The module that runs inference: on CPU a packed (fp32, bf16) or int8 copy, elsewhere the
     model itself (bf16 by autocast)."""
+    dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
     if dtype == "int8" and device.type != "cpu":
@@ -137,6 +146,7 @@ def encode_token_states(model: EmbSumModel, texts: Sequence[str], batch_size: in
     """Encoder token states of each text ([L_i, d], CPU, `storage_dtype`), each distinct text
     encoded once; texts already in `cache` are not encoded again, new ones are added to it."""
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     runner = inference_model(model, dtype, device)
     cache = StateCache() if cache is None else cache
     todo = sorted({t for t in texts if t not in cache})
@@ -165,8 +175,9 @@ def encode_item_texts(model: EmbSumModel, texts: Sequence[str], batch_size: int 
     With `cache`, the encoder's token states are kept (or reused) so user histories over the same
     texts need no second encoder pass."""
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     runner = inference_model(model, dtype, device)
-    n, d = model.config.item_codes, model.d
+    n, d = model.config.item_codes, model.vector_dim  # d + 1 with an item prior
     cpe = np.zeros((len(texts), n, d), dtype=np.float32)
     cpe_prime = np.zeros_like(cpe)
     was_training = model.training
@@ -225,10 +236,11 @@ def encode_user_histories(model: EmbSumModel, histories_texts: Sequence[Sequence
     """Users' history item texts (oldest first) -> UPE float32 [U, m, d], in input order.
     No summary is needed: the global vector is the decoder state at the start position."""
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     runner = inference_model(model, dtype, device)
     sessions = [user_sessions(model, h) for h in histories_texts]
     max_tokens = model.config.item_max_tokens if model.config.session_size == 1 else model.config.session_max_tokens
-    upe = np.zeros((len(sessions), model.config.user_codes, model.d), dtype=np.float32)
+    upe = np.zeros((len(sessions), model.config.user_codes, model.vector_dim), dtype=np.float32)
     # Users with similar amounts of text together: less padding in the decoder's memory.
     order = np.argsort([sum(len(t) for t in s) for s in sessions], kind="stable")
     was_training = model.training
@@ -259,6 +271,7 @@ def encode_mean_pooled(encoder, tokenizer, texts: Sequence[str], batch_size: int
     from embsum.model.backbone import mean_pool
 
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     encoder = encoder.to(device).eval()
     out = None
     with torch.inference_mode(), autocast(device, dtype == "bf16"), \

@@ -54,7 +54,7 @@ def resolve(name: str) -> Path:
 
     try:
         return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # noqa: BLE001 - any miss falls through to the clear message below
+    except Exception:  # noqa: BLE001, S110 - any miss falls through to the clear message below
         pass
     if downloads_allowed():
         try:

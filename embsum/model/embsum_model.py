@@ -11,6 +11,12 @@ hidden state at the first (start-token) position is the user's global vector. Th
 sees only the start token and the history, so inference needs no summary. Gamma =
 poly-attention with m codes over [global vector; history token states].
 
+Item prior (`ModelConfig.item_prior`): a per-item scalar b from the item's content (a linear head
+on its mean-pooled token states), appended as one extra column to every CPE vector, with 1
+appended to every UPE vector and 0 to every CPE' vector. The poly weights sum to 1, so
+s = sum_k w_k (K_k + b) = s_without_prior + b, the weights are untouched, and the vectors stay
+plain precomputable vectors (d + 1 wide) for FAISS inner-product search and the certified top-N.
+
 Aligned models (RoDPO, embsum/policy.py) add an MoE fusion layer (`fusion`, configured by
 `ModelConfig.fusion`) that maps every pooled CPE/UPE vector right before the L2 normalisation.
 
@@ -34,7 +40,7 @@ from embsum.model.poly_attention import PolyAttention
 # Parameters created by EmbSum itself (or by warm-starting a decoder): trained with the higher
 # "new layers" learning rate.
 NEW_PARAMETER_MARKERS = ("item_poly.", "user_poly.", "item_ws.", "item_proj.", "user_proj.",
-                         "global_proj.", "fusion.", "crossattention", "enc_to_dec_proj")
+                         "global_proj.", "fusion.", "item_prior.", "crossattention", "enc_to_dec_proj")
 
 # What each top-level module is (a checkpoint's modules.json lists those that hold weights).
 MODULE_ROLES = {
@@ -46,6 +52,7 @@ MODULE_ROLES = {
     "item_ws": "W_s of the precomputed Lambda' = gelu(Lambda W_s)",
     "global_proj": "decoder width -> encoder width of the user's global (summary) vector",
     "fusion": "MoE fusion of every CPE/UPE vector (config: model_config.fusion)",
+    "item_prior": "per-item score prior b: linear head on the mean-pooled item tokens (extra CPE column)",
 }
 
 
@@ -55,7 +62,8 @@ def module_names(config: ModelConfig) -> tuple[set[str], set[str]]:
     weights only when the decoder is wider or narrower than the encoder."""
     pooling = {"item_poly", "user_poly"} if config.pooling == "poly" else {"item_proj", "user_proj"}
     fusion = {"fusion"} if config.fusion else set()
-    return {"backbone", "item_ws", *pooling, *fusion}, {"global_proj"}
+    prior = {"item_prior"} if config.item_prior != "none" else set()
+    return {"backbone", "item_ws", *pooling, *fusion, *prior}, {"global_proj"}
 
 
 @dataclass
@@ -72,6 +80,12 @@ def _identity_linear(d: int) -> nn.Linear:
     return layer
 
 
+def _append_column(vectors: torch.Tensor, value) -> torch.Tensor:
+    """[B, k, d] -> [B, k, d + 1]: `value` (a number, or [B, 1, 1] per row) as the last column."""
+    column = vectors.new_zeros((*vectors.shape[:-1], 1)) + value
+    return torch.cat([vectors, column], dim=-1)
+
+
 class EmbSumModel(nn.Module):
     def __init__(self, config: ModelConfig, backbone: nn.Module, tokenizer):
         super().__init__()
@@ -84,12 +98,20 @@ class EmbSumModel(nn.Module):
         self.d = d
         self.global_proj = nn.Identity() if d_dec == d else nn.Linear(d_dec, d)
         if config.pooling == "poly":
-            self.item_poly = PolyAttention(config.item_codes, d)
-            self.user_poly = PolyAttention(config.user_codes, d)
+            self.item_poly = PolyAttention(config.item_codes, d, config.poly_init, config.poly_init_noise)
+            self.user_poly = PolyAttention(config.user_codes, d, config.poly_init, config.poly_init_noise)
         else:
             self.item_proj = _identity_linear(d)
             self.user_proj = _identity_linear(d)
         self.item_ws = nn.Linear(d, d, bias=False)  # W_s of Lambda' = gelu(Lambda W_s)
+        self.item_prior: nn.Linear | None = None
+        if config.item_prior == "content":
+            # Zero-initialised: b = 0 at first, so the model starts where the one without a prior is.
+            self.item_prior = nn.Linear(d, 1)
+            nn.init.zeros_(self.item_prior.weight)
+            nn.init.zeros_(self.item_prior.bias)
+        # Width of the stored CPE/UPE vectors: d, plus the prior's column.
+        self.vector_dim = d + (self.item_prior is not None)
         self.fusion: MoEFusion | None = None
         if config.fusion:
             self.set_fusion(MoEFusion(MoEConfig(**config.fusion)))
@@ -176,6 +198,10 @@ class EmbSumModel(nn.Module):
             lam = self.item_proj(mean_pool(states, mask)).unsqueeze(1)
         lam = self._output_vectors(lam)
         lam_prime = F.gelu(self.item_ws(lam.to(states.dtype))).float()
+        if self.item_prior is not None:
+            prior = self.item_prior(mean_pool(states, mask).to(self.item_prior.weight.dtype)).float()  # [B, 1]
+            lam = _append_column(lam, prior.unsqueeze(1))
+            lam_prime = _append_column(lam_prime, 0.0)  # the weights get no prior
         return lam, lam_prime
 
     def encode_items(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +279,10 @@ class EmbSumModel(nn.Module):
             gamma = self.user_poly(keys, keys_mask)
         else:
             gamma = self.user_proj(mean_pool(keys, keys_mask)).unsqueeze(1)
-        return UserOutput(upe=self._output_vectors(gamma), summary_nll=nll)
+        upe = self._output_vectors(gamma)
+        if self.item_prior is not None:
+            upe = _append_column(upe, 1.0)  # picks up the item's b in every dot product
+        return UserOutput(upe=upe, summary_nll=nll)
 
     def encode_users(self, session_input_ids: torch.Tensor, session_attention_mask: torch.Tensor,
                      user_sessions: torch.Tensor, summaries: dict | None = None) -> torch.Tensor:

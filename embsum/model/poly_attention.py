@@ -2,21 +2,38 @@
 
     Lambda = softmax(C tanh(H W)^T) H        (n x d), padding masked out of the softmax
 
-The codes start small, so every code begins as (nearly) a mean over the tokens: the model
-starts where mean-pooled sentence embeddings are, and learns to specialise the codes.
+Two initialisations (`ModelConfig.poly_init`):
+- 'random': codes ~ N(0, 0.02^2), W the default linear init. With d = 384 a logit still has a
+  standard deviation of up to ~0.4, so the codes start as arbitrary weighted means.
+- 'uniform': W = identity (keys start as tanh(H), the tokens themselves) and codes so small that
+  every logit has a standard deviation of at most `noise`: each code starts as (almost exactly)
+  the masked mean of the tokens, i.e. where mean pooling is, and the noise breaks the symmetry
+  between codes so they can specialise.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+POLY_INITS = ("random", "uniform")
+
 
 class PolyAttention(nn.Module):
-    def __init__(self, n_codes: int, d: int, init_std: float = 0.02):
+    def __init__(self, n_codes: int, d: int, init: str = "random", noise: float = 0.01, init_std: float = 0.02):
         super().__init__()
-        self.codes = nn.Parameter(torch.randn(n_codes, d) * init_std)
+        if init not in POLY_INITS:
+            raise ValueError(f"poly-attention init must be one of {', '.join(POLY_INITS)}, not {init!r}")
+        # |tanh| <= 1, so 'uniform' codes with entries of std noise / sqrt(d) give logits of std <= noise.
+        # (Codes drawn before the projection: 'random' models keep the draws they always had.)
+        scale = noise / math.sqrt(d) if init == "uniform" else init_std
+        self.codes = nn.Parameter(torch.randn(n_codes, d) * scale)
         self.proj = nn.Linear(d, d, bias=False)
+        if init == "uniform":
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.eye(d))
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """states [B, L, d], mask [B, L] (1 = token, 0 = padding) -> [B, n, d]."""

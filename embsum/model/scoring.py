@@ -37,24 +37,108 @@ def poly_score(upe, cpe, cpe_prime):
     return out.numpy() if from_np else out
 
 
-def poly_score_matrix(upe, cpe, cpe_prime, chunk_size: int = 0):
+# Logits below this bound in absolute value cannot overflow exp() in float32 (exp(88) is its
+# largest), summed over m*n <= 4096 pairs either: the softmax then skips its max-subtraction pass.
+_SAFE_LOGIT = 60.0
+
+
+def _fused_block(flat_u: torch.Tensor, c: torch.Tensor, cp: torch.Tensor, n_users: int, m: int, n: int,
+                 safe: bool) -> torch.Tensor:
+    """Scores [U, B] of U users (flat_u [U*m, d]) against B items (c, cp [B*n, d]): the two GEMMs
+    write [U, m, B, n] blocks that the softmax and weighted sum then reduce in place (no
+    permuted copies), while the block is still in cache."""
+    size = c.shape[0] // n
+    k = (flat_u @ c.T).view(n_users, m, size, n)
+    a = (flat_u @ cp.T).view(n_users, m, size, n)
+    if k.dtype != torch.float32:  # bf16 GEMMs: reduce in fp32
+        k, a = k.float(), a.float()
+    return _softmax_weighted_sum(k, a, safe)
+
+
+def _softmax_weighted_sum(k: torch.Tensor, a: torch.Tensor, safe: bool = False) -> torch.Tensor:
+    """sum over (m, n) of softmax_(m, n)(a) * k, for k, a [U, m, B, n] -> [U, B]. In place when
+    no gradient flows (inference: no extra [U, m, B, n] buffers); out of place when training
+    backpropagates through the score (autograd needs a and exp(a) as they were)."""
+    if torch.is_grad_enabled() and (k.requires_grad or a.requires_grad):
+        if not safe:
+            a = a - a.detach().amax(dim=(1, 3), keepdim=True)
+        e = a.exp()
+        return (e * k).sum(dim=(1, 3)) / e.sum(dim=(1, 3))
+    if not safe:
+        a.sub_(a.amax(dim=(1, 3), keepdim=True))
+    a.exp_()
+    den = a.sum(dim=(1, 3))
+    return a.mul_(k).sum(dim=(1, 3)).div_(den)
+
+
+def _logits_safe(upe: torch.Tensor, cpe_prime: torch.Tensor) -> bool:
+    """Whether |Gamma Lambda'^T| stays below _SAFE_LOGIT for every pair (Cauchy-Schwarz)."""
+    if not len(upe) or not len(cpe_prime):
+        return True
+    bound = upe.float().norm(dim=-1).max() * cpe_prime.float().norm(dim=-1).max()
+    return bool(bound < _SAFE_LOGIT)
+
+
+def block_items(n_users: int, m: int, n: int, budget: int = 1 << 21) -> int:
+    """Items per block so that one [U*m, B*n] intermediate holds ~`budget` floats (8 MiB: few
+    enough GEMM calls to amortise their threading, small enough to stay near the caches)."""
+    return max(16, budget // max(1, n_users * m * n))
+
+
+def poly_score_matrix(upe, cpe, cpe_prime, chunk_size: int = 0, gemm_dtype: torch.dtype | None = None):
     """Every user against every item: upe [U, m, d], cpe/cpe_prime [I, n, d] -> [U, I].
 
-    Two big matmuls ([U*m, d] x [d, I*n]) then the per-pair softmax; `chunk_size` items at a time
-    bound the [U, I, m, n] intermediate (0: chosen to keep it near 64M floats)."""
+    Per block of `chunk_size` items (0: `block_items`), two GEMMs ([U*m, d] x [d, B*n]: K and the
+    softmax logits) and a fused in-place softmax-weighted sum. `gemm_dtype` torch.bfloat16 runs
+    the GEMMs in bf16 (fast only where the CPU/GPU has native bf16; the reduction stays fp32)."""
     (upe, from_np), (cpe, _), (cpe_prime, _) = _as_tensor(upe), _as_tensor(cpe), _as_tensor(cpe_prime)
     n_users, m, d = upe.shape
     n_items, n, _ = cpe.shape
-    if chunk_size <= 0:
-        chunk_size = max(1, (64 << 20) // max(1, n_users * m * n))
-    flat_u = upe.reshape(n_users * m, d)
-    parts = []
-    for start in range(0, n_items, chunk_size):
-        c = cpe[start:start + chunk_size]
-        cp = cpe_prime[start:start + chunk_size]
-        size = c.shape[0]
-        k = (flat_u @ c.reshape(size * n, d).T).reshape(n_users, m, size, n).permute(0, 2, 1, 3)
-        w = (flat_u @ cp.reshape(size * n, d).T).reshape(n_users, m, size, n).permute(0, 2, 1, 3)
-        parts.append(_combine(k, w))
-    out = torch.cat(parts, dim=1) if parts else upe.new_zeros((n_users, 0))
+    out = torch.empty((n_users, n_items), dtype=torch.float32, device=upe.device)
+    if n_users and n_items:
+        chunk_size = chunk_size if chunk_size > 0 else block_items(n_users, m, n)
+        gemm_dtype = gemm_dtype or upe.dtype
+        safe = _logits_safe(upe, cpe_prime)
+        flat_u = upe.reshape(n_users * m, d).to(gemm_dtype)
+        for start in range(0, n_items, chunk_size):
+            c = cpe[start:start + chunk_size].reshape(-1, d).to(gemm_dtype)
+            cp = cpe_prime[start:start + chunk_size].reshape(-1, d).to(gemm_dtype)
+            out[:, start:start + c.shape[0] // n] = _fused_block(flat_u, c, cp, n_users, m, n, safe)
     return out.numpy() if from_np else out
+
+
+def poly_score_gathered(upe: torch.Tensor, cpe: torch.Tensor, cpe_prime: torch.Tensor,
+                        idx: torch.Tensor) -> torch.Tensor:
+    """Each user against its own candidates: upe [U, m, d], items [I, n, d], idx [U, C] item
+    positions -> [U, C] (batched GEMMs over the gathered candidates)."""
+    n_users, m, d = upe.shape
+    n = cpe.shape[1]
+    cands = idx.shape[1]
+    flat = idx.reshape(-1)  # index_select: the fast gather
+    c = cpe.index_select(0, flat).view(n_users, cands * n, d)
+    cp = cpe_prime.index_select(0, flat).view(n_users, cands * n, d)
+    k = torch.bmm(upe, c.transpose(1, 2)).view(n_users, m, cands, n)
+    a = torch.bmm(upe, cp.transpose(1, 2)).view(n_users, m, cands, n)
+    return _softmax_weighted_sum(k, a)
+
+
+# -- upper bounds for certified top-N -------------------------------------------------------------
+def item_spheres(cpe) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item, the centre c of its n CPE vectors and the radius r = max_j |Lambda_j - c|:
+    every Lambda_j lies in that ball ([I, d], [I])."""
+    cpe, _ = _as_tensor(cpe)
+    centre = cpe.float().mean(dim=1)
+    radius = (cpe.float() - centre[:, None]).norm(dim=-1).amax(dim=1)
+    return centre, radius
+
+
+def score_upper_bound(upe: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """[U, I] upper bounds of the poly-score: s = W . K is a convex combination of the dots
+    K_ij = <Gamma_i, Lambda_j>, so s <= max_ij K_ij <= max_i (<Gamma_i, c> + |Gamma_i| r)
+    (Cauchy-Schwarz on Lambda_j - c). One [U*m, d+1] x [d+1, I] GEMM ([Gamma_i, |Gamma_i|] .
+    [c, r]): 1/(2n) of the exact scores' cost."""
+    n_users, m, d = upe.shape
+    flat = upe.reshape(n_users * m, d)
+    left = torch.cat([flat, flat.norm(dim=-1, keepdim=True)], dim=1)
+    right = torch.cat([centre, radius[:, None]], dim=1)
+    return (left @ right.T).view(n_users, m, -1).amax(dim=1)

@@ -46,7 +46,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def model_label(config: SummarizerConfig) -> str:
     """What summaries.model (and the summary key) will say for this config, known before any
     model loads, so a run with nothing to do never loads one."""
-    if config.backend == "local":
+    if config.backend in ("local", "llamacpp"):  # the same GGUF weights, read by two runtimes
         return SMOLLM2_GGUF.removesuffix(".gguf")
     if config.backend == "hf" and os.path.exists(config.model):
         return os.path.abspath(config.model)  # the same folder under another relative path
@@ -62,6 +62,10 @@ def make_backend(config: SummarizerConfig) -> Backend:
         from embsum.summarizer.hf import local_backend
 
         return local_backend(config)
+    if config.backend == "llamacpp":
+        from embsum.summarizer.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(config)
     if config.backend == "hf":
         from embsum.summarizer.hf import HFBackend
 

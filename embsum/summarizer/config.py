@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-BACKENDS = ("local", "hf", "http", "import")
+BACKENDS = ("local", "llamacpp", "hf", "http", "import")
 
 
 @dataclass
 class SummarizerConfig:
     backend: str = field(default="local", metadata={
-        "help": "local (packaged SmolLM2-135M-Instruct GGUF), hf (any causal/seq2seq model by name or path), "
+        "help": "local (packaged SmolLM2-135M-Instruct GGUF through transformers), llamacpp (the same GGUF "
+                "run natively by llama.cpp: the optional extra embsum[llamacpp]), hf (any causal/seq2seq model by name or path), "
                 "http (OpenAI-compatible /v1/chat/completions) or import (existing summaries from a file)."})
     model: str | None = field(default=None, metadata={
         "help": "hf: model name or path; http: the model name the server serves; import: the label stored "
-                "in summaries.model. Ignored by local."})
+                "in summaries.model. Ignored by local and llamacpp."})
     endpoint: str | None = field(default=None, metadata={
         "help": "http: server base URL (http://host:8000, .../v1 or the full .../chat/completions URL)."})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={
@@ -26,10 +27,13 @@ class SummarizerConfig:
         "help": "Temperature of the one retry of a bad output (a greedy retry would repeat the same output)."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling when sampling."})
     repetition_penalty: float = field(default=1.1, metadata={
-        "help": "Local/hf backends: >1 discourages the small model from looping over the titles."})
+        "help": "Local/hf/llamacpp backends: >1 discourages the small model from looping over the titles."})
     seed: int = field(default=0, metadata={"help": "Generation seed; the retry uses seed + 1."})
     batch_size: int = field(default=8, metadata={
         "help": "Users per generate call and per committed batch (a killed run loses at most one batch)."})
+    bucket_window: int = field(default=8, metadata={
+        "help": "Batches' worth of users rendered at once and regrouped by prompt length, so that a batch "
+                "pads little (each batch is still committed on its own)."})
     item_token_budget: int = field(default=320, metadata={
         "help": "Tokens for the items block of the prompt: long titles/descriptions are cut to fit, and the "
                 "oldest items are left out when even short lines do not fit."})
@@ -44,8 +48,14 @@ class SummarizerConfig:
     backoff: float = field(default=1.0, metadata={"help": "http: first retry delay in seconds, doubled each retry."})
     device: str = field(default="cpu", metadata={"help": "Local/hf backends: torch device."})
     threads: int = field(default=0, metadata={
-        "help": "Local/hf backends on CPU: torch threads (0 = torch's default). 1 is often faster when other "
+        "help": "Local/hf/llamacpp backends on CPU: threads (0 = all cores). 1 is often faster when other "
                 "jobs share the cores."})
+
+    prefix_cache: bool = field(default=True, metadata={
+        "help": "Local/hf causal models: prefill the token prefix every prompt shares (chat header, system "
+                "message) once and reuse its keys and values in every batch."})
+    prefix_min_tokens: int = field(default=8, metadata={
+        "help": "Shortest shared prefix worth caching (shorter ones are prefilled with each prompt)."})
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS and not self.backend.startswith("test-"):
@@ -55,7 +65,7 @@ class SummarizerConfig:
         if self.backend == "http" and not (self.endpoint and self.model):
             raise ValueError("backend http needs --endpoint URL and --model NAME")
         for name in ("max_new_tokens", "batch_size", "item_token_budget", "min_item_tokens",
-                     "max_summary_words", "concurrency"):
+                     "max_summary_words", "concurrency", "prefix_min_tokens", "bucket_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_item_tokens > self.item_token_budget:

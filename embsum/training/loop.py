@@ -19,6 +19,12 @@ run needs, in one format for every method (safetensors + JSON, no pickle):
 
 Batches are a pure function of the step (`TrainingMethod.micro_batches`) and the RNG states are
 restored, so a run killed after a save and resumed equals the uninterrupted run.
+
+Under torchrun (embsum/training/distributed.py) every rank draws the same micro-batches and
+computes its shard of the rows, the loop averages the gradients over the ranks after the
+backward pass (--batch-size stays the global batch: the same steps as one process), and only
+rank 0 evaluates, logs, shows progress and writes OUT/best and OUT/last; every rank resumes
+from OUT/last.
 """
 
 from __future__ import annotations
@@ -35,10 +41,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embsum.config import _check
+from embsum.config import OPTIMIZERS, _check
 from embsum.errors import EmbsumError
 from embsum.inference.encoding import autocast, bf16_supported, resolve_device
 from embsum.model.checkpoint import save_checkpoint
+from embsum.training import distributed
+from embsum.training.apollo import Apollo, ApolloConfig
+from embsum.training.distributed import combine_stats
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +55,6 @@ STATE_FORMAT = "embsum-train-state/1"
 STATE_JSON = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
 RESUME_TENSORS = "resume.safetensors"
-OPTIMIZERS = ("adamw",)
 
 
 class ResumeError(EmbsumError):
@@ -112,39 +120,65 @@ def warmup_then_decay(total_steps: int, warmup_steps: int) -> Callable[[int], fl
 
 
 def make_optimizer(name: str, param_groups: list[dict], weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """THE optimizer of every method. `param_groups`: torch param groups ({"params", "lr",
-    optionally "weight_decay"}); groups without parameters are dropped."""
+    """THE optimizer of every method: 'adamw', or 'apollo' / 'apollo-mini' (embsum.training.apollo,
+    the paper's settings). `param_groups`: torch param groups ({"params", "lr", optionally
+    "weight_decay", and "low_rank": False for matrices APOLLO keeps on AdamW, such as embedding
+    tables; AdamW ignores it}); groups without parameters are dropped."""
     groups = [g for g in param_groups if len(g["params"])]
     if not groups:
         raise ValueError("nothing to train: no parameter requires a gradient")
     if name == "adamw":
         return torch.optim.AdamW(groups, weight_decay=weight_decay)
+    if name in ("apollo", "apollo-mini"):
+        return Apollo(groups, ApolloConfig(variant=name), weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """What `make_optimizer` called it ('adamw', 'apollo', 'apollo-mini')."""
+    return getattr(optimizer, "name", type(optimizer).__name__.lower())
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state as named tensors (safetensors: "param_id.key") + JSON (the param
-    groups, and the per-parameter scalars such as Adam's step)."""
+    """An optimizer's state as named tensors (safetensors: "param_id.key") + JSON: its name, the
+    param groups, the 0-dim tensors (Adam's step: "scalars") and the plain numbers (APOLLO's
+    step and projection seed: "values"), each restored as the type it was."""
     sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
+    tensors, scalars, values = {}, {}, {}
     for pid, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value) and value.dim() > 0:
                 tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
+            elif torch.is_tensor(value):
                 scalars.setdefault(str(pid), {})[key] = float(value)
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+            else:
+                values.setdefault(str(pid), {})[key] = value
+    return tensors, {"name": optimizer_name(optimizer), "param_groups": sd["param_groups"], "scalars": scalars,
+                     "values": values}
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], saved: dict) -> None:
+    """Restore what `optimizer_state` wrote; a state of another optimizer, or of other parameter
+    groups, is a ResumeError (one line) rather than a crash at the next step."""
+    saved_name = saved.get("name", "adamw")  # states written before APOLLO existed are AdamW's
+    if saved_name != optimizer_name(optimizer):
+        raise ResumeError(f"OUT/last was trained with --optimizer {saved_name}, this run uses "
+                          f"{optimizer_name(optimizer)}: pass --optimizer {saved_name}, another output directory "
+                          "or --no-resume")
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value
-    for pid, values in saved["scalars"].items():
-        for key, value in values.items():
+    for pid, numbers in saved["scalars"].items():
+        for key, value in numbers.items():
             state.setdefault(int(pid), {})[key] = torch.tensor(value, dtype=torch.float32)
-    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    for pid, numbers in saved.get("values", {}).items():
+        state.setdefault(int(pid), {}).update(numbers)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    except ValueError as err:  # torch: other group count or sizes
+        raise ResumeError(f"OUT/last's optimizer state does not fit this run's parameters ({err}): use another "
+                          "output directory or --no-resume") from None
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -230,6 +264,11 @@ class TrainingMethod:
         """Appended to the periodic log line."""
         return ""
 
+    def shared_buffers(self) -> list[torch.Tensor]:
+        """Buffers every rank must hold alike that the forward pass updates (running
+        statistics): averaged over the ranks after each step when training on several processes."""
+        return []
+
     # The loop's counters under the names callers (CLI, benchmarks, tests) read; a method sets
     # `self.loop` in its constructor.
     loop: TrainingLoop
@@ -258,7 +297,7 @@ class LoopResult:
     samples_per_s: float  # over the training steps of all sessions of this run
     best_score: float | None
     best_hash: str | None
-    last_hash: str
+    last_hash: str | None  # None on every rank but 0 (which writes OUT/last)
     dev_history: list[dict]
     losses: list[dict]  # per optimizer step: mean stats over its micro-batches
     train_time: float
@@ -275,6 +314,10 @@ class TrainingLoop:
         self.device = resolve_device(config.device)
         self.bf16 = use_bf16(config.bf16, self.device)
         self.out = Path(config.out)
+        # Under torchrun: this rank's place (the process group is joined here if the caller has
+        # not: see embsum/training/distributed.py); rank 0 of 1 otherwise.
+        distributed.init(str(self.device))
+        self.dist = distributed.context()
         self.optimizer = make_optimizer(config.optimizer, method.param_groups(), config.weight_decay)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         warmup = int(config.warmup_ratio * total_steps)
@@ -290,21 +333,32 @@ class TrainingLoop:
 
     # -- one step ------------------------------------------------------------------------------
     def train_step(self, batches: list | None = None) -> dict:
-        """One optimizer step over the micro-batches of the current step (or `batches`)."""
+        """One optimizer step over the micro-batches of the current step (or `batches`).
+
+        On several processes every rank draws the same micro-batches and computes its shard of
+        the rows (`BatchShard`); its mean loss is weighted by its share of the rows, and the
+        averaged gradients are those of the whole batch's mean loss. A method may return a None
+        loss for an empty shard (it still takes part in its own collectives)."""
         t0 = time.time()
         batches = self.method.micro_batches(self.step) if batches is None else batches
         self.optimizer.zero_grad(set_to_none=True)
         parts = []
         for micro, batch in enumerate(batches):
+            shard = self.dist.shard(batch)
             with autocast(self.device, self.bf16):
-                loss, stats = self.method.loss(batch, self.step, micro)
-            (loss / len(batches)).backward()
-            parts.append(stats)
-        stats = {k: float(np.mean([p[k] for p in parts if k in p])) for k in parts[0]}
+                loss, stats = self.method.loss(shard, self.step, micro)
+            share = len(shard) / len(batch)  # 1 in one process
+            if loss is not None:
+                (loss * (share * self.dist.world / len(batches))).backward()
+            parts.append((share, stats))
+        self.dist.all_reduce_grads(self.params)
+        per_micro = combine_stats(self.dist.gather_objects(parts))
+        stats = {k: float(np.mean([p[k] for p in per_micro if k in p])) for k in per_micro[0]}
         if self.cfg.max_grad_norm > 0:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
+        self.dist.average_(self.method.shared_buffers())
         self.step += 1
         self.examples_seen += sum(len(b) for b in batches)
         self.train_time += time.time() - t0
@@ -314,10 +368,13 @@ class TrainingLoop:
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> LoopResult:
         start = time.time()
+        main = self.dist.is_main  # only rank 0 writes checkpoints, logs and shows progress
         self.out.mkdir(parents=True, exist_ok=True)
-        self.try_resume()
+        self.try_resume()  # every rank, from the same OUT/last
+        self.dist.broadcast_(self.params + self.method.shared_buffers())
         first_step, seen_before, time_before = self.step, self.examples_seen, self.train_time
-        bar = self.progress(total=self.total_steps, initial=self.step, desc=self.method.name) if self.progress else None
+        show = self.progress is not None and main
+        bar = self.progress(total=self.total_steps, initial=self.step, desc=self.method.name) if show else None
         self.method.train_mode()
         window: list[dict] = []
         while self.step < self.total_steps:
@@ -328,22 +385,25 @@ class TrainingLoop:
                          for k in self.method.progress_keys if k in window[-1]}
                 bar.set_postfix({**shown, "samples/s": f"{rate:.1f}"})
                 bar.update(1)
-            if self.cfg.log_every and self.step % self.cfg.log_every == 0:
+            if main and self.cfg.log_every and self.step % self.cfg.log_every == 0:
                 mean = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
                 log.info("%s step %d/%d %s samples/s %.1f%s", self.method.name, self.step, self.total_steps,
                          " ".join(f"{k} {v:.4f}" for k, v in mean.items()), rate, self.method.log_extra())
                 window = []
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate()
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+            if main and self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
                 self.save_last()
         if bar is not None:
             bar.close()
-        if not self.dev_history or self.dev_history[-1]["step"] != self.step:
-            self.final_report = self.evaluate()
-        last_hash = self.save_last()
-        if self.best_hash is None:  # no dev evaluation: the last checkpoint is the best we know
-            self.best_hash = self._save("best")
+        last_hash = None
+        if main:
+            if not self.dev_history or self.dev_history[-1]["step"] != self.step:
+                self.final_report = self.evaluate()
+            last_hash = self.save_last()
+            if self.best_hash is None:  # no dev evaluation: the last checkpoint is the best we know
+                self.best_hash = self._save("best")
+        self.dist.barrier()  # every rank returns once OUT/best and OUT/last are written
         session_time = self.train_time - time_before
         return LoopResult(
             steps=self.step, examples_seen=self.examples_seen,
@@ -355,7 +415,10 @@ class TrainingLoop:
 
     # -- evaluation and checkpoints ----------------------------------------------------------------
     def evaluate(self) -> dict | None:
-        """Dev evaluation; a better score replaces OUT/best. None without dev data."""
+        """Dev evaluation; a better score replaces OUT/best. None without dev data, and on every
+        rank but 0 (the others wait for it in the next step's collectives)."""
+        if not self.dist.is_main:
+            return None
         t = time.time()
         result = self.method.evaluate()
         self.method.train_mode()
@@ -412,5 +475,6 @@ class TrainingLoop:
         for key in ("step", "examples_seen", "train_time", "best_score", "best_hash", "dev_history", "losses"):
             setattr(self, key, state[key])
         restore_rng(tensors)  # last: nothing after it may draw from the RNG before the next step
-        log.info("%s resumed from %s at step %d/%d", self.method.name, last, self.step, self.total_steps)
+        if self.dist.is_main:
+            log.info("%s resumed from %s at step %d/%d", self.method.name, last, self.step, self.total_steps)
         return True

@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embsum.config import TrainConfig
+from embsum.config import ConfigError, TrainConfig
 from embsum.evaluation.protocol import EvalSet, dev_score, evaluate_model
 from embsum.inference.encoding import StateCache, encode_token_states, pad_states, resolve_device
 from embsum.model.checkpoint import WEIGHTS
 from embsum.model.embsum_model import EmbSumModel
 from embsum.model.scoring import poly_score_matrix
+from embsum.training.distributed import as_shard
 from embsum.training.loop import (
     LoopConfig,
     TrainingLoop,
@@ -37,7 +38,7 @@ from embsum.training.loop import (
     tqdm_progress,
     use_bf16,
 )
-from embsum.training.losses import nce_loss
+from embsum.training.losses import candidate_log_q, nce_loss
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class TrainData:
     examples: list[tuple[str, list[str], str]]  # (user, input history oldest first, target)
     histories: dict[str, list[str]]  # every user's full history: never sampled as its negative
     summaries: dict[str, str] = field(default_factory=dict)
+    dislikes: dict[str, list[str]] = field(default_factory=dict)  # explicit dislikes (label 0): hard negatives
 
     def __post_init__(self):
         self.index = {item: i for i, item in enumerate(self.item_ids)}
@@ -60,6 +62,13 @@ class TrainData:
         self.examples = [e for e in self.examples if e[1]]
         self.positives = {u: np.array(sorted({self.index[i] for i in h if i in self.index}), dtype=np.int64)
                           for u, h in self.histories.items()}
+        self.dislike_index = {u: np.array(sorted({self.index[i] for i in d if i in self.index}), dtype=np.int64)
+                              for u, d in self.dislikes.items()}
+        self.dislike_index = {u: d for u, d in self.dislike_index.items() if len(d)}
+
+    def target_counts(self) -> np.ndarray:
+        """How often each item is an example's target: the popularity in-batch negatives follow."""
+        return np.bincount([self.index[t] for _, _, t in self.examples], minlength=len(self.item_ids))
 
 
 @dataclass
@@ -99,6 +108,19 @@ def sample_negatives(rng: np.random.Generator, n_items: int, k: int, exclude: np
     return np.array(picks, dtype=np.int64)
 
 
+def sample_negatives_with_dislikes(rng: np.random.Generator, n_items: int, k: int, exclude: np.ndarray,
+                                   dislikes: np.ndarray, share: float) -> np.ndarray:
+    """k distinct negatives: round(share * k) of them (as many as there are) drawn from the user's
+    explicit dislikes, the rest uniform as in `sample_negatives`. Without dislikes or share the
+    random stream is exactly `sample_negatives`'s."""
+    n_hard = min(len(dislikes), round(share * k))
+    if n_hard == 0:
+        return sample_negatives(rng, n_items, k, exclude)
+    hard = rng.choice(dislikes, n_hard, replace=False)
+    rest = sample_negatives(rng, n_items, k - n_hard, np.union1d(exclude, hard))
+    return np.concatenate([hard, rest]).astype(np.int64)
+
+
 def _contains(sorted_array: np.ndarray, value: int) -> bool:
     i = np.searchsorted(sorted_array, value)
     return i < len(sorted_array) and sorted_array[i] == value
@@ -128,21 +150,29 @@ class Trainer(TrainingMethod):
         if config.freeze_encoder and model.config.session_size == 1:
             self.cache = StateCache() if cache is None else cache
         self.per_step = config.batch_size * config.grad_accum
+        # logQ correction: log(N q) per item, for the in-batch candidates' popularity (losses.py).
+        self.log_q = candidate_log_q(data.target_counts(), config.negatives) if config.logq_correction else None
         self._perm_epoch: int | None = None
         total = schedule_length(config.max_steps, config.epochs, len(data.examples), self.per_step,
                                 epoch_ends_batch=False)
         self.loop = TrainingLoop(self, LoopConfig.of(config), total, tqdm_progress(progress))
+        if self.loop.dist.world > config.batch_size:
+            raise ConfigError(f"batch_size {config.batch_size} is the global batch: it must be at least the "
+                              f"number of processes ({self.loop.dist.world})")
 
     # -- what the loop asks -----------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
         new = self.model.new_parameter_names()
-        groups: dict[tuple[bool, bool], list] = {}
+        groups: dict[tuple[bool, bool, bool], list] = {}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                groups.setdefault((name in new, _no_decay(name)), []).append(p)
+                groups.setdefault((name in new, _no_decay(name), "embeddings" in name), []).append(p)
+        # low_rank: APOLLO (embsum/training/apollo.py) projects only the layers' matrices; embedding
+        # tables, codes and vectors stay on AdamW, as in its paper. AdamW ignores the key.
         return [{"params": params, "lr": self.cfg.new_lr if is_new else self.cfg.lr,
-                 "weight_decay": 0.0 if no_decay else self.cfg.weight_decay}
-                for (is_new, no_decay), params in sorted(groups.items())]
+                 "weight_decay": 0.0 if no_decay else self.cfg.weight_decay,
+                 "low_rank": not (no_decay or embedding)}
+                for (is_new, no_decay, embedding), params in sorted(groups.items())]
 
     def micro_batches(self, step: int) -> list[list[int]]:
         bs = self.cfg.batch_size
@@ -201,15 +231,30 @@ class Trainer(TrainingMethod):
         return self.model.encode_tokens(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"]
 
     # -- the loss -----------------------------------------------------------------------------
+    def _negatives(self, rng: np.random.Generator, user: str) -> np.ndarray:
+        """The k sampled negatives of one example: uniform, a share from the user's dislikes."""
+        data, cfg = self.data, self.cfg
+        dislikes = data.dislike_index.get(user) if cfg.dislike_negatives > 0 else None
+        if dislikes is None:
+            return sample_negatives(rng, len(data.item_ids), cfg.negatives, data.positives[user])
+        return sample_negatives_with_dislikes(rng, len(data.item_ids), cfg.negatives, data.positives[user],
+                                              dislikes, cfg.dislike_negatives)
+
     def loss(self, example_ids: list[int], step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        """NCE (+ summary NLL) of this rank's rows. The candidates (targets, sampled negatives,
+        in-batch columns) are those of the whole micro-batch on every rank; each rank encodes
+        its part of the columns and the item vectors are all-gathered with their gradients, so
+        several processes compute the loss of one process, in-batch negatives included."""
         data, cfg, model = self.data, self.cfg, self.model
+        shard = as_shard(example_ids)
+        example_ids = shard.whole
         rng = np.random.default_rng([cfg.seed, step, micro])
         users = [data.examples[e][0] for e in example_ids]
         histories = [[data.index[i] for i in data.examples[e][1]][-model.config.max_history:] for e in example_ids]
         targets = np.array([data.index[data.examples[e][2]] for e in example_ids])
         cand = targets[:, None]
         if cfg.negatives:
-            negs = np.stack([sample_negatives(rng, len(data.item_ids), cfg.negatives, data.positives[u]) for u in users])
+            negs = np.stack([self._negatives(rng, u) for u in users])
             cand = np.concatenate([cand, negs], axis=1)
         columns, inverse = np.unique(cand, return_inverse=True)
         inverse = inverse.reshape(cand.shape)
@@ -220,6 +265,13 @@ class Trainer(TrainingMethod):
                 own = np.zeros(len(columns), dtype=bool)
                 own[inverse[b]] = True
                 exclude[b] |= ~own
+        # From here on: this rank's rows and its part of the columns (all of them in one process).
+        dist, mine, nll_share = self.loop.dist, slice(shard.start, shard.stop), 1.0
+        all_columns, column_sizes = columns, dist.sizes(len(columns))
+        columns = columns[slice(*dist.bounds(len(columns)))]
+        if dist.world > 1 and cfg.summary_weight > 0:
+            nll_share = self._nll_share(users, mine)
+        users, histories, inverse, exclude = users[mine], histories[mine], inverse[mine], exclude[mine]
         summaries = None
         if cfg.summary_weight > 0:
             summaries = model.summary_batch([data.summaries.get(u) for u in users])
@@ -252,16 +304,27 @@ class Trainer(TrainingMethod):
             tok = {k: v.to(self.device) for k, v in model.tokenize(texts, model.config.session_max_tokens).items()}
             sess_states = model.encode_tokens(tok["input_ids"], tok["attention_mask"])
             out = model.user_embeddings(sess_states, tok["attention_mask"], sess.to(self.device), summaries)
+        cpe, cpe_p = (dist.gather_rows(x, column_sizes, autograd=True) for x in (cpe, cpe_p))
         scores = poly_score_matrix(out.upe, cpe, cpe_p)
+        log_q = None if self.log_q is None else torch.from_numpy(self.log_q[all_columns]).to(self.device)
         nce = nce_loss(scores, torch.from_numpy(inverse[:, 0]).to(self.device),
-                       torch.from_numpy(exclude).to(self.device), cfg.temperature)
+                       torch.from_numpy(exclude).to(self.device), cfg.temperature, log_q)
         loss = nce
         parts = {"nce": float(nce.detach())}
         if out.summary_nll is not None:
-            loss = loss + cfg.summary_weight * out.summary_nll
-            parts["nll"] = float(out.summary_nll.detach())
+            nll = out.summary_nll * nll_share
+            loss = loss + cfg.summary_weight * nll
+            parts["nll"] = float(nll.detach())
         parts["loss"] = float(loss.detach())
         return loss, parts
+
+    def _nll_share(self, users: list[str], rows: slice) -> float:
+        """The summary NLL is a mean over the batch's summary tokens, not over its rows: the factor
+        that turns this rank's token mean into its part of the batch's, once the loop has
+        weighted it by the rank's share of the rows."""
+        tokens = (self.model.summary_batch([self.data.summaries.get(u) for u in users])["labels"] != -100).sum(1)
+        total = int(tokens.sum())
+        return 0.0 if total == 0 else int(tokens[rows].sum()) / total * len(users) / (rows.stop - rows.start)
 
     # -- the run ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:

@@ -42,14 +42,19 @@ def command(ctx: click.Context, checkpoint: str, recipe: str | None, **options) 
     Writes OUT/best and OUT/last (checkpoints with the adapters merged and the MoE attached, for
     precompute, refresh and score; OUT/last also holds the train state: a re-run with the same
     OUT continues where a killed one stopped) and OUT/adapters (the LoRA adapters alone).
+
+    Several processes: `torchrun --nproc-per-node N -m embsum.offline.cli align ...` (see the
+    README, "Distributed training"); --batch-size stays the global batch, rank 0 writes.
     """
+    import dataclasses
     import json
     import logging
 
     from embsum.offline.align import AlignError, run_align
-    from embsum.offline.common import db_path, progress
+    from embsum.offline.common import db_path, progress, wait_s
 
     from embsum.config import ConfigError
+    from embsum.training import distributed
 
     if recipe:
         for key, value in recipe_values(recipe).items():
@@ -58,10 +63,15 @@ def command(ctx: click.Context, checkpoint: str, recipe: str | None, **options) 
             if ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
                 options[key] = value
     cfg = config_from(AlignConfig, options)  # a bad value is a usage error (one line)
-    try:
-        summary = run_align(db_path(ctx), checkpoint, cfg, progress=progress)
-    except (AlignError, ConfigError) as err:
-        raise click.ClickException(str(err)) from None
+    cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device))  # under torchrun: one GPU a rank
+    with distributed.session(cfg.device) as dist:
+        try:
+            summary = run_align(db_path(ctx), checkpoint, cfg, progress=progress if dist.is_main else None,
+                                wait_s=wait_s(ctx))
+        except (AlignError, ConfigError) as err:
+            raise click.ClickException(str(err)) from None
+    if not dist.is_main:
+        return
     logging.getLogger("embsum.align").info("summary: %s", json.dumps(summary, default=str))
     experts = summary["experts"]
     click.echo(f"aligned {summary['steps']} steps ({cfg.strategy}) in {summary['wall_s']}s -> {cfg.out}/best; "

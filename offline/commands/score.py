@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import click
-from embsum.offline.job_configs import ScoreConfig
+from embsum.offline.job_configs import EngineConfig, ScoreConfig
 from embsum.offline.job_options import config_from, config_options
 
 
@@ -25,6 +25,7 @@ from embsum.offline.job_options import config_from, config_options
 @click.option("--wait", "wait_s", type=float, default=600.0, show_default=True,
               help="Seconds to wait while another process holds the catalog.")
 @config_options(ScoreConfig)
+@config_options(EngineConfig)
 @click.pass_context
 def command(ctx: click.Context, checkpoint, model_hash, candidates, users_file, index_dir, out, table, include_seen,
             wait_s, **options) -> None:
@@ -34,6 +35,7 @@ def command(ctx: click.Context, checkpoint, model_hash, candidates, users_file, 
     Examples:
       embsum score --checkpoint runs/sft/best --retrieve 100 --top 10 --out recs.parquet
       embsum score --candidates pairs.tsv --top 0 --table candidate_scores
+      embsum score --checkpoint runs/sft/best --engine ray --address auto
 
     Rows carry run_id, model_hash, index_version (retrieval only), user_id, item_id, score and
     rank. Retrieval never returns an item the user interacted with (any label) unless
@@ -44,13 +46,21 @@ def command(ctx: click.Context, checkpoint, model_hash, candidates, users_file, 
     from embsum.index.catalog import CatalogError
     from embsum.index.snapshot import IndexFileError
     from embsum.offline.common import db_path
+    from embsum.offline.engines import load_ray
     from embsum.offline.indexing import JobError, resolve_model_hash
     from embsum.offline.scoring import score_job
 
     if include_seen:
         options["exclude_history"] = False
     cfg = config_from(ScoreConfig, options)
+    engine = config_from(EngineConfig, options)
     db = db_path(ctx)
+    rank = {}
+    if engine.engine == "ray":
+        if candidates:
+            raise click.UsageError("--engine ray ranks retrieval (--retrieve); score a candidates file with "
+                                   "the local engine")
+        rank = {"rank": load_ray().ranker(engine, db)}
     try:
         if checkpoint and not model_hash:
             model_hash = resolve_model_hash(None, checkpoint, None)
@@ -59,7 +69,7 @@ def command(ctx: click.Context, checkpoint, model_hash, candidates, users_file, 
             with open(users_file) as fh:
                 users = [line.strip() for line in fh if line.strip()]
         result = score_job(db, model_hash, cfg, candidates=candidates, users=users, index_dir=index_dir, out=out,
-                           table=table or None, wait_s=wait_s)
+                           table=table or None, wait_s=wait_s, **rank)
     except (JobError, IndexFileError, CatalogError) as err:
         raise click.ClickException(str(err)) from None
     skipped = len(result.rejects)

@@ -66,6 +66,9 @@ def _load(config: SummarizerConfig, quiet_: bool):
 @click.option("--users-file", type=click.Path(exists=True, dir_okay=False), help="Only the users listed, one id a line.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many users this run.")
 @_opt("batch_size", click.IntRange(min=1))
+@_opt("bucket_window", click.IntRange(min=1))
+@click.option("--prefix-cache/--no-prefix-cache", "prefix_cache", default=_DEFAULT.prefix_cache, show_default=True,
+              help=_HELP["prefix_cache"])
 @_opt("max_new_tokens", click.IntRange(min=1))
 @_opt("temperature", click.FloatRange(min=0))
 @_opt("retry_temperature", click.FloatRange(min=0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -46,6 +47,20 @@ def _apply_recipe(ctx: click.Context, name: str, values: dict, summary_source: s
     return summary_source
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _ledger(ctx: click.Context, main: bool, args: dict):
+    """The run's `runs` row: rank 0 writes it (the only process that writes the catalog); the
+    other ranks of a torchrun job keep a record nobody stores."""
+    import contextlib
+
+    from embsum.index.catalog import RunRecord
+
+    return recorded_run(ctx, "train", args) if main else contextlib.nullcontext(RunRecord("", args))
+
+
 @click.command("train")
 @config_options(TrainConfig)
 @config_options(ModelConfig)
@@ -73,19 +88,22 @@ def command(ctx: click.Context, summary_source: str, init_from: str | None, reci
     every user (dev and test users' full histories too): nothing is held out, so there is no
     dev evaluation and OUT/best is OUT/last (its config.json records all_users: true).
     """
-    from embsum.offline.data import load_catalog_data, training_examples
+    from embsum.offline.data import load_catalog_data, train_data, training_examples
 
     from embsum.evaluation.protocol import build_eval_set
     from embsum.model.checkpoint import build_model, load_checkpoint
-    from embsum.training.trainer import TrainData, Trainer
+    from embsum.training import distributed
+    from embsum.training.trainer import Trainer
 
     if recipe:
         summary_source = _apply_recipe(ctx, recipe, values, summary_source)
     train_cfg = config_from(TrainConfig, values)
+    train_cfg = dataclasses.replace(train_cfg, device=distributed.rank_device(train_cfg.device))  # torchrun: a GPU a rank
     model_cfg = config_from(ModelConfig, values)
     args = {**train_cfg.to_dict(), **model_cfg.to_dict(), "summary_source": summary_source, "init_from": init_from}
     # The run row is opened first, so a failure while reading data or building the model is recorded.
-    with recorded_run(ctx, "train", args) as run:
+    with distributed.session(train_cfg.device) as dist, _ledger(ctx, dist.is_main, args) as run:
+        say = click.echo if dist.is_main else _silent  # rank 0 speaks for every process
         with open_catalog(ctx, read_only=True) as cat:
             data = load_catalog_data(cat, summary_source)
         examples = training_examples(data, train_cfg.examples, train_cfg.train_users, train_cfg.all_users)
@@ -101,10 +119,9 @@ def command(ctx: click.Context, summary_source: str, init_from: str | None, reci
         else:
             model = build_model(_resume_model_config(train_cfg.out, model_cfg), seed=train_cfg.seed)
         run.args.update(model.config.to_dict())  # a resumed run or --init-from keeps its own model config
-        trainer = Trainer(model, train_cfg, TrainData(data.item_ids, data.item_texts, examples, data.histories,
-                                                      data.summaries), dev, progress=not quiet(ctx))
+        trainer = Trainer(model, train_cfg, train_data(data, examples), dev, progress=dist.is_main and not quiet(ctx))
         held_out = "all users, no held-out dev users" if dev is None else f"{len(dev.users)} dev users"
-        click.echo(f"training on {len(examples)} examples ({held_out}, "
+        say(f"training on {len(examples)} examples ({held_out}, "
                    f"{len(data.summaries)} summaries), {trainer.total_steps} steps -> {train_cfg.out}")
         result = trainer.fit()
         run.counts.update(steps=result.steps, examples=result.examples_seen,
@@ -113,6 +130,6 @@ def command(ctx: click.Context, summary_source: str, init_from: str | None, reci
     best = f"{result.best_score:.4f}" if result.best_score is not None else "n/a (no dev users)"
     if train_cfg.all_users:
         best = "none (--all-users: nothing held out)"
-    click.echo(f"done: {result.steps} steps, {result.samples_per_s:.1f} samples/s, peak memory "
+    say(f"done: {result.steps} steps, {result.samples_per_s:.1f} samples/s, peak memory "
                f"{result.peak_memory_mb:.0f} MB, best dev score {best} -> {Path(train_cfg.out) / 'best'} "
                f"(hash {result.best_hash})")

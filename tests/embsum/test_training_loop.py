@@ -13,7 +13,6 @@ from embsum.training.loop import (
     STATE_JSON,
     LoopConfig,
     ResumeError,
-    TrainingLoop,
     load_optimizer_state,
     make_optimizer,
     optimizer_state,
@@ -93,24 +92,13 @@ def _trainer(tiny_bert_dir, out, **overrides):
     return Trainer(model, cfg, data, dev=None, progress=False)
 
 
-def test_sft_resumed_run_equals_the_uninterrupted_one(tiny_bert_dir, tmp_path, monkeypatch):
+def test_sft_resumed_run_equals_the_uninterrupted_one(tiny_bert_dir, tmp_path, monkeypatch, killed_after_save):
     full = _trainer(tiny_bert_dir, tmp_path / "full")
     # dropout draws random numbers: the saved RNG state matters
     assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in full.model.modules())
     full_result = full.fit()
 
-    real_save = TrainingLoop.save_last
-
-    def save_then_die(loop):
-        digest = real_save(loop)
-        if loop.step == 2:
-            raise KeyboardInterrupt
-        return digest
-
-    monkeypatch.setattr(TrainingLoop, "save_last", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        _trainer(tiny_bert_dir, tmp_path / "split").fit()
-    monkeypatch.setattr(TrainingLoop, "save_last", real_save)
+    killed_after_save(lambda: _trainer(tiny_bert_dir, tmp_path / "split").fit(), step=2)
     torch.manual_seed(123)  # a fresh process would have another RNG state: resuming must not care
     resumed = _trainer(tiny_bert_dir, tmp_path / "split")
     result = resumed.fit()

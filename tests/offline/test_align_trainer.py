@@ -79,10 +79,9 @@ def test_fit_writes_checkpoints_state_and_adapters_and_resumes(sft, tmp_path, ti
     assert resumed.fit()["steps"] == 6
 
 
-def test_resumed_alignment_equals_the_uninterrupted_one(tiny_checkpoint, tmp_path, monkeypatch):
+def test_resumed_alignment_equals_the_uninterrupted_one(tiny_checkpoint, tmp_path, monkeypatch, killed_after_save):
     """Pools kept across the save (refresh 3 > save 2), bank rows rewritten by the steps, the
     sampler's generator: all part of OUT/last, so the resumed run draws the same negatives."""
-    from embsum.training.loop import TrainingLoop
 
     def trainer(out, seed=0):
         sft = load_checkpoint(tiny_checkpoint)[0]
@@ -92,18 +91,7 @@ def test_resumed_alignment_equals_the_uninterrupted_one(tiny_checkpoint, tmp_pat
 
     full = trainer(tmp_path / "full")
     full.fit()
-    real_save = TrainingLoop.save_last
-
-    def save_then_die(loop):
-        digest = real_save(loop)
-        if loop.step == 2:
-            raise KeyboardInterrupt
-        return digest
-
-    monkeypatch.setattr(TrainingLoop, "save_last", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        trainer(tmp_path / "split").fit()
-    monkeypatch.setattr(TrainingLoop, "save_last", real_save)
+    killed_after_save(lambda: trainer(tmp_path / "split").fit(), step=2)
     resumed = trainer(tmp_path / "split", seed=123)  # initialised otherwise: the saved state must win
     assert resumed.fit()["steps"] == 4
     assert resumed.sampler.refreshed == full.sampler.refreshed

@@ -54,19 +54,20 @@ def _exact_top(cat, model_hash, top, exclude_seen: bool = True):
     return out
 
 
-@pytest.mark.parametrize("widen_limit", [1, 16])  # 1: widen the FAISS search up to the whole index
-@pytest.mark.parametrize("retrieve", [1, 4, 50])
-def test_retrieval_plus_exact_rerank_is_exact_top_n(indexed, retrieve, widen_limit, monkeypatch):
-    """Exact either way: certified by widening the search, or (past 1/widen_limit of the index
-    per query) by scoring every live item."""
+@pytest.mark.parametrize("full_share", [-1.0, 1.0])  # -1: every user block scored as a matrix; 1: pruned
+@pytest.mark.parametrize("retrieve", [1, 50])  # the first-stage K plays no part in a certified top-N
+def test_retrieval_plus_exact_rerank_is_exact_top_n(indexed, retrieve, full_share, monkeypatch):
+    """Exact either way: bounds prune and the rest is re-ranked exactly, or (past FULL_SHARE of
+    the items left) every live item is scored as a matrix."""
     from embsum.offline import scoring
 
     from embsum.model.checkpoint import checkpoint_hash
 
-    monkeypatch.setattr(scoring, "WIDEN_LIMIT", widen_limit)
+    monkeypatch.setattr(scoring, "FULL_SHARE", full_share)
+    monkeypatch.setattr(scoring, "FIRST_MIN", 1)  # rounds of top-N items: some left after them
     calls = []
-    score_all = scoring.score_all_items
-    monkeypatch.setattr(scoring, "score_all_items", lambda *a: calls.append(1) or score_all(*a))
+    brute = scoring._brute_top
+    monkeypatch.setattr(scoring, "_brute_top", lambda *a: calls.append(1) or brute(*a))
 
     top = 5
     root = indexed.with_suffix(".index")
@@ -76,10 +77,7 @@ def test_retrieval_plus_exact_rerank_is_exact_top_n(indexed, retrieve, widen_lim
         users = read_users(cat, h, None, seen=True)
     result = rank_users(S.load(root, h), users, ScoreConfig(top=top, retrieve=retrieve), "run")
     assert result.counts["users_certified_exact"] == len(users.ids)
-    if widen_limit == 1 or retrieve == 50:  # widened to the end, or exhausted at once
-        assert not calls
-    elif retrieve == 1:  # the narrow first search certifies few: the rest are scored in full
-        assert calls
+    assert bool(calls) == (full_share < 0)
     got = {}
     for u, i, s in zip(*(result.table[c].to_pylist() for c in ("user_id", "item_id", "score"))):
         got.setdefault(u, []).append((i, s))
@@ -245,3 +243,24 @@ def test_scores_table_from_before_index_version_gains_the_column(indexed):
     cli("--db", indexed, "score", "--retrieve", 4, "--top", 2)
     rows = _stored(indexed)
     assert len(rows) == 16 * 2 + 1 and [r["run_id"] for r in rows if r["index_version"] is None] == ["old"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_dtype_auto_picks_bf16_only_where_native(native, monkeypatch):
+    """One capability check (`bf16_supported`) decides every `auto`: the encoders' dtype, the
+    scoring bounds' dtype; an explicit dtype is kept as given."""
+    import torch
+    from embsum.offline.job_configs import PrecomputeConfig
+    from embsum.offline.scoring import resolved_dtype
+
+    from embsum.inference import encoding
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    want = "bf16" if native else "fp32"
+    assert encoding.bf16_supported(torch.device("cpu")) is native
+    assert PrecomputeConfig().dtype == "auto" and PrecomputeConfig().device == "auto"
+    assert encoding.resolve_dtype(PrecomputeConfig().dtype, "cpu") == want
+    assert resolved_dtype(ScoreConfig()) == want
+    assert encoding.resolve_dtype("fp32", "cpu") == "fp32" and encoding.resolve_dtype("int8", "cpu") == "int8"
+    with pytest.raises(ValueError, match="dtype"):
+        ScoreConfig(dtype="int8")

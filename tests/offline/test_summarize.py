@@ -18,7 +18,7 @@ from embsum.index.summaries import training_summaries
 from embsum.offline.cli import cli
 from embsum.offline.summarize import import_file, summarize
 
-from embsum.summarizer import PromptTemplate, SummarizerConfig
+from embsum.summarizer import Item, PromptTemplate, SummarizerConfig
 from embsum.summarizer.fake import FakeBackend
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,7 +226,7 @@ def test_cli_user_errors_are_one_line(db_file, tmp_path, monkeypatch):
     build_catalog(db_file, histories(2))
     monkeypatch.delenv("EMBSUM_TEST_BACKENDS", raising=False)
     for args, message in [
-        (["--backend", "test-fake"], "is not one of local, hf, http, import"),
+        (["--backend", "test-fake"], "is not one of local, llamacpp, hf, http, import"),
         (["--backend", "hf"], "needs a model name or path"),
         (["--backend", "http", "--model", "m"], "--endpoint"),
         (["--backend", "import"], "needs --from FILE"),
@@ -296,3 +296,28 @@ def test_killed_run_resumes_where_it_stopped(db_file):
     with Catalog(db_file, read_only=True) as cat:
         assert cat.count("summaries") == 12
         assert int(cat.scalar("SELECT count(DISTINCT user_id) FROM summaries")) == 12
+
+
+def test_length_bucketed_batches_write_each_summary_to_its_own_user(db_file):
+    """Users of a window are regrouped by prompt length (1 to 3 items here): each batch holds
+    similar lengths, and every row still carries the summary of that user's own prompt."""
+    hist = histories(9)
+    build_catalog(db_file, hist)
+    config = SummarizerConfig(backend="test-fake", batch_size=3, bucket_window=3)
+    batches = []
+
+    class BatchRecorder(CountingFake):
+        def generate(self, prompts, seed, temperature=0.0):
+            batches.append([len(p.titles) for p in prompts])
+            return super().generate(prompts, seed, temperature)
+
+    template = PromptTemplate.load()
+    with Catalog(db_file) as cat:
+        counts = summarize(cat, config, template, lambda: BatchRecorder(config))
+        stored = rows(cat)
+    assert counts["written"] == 9 and counts["flagged"] == 0
+    assert batches == [[1, 1, 1], [2, 2, 2], [3, 3, 3]]  # users interleave 1, 2, 3 items in file order
+    expected = FakeBackend(config)
+    for user, history in hist.items():
+        prompt = template.render([Item(*ITEMS[i]) for i in history])
+        assert stored[user][0]["summary"] == expected.generate([prompt], config.seed)[0]

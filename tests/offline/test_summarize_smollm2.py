@@ -47,7 +47,11 @@ def restore_torch_threads():
 
 
 @pytest.mark.slow
-def test_smollm2_summarizes_real_goodreads_users(goodreads_dir, db_file, restore_torch_threads):
+@pytest.mark.parametrize("backend", ["local", "llamacpp"])
+def test_smollm2_summarizes_real_goodreads_users(goodreads_dir, db_file, restore_torch_threads, backend):
+    """The default path (length buckets, cached prompt prefix) and the optional llama.cpp one."""
+    if backend == "llamacpp":
+        pytest.importorskip("llama_cpp", reason='optional extra: pip install "embsum[llamacpp]"')
     users, books = goodreads_slice(goodreads_dir, N_USERS)
     with Catalog(db_file) as cat:
         cat.upsert_items(pa.table({"item_id": list(books), "title": [t for t, _ in books.values()],
@@ -58,7 +62,7 @@ def test_smollm2_summarizes_real_goodreads_users(goodreads_dir, db_file, restore
                                 replace_users=True)
 
     # One torch thread: on a shared 2-core box two threads fight the other jobs (4x slower measured).
-    result = CliRunner().invoke(cli, ["--db", str(db_file), "summarize", "--max-new-tokens", "40",
+    result = CliRunner().invoke(cli, ["--db", str(db_file), "summarize", "--backend", backend, "--max-new-tokens", "40",
                                       "--batch-size", str(N_USERS), "--threads", "1"])
     assert result.exit_code == 0, result.output
     with Catalog(db_file, read_only=True) as cat:
@@ -67,6 +71,6 @@ def test_smollm2_summarizes_real_goodreads_users(goodreads_dir, db_file, restore
     for row in stored:
         titles = [books[b][0] for b in users[row["user_id"]] if b in books]
         print(f"{row['user_id']}: {titles} -> {row['summary']!r}")  # shown with -s: real examples
-        assert row["backend"] == "local" and row["model"] == "SmolLM2-135M-Instruct.Q4_1"
+        assert row["backend"] == backend and row["model"] == "SmolLM2-135M-Instruct.Q4_1"
         assert row["summary"] and not row["flagged"], row
         assert check_summary(row["summary"], titles) is None
