@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from embsum.index.catalog import Catalog, run_outcome
+from embsum.offline.common import progress_shown
 from embsum.offline.errors import UserError
 from embsum.offline.texts import item_texts
 
@@ -173,7 +174,7 @@ def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None
         # The SFT model's item vectors (where the policy starts); with a frozen encoder the same
         # pass keeps every item's token states, so no step runs the encoder again.
         bank = build_bank(sft.to(device), data.texts, cfg.encode_batch, device, bf16,
-                          progress=progress is not None, cache=adata.cache)
+                          progress=progress is not None and progress_shown(), cache=adata.cache)
     if bank is not None:
         adata.bank = (bank[0].clone(), bank[1].clone())  # updated in place by the steps
     policy = Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)).to(device)

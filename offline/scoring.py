@@ -195,6 +195,8 @@ def certified_top_n(upe: np.ndarray, cpe, cpe_prime, top: int, exclude: list[np.
     """
     import torch
 
+    from embsum.model.scoring import float_tensor
+
     if spheres is None:
         spheres = item_spheres(cpe, np.arange(len(cpe)) if rows is None else rows)
     n_users = len(upe)
@@ -205,7 +207,7 @@ def certified_top_n(upe: np.ndarray, cpe, cpe_prime, top: int, exclude: list[np.
         for start in range(0, n_users, USER_BLOCK):
             users = slice(start, min(start + USER_BLOCK, n_users))
             sub = exclude[users] if exclude is not None else None
-            res = _certified_block(torch.from_numpy(np.ascontiguousarray(upe[users], np.float32)), cpe, cpe_prime,
+            res = _certified_block(float_tensor(upe[users]), cpe, cpe_prime,
                                    top, spheres, sub, bound_dtype if prune else None)
             out_rows[users], out_scores[users], scored[users] = res
     return Ranked(out_rows, out_scores, np.ones(n_users, bool), scored)
@@ -229,15 +231,15 @@ def _gather_scores(g, cpe, cpe_prime, rows: np.ndarray, pos):
     each distinct item is read once, GATHER_FLOATS candidate floats per batched GEMM."""
     import torch
 
-    from embsum.model.scoring import poly_score_gathered
+    from embsum.model.scoring import float_tensor, poly_score_gathered
 
     n_users, cands = pos.shape
     if not cands:
         return torch.zeros((n_users, 0))
     uniq, local = torch.unique(pos, return_inverse=True)
     take = rows[uniq.numpy()]
-    c = torch.from_numpy(np.asarray(cpe[take], np.float32))
-    cp = torch.from_numpy(np.asarray(cpe_prime[take], np.float32))
+    c = float_tensor(cpe[take])
+    cp = float_tensor(cpe_prime[take])
     step = max(1, GATHER_FLOATS // max(1, n_users * c.shape[1] * c.shape[2]))
     return torch.cat([poly_score_gathered(g, c, cp, local[:, s:s + step]) for s in range(0, cands, step)], dim=1)
 
@@ -300,13 +302,13 @@ def _gather_max_dot(g, cpe, rows: np.ndarray, pos, gemm_dtype):
     GEMMs); else each user's own, gathered (copies n*d floats per pair: slower per pair)."""
     import torch
 
-    from embsum.model.scoring import block_items
+    from embsum.model.scoring import block_items, float_tensor
 
     n_users, cands = pos.shape
     if not cands:
         return torch.zeros((n_users, 0))
     uniq, local = torch.unique(pos, return_inverse=True)
-    c = torch.from_numpy(np.asarray(cpe[rows[uniq.numpy()]], np.float32)).to(gemm_dtype)
+    c = float_tensor(cpe[rows[uniq.numpy()]]).to(gemm_dtype)
     u = g.to(gemm_dtype)
     m, n, d = u.shape[1], c.shape[1], c.shape[2]
     if n_users * len(uniq) <= UNION_FACTOR * n_users * cands:
@@ -352,7 +354,7 @@ def _brute_top(g, cpe, cpe_prime, rows: np.ndarray, top: int, who, where):
     Python), pairs (who, where) left out."""
     import torch
 
-    from embsum.model.scoring import block_items, poly_score_matrix
+    from embsum.model.scoring import block_items, float_tensor, poly_score_matrix
 
     n_users, m, _ = g.shape
     n = cpe.shape[1]
@@ -361,8 +363,8 @@ def _brute_top(g, cpe, cpe_prime, rows: np.ndarray, top: int, who, where):
     best_pos = torch.zeros((n_users, 0), dtype=torch.long)
     for start in range(0, len(rows), step):
         block = rows[start:start + step]
-        s = poly_score_matrix(g, torch.from_numpy(np.asarray(cpe[block], np.float32)),
-                              torch.from_numpy(np.asarray(cpe_prime[block], np.float32)))
+        s = poly_score_matrix(g, float_tensor(cpe[block]),
+                              float_tensor(cpe_prime[block]))
         inside = (where >= start) & (where < start + len(block))
         s.index_put_((who[inside], where[inside] - start), torch.tensor(float("-inf")))
         both = torch.cat([best, s], dim=1)

@@ -11,13 +11,24 @@ precomputed side. Accepts torch tensors or numpy arrays (numpy in -> numpy float
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 
+def float_tensor(x: np.ndarray) -> torch.Tensor:
+    """A float32 tensor sharing `x`'s memory where it can. Vectors read back from Arrow are
+    read-only numpy views; scoring never writes to its inputs, so torch's warning about
+    non-writable arrays is silenced here instead of paying for a copy of the whole catalog."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
 def _as_tensor(x) -> tuple[torch.Tensor, bool]:
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), True
+        return float_tensor(x), True
     return x, False
 
 
