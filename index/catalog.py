@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
-from embsum.index.errors import CatalogBusy, StorageError
-from embsum.index.lock import JobLock, busy_holder
+
+from .errors import CatalogBusy, StorageError
+from .lock import JobLock, busy_holder
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -541,7 +542,7 @@ class Catalog:
         key instead of being asked for again. Returns whether it re-keyed."""
         if self.scalar("SELECT value FROM meta WHERE key = 'key_version'") == KEY_VERSION:
             return False
-        from embsum.index.summaries import summary_key  # embsum.index.summaries imports this module
+        from .summaries import summary_key  # summaries.py imports this module
 
         with self.transaction():
             old = dict(self.con.execute("SELECT user_id, history_hash FROM users").fetchall())

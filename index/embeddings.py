@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from embsum.index.catalog import Catalog, CatalogError, now
+
+from .catalog import Catalog, CatalogError, now
 
 ITEM, USER = "item", "user"
 

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from embsum.index import failpoints
-from embsum.index.index_config import MODES, IndexConfig  # noqa: F401  (re-exported)
-from embsum.index.snapshot import (
+
+from . import failpoints
+from .index_config import MODES, IndexConfig  # noqa: F401  (re-exported)
+from .snapshot import (
     BASE_FILES,
     INDEX_FILE,
     ITEMS_FILE,

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from embsum.index.errors import CatalogBusy, StorageError
+from .errors import CatalogBusy, StorageError
 
 log = logging.getLogger("embsum.lock")
 

@@ -46,8 +46,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from embsum.index import failpoints
-from embsum.index.errors import StorageError
+
+from . import failpoints
+from .errors import StorageError
 
 FORMAT_VERSION = 2  # 2: incremental versions carry an overlay over hard-linked base files
 READABLE_FORMATS = (1, 2)  # a format-1 version is a format-2 one without an overlay
@@ -296,7 +297,7 @@ def check_model(root: str | Path, manifest: dict, model_hash: str | None) -> Non
 def load(root: str | Path, model_hash: str | None = None, mmap: bool = True, gpu: bool = False) -> Snapshot:
     """Open the live version. Refuses (IndexFileError) an index of another model hash, a
     missing or truncated file, or one FAISS cannot read."""
-    from embsum.index.faiss_index import faiss_module, to_gpu
+    from .faiss_index import faiss_module, to_gpu
 
     faiss = faiss_module()
     root = Path(root)
@@ -330,7 +331,7 @@ def load(root: str | Path, model_hash: str | None = None, mmap: bool = True, gpu
         raise IndexFileError(f"index version {vdir} is unreadable ({err}): rebuild with `embsum index`") from None
     cpe, cpe_prime = (RowVectors(b, o, overlay_rows, items.num_rows) for b, o in zip(base, overlay))
     if has_overlay:
-        from embsum.index.faiss_index import apply_overlay
+        from .faiss_index import apply_overlay
 
         live = items.column("live").to_numpy(zero_copy_only=False)
         apply_overlay(index, manifest["n"], manifest["mode"], live, base[0].shape[0], overlay_rows, cpe.overlay)

@@ -8,7 +8,8 @@ inspection and never returned as training targets.
 from __future__ import annotations
 
 import pyarrow as pa
-from embsum.index.catalog import Catalog, _sha1, history_hash, now
+
+from .catalog import Catalog, _sha1, history_hash, now
 
 SUMMARY_COLUMNS = {
     "user_id": pa.string(),

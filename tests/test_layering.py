@@ -39,9 +39,9 @@ def test_model_layer_imports_no_storage_and_no_jobs():
 
 
 def test_storage_layer_imports_no_model_no_jobs_no_torch():
-    model_packages = ("embsum.model", "embsum.training", "embsum.alignment", "embsum.inference",
-                      "embsum.evaluation", "embsum.summarizer", "embsum.config", "embsum.errors")
-    assert offenders("index", (*model_packages, "embsum.offline", "offline", "torch", "transformers", "peft")) == []
+    """index/ reaches its own modules by relative imports: it names no `embsum` package at all
+    (so neither the model nor the jobs), and no torch."""
+    assert offenders("index", ("embsum", "offline", "torch", "transformers", "peft")) == []
 
 
 @pytest.mark.parametrize("generic", ["index", "offline"])
