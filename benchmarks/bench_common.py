@@ -97,10 +97,9 @@ def cpu_info() -> dict:
                 flags = set(value.split())
     except OSError:
         pass
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
+    from embsum.inference.packed_linear import native_cpu_bf16
+
+    native = native_cpu_bf16()
     return {"model": model, "matrix_flags": [f for f in MATRIX_FLAGS if f in flags], "threads": torch.get_num_threads(),
             "bf16_native": native}
 

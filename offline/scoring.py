@@ -23,7 +23,6 @@ re-rank come from the index snapshot itself.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 from embsum.index import faiss_index as F
 from embsum.index import snapshot as S
-from embsum.index.catalog import Catalog, CatalogError, run_outcome
+from embsum.index.catalog import Catalog, run_outcome
 from embsum.offline.common import progress, step
 from embsum.offline.job_configs import ScoreConfig
 
@@ -422,21 +421,6 @@ class Retriever:
 
 
 # -- catalog access for the jobs -----------------------------------------------------------------
-def open_waiting(path: str | Path, read_only: bool = False, wait_s: float = 600.0) -> Catalog:
-    """Open the catalog, waiting while another process holds DuckDB's file lock (a refresh or an
-    ingest writing): readers and writers of other processes take turns instead of failing."""
-    deadline = time.monotonic() + wait_s
-    delay = 0.05
-    while True:
-        try:
-            return Catalog(path, read_only=read_only)
-        except CatalogError as err:
-            if "lock" not in str(err).lower() or time.monotonic() >= deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-
 # index_version: the index snapshot a retrieval ranked from (NULL for a candidates file).
 SCORE_COLUMNS = {
     "run_id": pa.string(), "model_hash": pa.string(), "index_version": pa.string(), "user_id": pa.string(),
@@ -631,12 +615,12 @@ def score_job(db_path: str | Path, model_hash: str | None, cfg: ScoreConfig, *, 
     from embsum.index import embeddings as E
 
     root = Path(index_dir) if index_dir else default_index_dir(db_path)
-    with open_waiting(db_path, wait_s=wait_s) as cat:  # the run first: every failure below is recorded
+    with Catalog(db_path, wait_s=wait_s) as cat:  # the run first: every failure below is recorded
         run_id = cat.start_run("score", args)
     try:
         pairs = read_candidates(candidates) if candidates else None
         step("reading user%s vectors from %s", " and item" if pairs is not None else "", db_path)
-        with open_waiting(db_path, wait_s=wait_s) as cat:  # read phase
+        with Catalog(db_path, wait_s=wait_s) as cat:  # read phase
             model_hash = args["model_hash"] = resolve_model_hash(cat, None, model_hash)
             if pairs is not None:
                 wanted = list(dict.fromkeys(pairs["item_id"].to_pylist()))
@@ -653,12 +637,12 @@ def score_job(db_path: str | Path, model_hash: str | None, cfg: ScoreConfig, *, 
             result = rank(root, model_hash, who, cfg, run_id)
     except BaseException as err:
         status, error = run_outcome(err)
-        with open_waiting(db_path, wait_s=wait_s) as cat:
+        with Catalog(db_path, wait_s=wait_s) as cat:
             cat.finish_run(run_id, status, error=error, args=args)
         raise
     if out:
         _write_parquet(result.table, Path(out))
-    with open_waiting(db_path, wait_s=wait_s) as cat:
+    with Catalog(db_path, wait_s=wait_s) as cat:
         with cat.transaction():
             if table:
                 write_results(cat, result, table)

@@ -51,12 +51,7 @@ def bf16_supported(device: torch.device) -> bool:
     auto` setting (train, align) asks."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return device.type == "cpu" and packed_linear.native_cpu_bf16()
 
 
 def resolve_dtype(dtype: str, device: str | torch.device | None = None) -> str:

@@ -34,7 +34,16 @@ def available(dtype: torch.dtype = torch.float32) -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     if not kernels or dtype != torch.bfloat16:
         return kernels
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return native_cpu_bf16()
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU runs bf16 natively as oneDNN reports it (AVX512-BF16 / AMX; at least
+    AVX512-BW for its kernels); elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class PackedLinear(nn.Module):
