@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 from bench_common import DATA, OUT, load_books, load_histories, peak_rss_mb, save, table
-from embsum.offline.align import CatalogData, align
+from embsum.offline.align import align
 from embsum.offline.commands.align import recipe_values
+from embsum.offline.data import CatalogData
 from embsum.offline.texts import item_text
 
 from embsum.alignment.align_config import AlignConfig
@@ -45,7 +46,7 @@ IMPRESSION = ("auc", "mrr", "ndcg@5", "ndcg@10")
 def catalog_data(data: Path) -> CatalogData:
     ids, titles, descs = load_books(data)
     order = np.argsort(np.array(ids, dtype=object), kind="stable")
-    return CatalogData([ids[i] for i in order], [item_text(titles[i], descs[i]) for i in order], load_histories(data))
+    return CatalogData([ids[i] for i in order], [item_text(titles[i], descs[i]) for i in order], load_histories(data), {})
 
 
 def encode_all(model, data: CatalogData, eval_set, cfg: AlignConfig, cache, progress: bool):
@@ -54,10 +55,10 @@ def encode_all(model, data: CatalogData, eval_set, cfg: AlignConfig, cache, prog
     from embsum.inference.encoding import encode_item_texts, encode_user_histories
 
     dtype = "bf16" if cfg.bf16 != "off" else "fp32"
-    cpe, cpe_prime = encode_item_texts(model, data.texts, batch_size=cfg.encode_batch, dtype=dtype,
+    cpe, cpe_prime = encode_item_texts(model, data.item_texts, batch_size=cfg.encode_batch, dtype=dtype,
                                        progress=progress, cache=cache)
     index = eval_set.item_index
-    upe = encode_user_histories(model, [[data.texts[index[i]] for i in u.history] for u in eval_set.users],
+    upe = encode_user_histories(model, [[data.item_texts[index[i]] for i in u.history] for u in eval_set.users],
                                 dtype=dtype, progress=progress, cache=cache)
     return cpe, cpe_prime, upe
 
@@ -69,7 +70,7 @@ def inference_cost(model, data: CatalogData, cpe, cpe_prime, upe, cfg: AlignConf
     from embsum.inference.encoding import encode_item_texts
     from embsum.model.scoring import poly_score_matrix
 
-    texts = data.texts[:n_items]
+    texts = data.item_texts[:n_items]
     dtype = "bf16" if cfg.bf16 != "off" else "fp32"
     t0 = time.perf_counter()
     encode_item_texts(model, texts, batch_size=cfg.encode_batch, dtype=dtype, progress=False)
@@ -175,13 +176,13 @@ def main() -> None:
     shared = base.lora_scope == "decoder"
     cache = StateCache() if shared else None
     cache_file = Path(args.state_cache) if args.state_cache and shared else None
-    reused = cache_file is not None and load_state_cache(cache_file, data.texts, sft, cache)
+    reused = cache_file is not None and load_state_cache(cache_file, data.item_texts, sft, cache)
     t0 = time.perf_counter()
-    bank = build_bank(sft, data.texts, base.encode_batch, "cpu", base.bf16 != "off", progress=not args.quiet, cache=cache)
+    bank = build_bank(sft, data.item_texts, base.encode_batch, "cpu", base.bf16 != "off", progress=not args.quiet, cache=cache)
     bank_s = time.perf_counter() - t0
     if cache_file is not None and not reused:
-        save_state_cache(cache_file, data.texts, cache)
-    log.info("SFT %s: catalog encoded in %.0fs (%d items%s)", sft_hash, bank_s, len(data.texts),
+        save_state_cache(cache_file, data.item_texts, cache)
+    log.info("SFT %s: catalog encoded in %.0fs (%d items%s)", sft_hash, bank_s, len(data.item_texts),
              ", encoder states from " + str(cache_file) if reused else "")
 
     results = {"SFT (unaligned)": measure("sft", sft, data, eval_set, base, cache, args)}

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from embsum.index.catalog import Catalog, run_outcome
 from embsum.offline.common import progress_shown
+from embsum.offline.data import CatalogData, load_catalog_data
 from embsum.offline.errors import UserError
-from embsum.offline.texts import item_texts
 
 from embsum.alignment.align_trainer import (
     AlignConfig,
@@ -43,24 +42,12 @@ class AlignError(UserError):
     """A problem with the inputs of an alignment run (one clear line for the user)."""
 
 
-@dataclass
-class CatalogData:
-    item_ids: list[str]  # sorted as strings: the order of texts, bank rows and score columns
-    texts: list[str]
-    histories: dict[str, list[str]]
-
-    @property
-    def index(self) -> dict[str, int]:
-        return {item: i for i, item in enumerate(self.item_ids)}
-
-
 def read_catalog(cat: Catalog) -> CatalogData:
-    items = cat.items()
-    ids = items.column("item_id").to_pylist()
-    texts = item_texts(items)
-    if not ids:
+    """Items, positives and explicit dislikes (no summaries: alignment does not train on them)."""
+    data = load_catalog_data(cat, summary_source="none")
+    if not data.item_ids:
         raise AlignError("the catalog has no items: run `embsum ingest` first")
-    return CatalogData(ids, texts, cat.histories())
+    return data
 
 
 def stored_bank(cat: Catalog, model_hash: str, item_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -83,7 +70,10 @@ def align_data(data: CatalogData, cfg: AlignConfig) -> AlignData:
             examples.append((user, [index[i] for i in history if i in index], index[target]))
     if not examples:
         raise AlignError("no training examples: alignment needs train-split users with >= 2 items")
-    return AlignData(examples, {u: histories[u] for u, _, _ in examples}, data.texts)
+    users = dict.fromkeys(u for u, _, _ in examples)  # ordered, each once
+    dislikes = {u: [index[i] for i in d if i in index] for u, d in data.dislikes.items() if u in users}
+    return AlignData(examples, {u: histories[u] for u in users}, data.item_texts,
+                     dislikes={u: d for u, d in dislikes.items() if d})
 
 
 def candidate_scorer(model, eval_set: EvalSet, texts: list[str], batch_size: int, device, bf16: bool,
@@ -114,7 +104,7 @@ def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool, cache
         return None
 
     def run(model):
-        scorer = candidate_scorer(model, eval_set, data.texts, cfg.encode_batch, device, bf16, full_ranking=False,
+        scorer = candidate_scorer(model, eval_set, data.item_texts, cfg.encode_batch, device, bf16, full_ranking=False,
                                   cache=cache)
         report = evaluate(eval_set, scorer, full_ranking=False)
         return report, dev_score(report)
@@ -173,7 +163,7 @@ def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None
     if bank is None and (cfg.strategy != "random" or frozen_encoder):
         # The SFT model's item vectors (where the policy starts); with a frozen encoder the same
         # pass keeps every item's token states, so no step runs the encoder again.
-        bank = build_bank(sft.to(device), data.texts, cfg.encode_batch, device, bf16,
+        bank = build_bank(sft.to(device), data.item_texts, cfg.encode_batch, device, bf16,
                           progress=progress is not None and progress_shown(), cache=adata.cache)
     if bank is not None:
         adata.bank = (bank[0].clone(), bank[1].clone())  # updated in place by the steps

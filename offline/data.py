@@ -28,6 +28,11 @@ class CatalogData:
     # user -> explicit dislikes (label-0 interactions that are no positive), sorted: hard negatives
     dislikes: dict[str, list[str]] = field(default_factory=dict)
 
+    @property
+    def index(self) -> dict[str, int]:
+        """item id -> its position in item_ids (the row of texts, bank rows and score columns)."""
+        return {item: i for i, item in enumerate(self.item_ids)}
+
 
 def read_summaries(cat: Catalog, source: str = SUMMARY_ANY) -> dict[str, str]:
     """'any': the newest unflagged summary matching each user's history, whatever wrote it;

@@ -24,6 +24,10 @@ class AlignConfig(_Base):
     pool_refresh: int = field(default=50, metadata={"help": "A user's pool is rebuilt once it is this many steps old."})
     pool_temperature: float = field(default=0.0, metadata={"help": (
         "rodpo sampling inside the pool: 0 uniform, > 0 softmax(score / temperature).")})
+    dislike_share: float = field(default=0.0, metadata={"help": (
+        "Probability that an example whose user has explicit dislikes (label-0 interactions) takes "
+        "one of them as its rejected item instead of the strategy's pick: a dislike is a sure "
+        "negative. 0: off (catalogs without dislikes are unaffected either way).")})
     aux_weight: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss."})
     nce_weight: float = field(default=0.0, metadata={"help": "Weight of the SFT NCE loss kept during alignment (0: off)."})
     nce_temperature: float = field(default=0.05, metadata={"help": "NCE softmax temperature (as in training)."})
@@ -73,6 +77,7 @@ class AlignConfig(_Base):
         _check(self.beta > 0, "beta must be > 0")
         _check(self.pool_size >= 1 and self.pool_refresh >= 1, "pool_size and pool_refresh must be >= 1")
         _check(self.pool_temperature >= 0, "pool_temperature must be >= 0")
+        _check(0.0 <= self.dislike_share <= 1.0, "dislike_share must be in [0, 1]")
         _check(self.aux_weight >= 0 and self.nce_weight >= 0, "aux_weight and nce_weight must be >= 0")
         _check(self.nce_temperature > 0, "nce_temperature must be > 0")
         _check(self.epochs > 0 or self.max_steps > 0, "epochs or max_steps must be > 0")

@@ -26,7 +26,7 @@ import contextlib
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,8 @@ class AlignData:
 
     examples: (user key, history item indices oldest first, chosen item index);
     positives: user key -> every item index the user is known to like (never a rejected item);
-    item_texts: text of each item index; bank: the item CPE (cpe, cpe_prime) [I, n, d] in the
+    item_texts: text of each item index; dislikes: user key -> item indices the user explicitly
+    disliked (label 0; rejected items with `dislike_share`); bank: the item CPE (cpe, cpe_prime) [I, n, d] in the
     same order (from precompute, or `build_bank`)."""
 
     examples: list[tuple[str, list[int], int]]
@@ -64,6 +65,7 @@ class AlignData:
     item_texts: list[str]
     bank: tuple[torch.Tensor, torch.Tensor] | None = None
     cache: StateCache | None = None  # encoder token states by text (only when the encoder is frozen)
+    dislikes: dict[str, list[int]] = field(default_factory=dict)
 
 
 def build_bank(model, texts: Sequence[str], batch_size: int, device, bf16: bool, progress: bool = True,
@@ -156,7 +158,7 @@ class AlignTrainer(TrainingMethod):
         self.out = Path(config.out)
         self.sampler = NegativeSampler(config.strategy, num_items=len(data.item_texts), pool_size=config.pool_size,
                                        refresh=config.pool_refresh, temperature=config.pool_temperature,
-                                       seed=config.seed)
+                                       seed=config.seed, dislike_share=config.dislike_share)
         self.bank_rows: set[int] = set()  # bank rows the steps rewrote (saved: a resumed run needs them)
         self._order: tuple[int, list[int]] | None = None  # (epoch, shuffled example order)
         self.device = resolve_device(config.device)
@@ -259,7 +261,8 @@ class AlignTrainer(TrainingMethod):
         if c.strategy != "random":
             parts = dist.gather_objects(None if upe is None else upe.detach().float().cpu())
             pool_fn = self.pool_fn(torch.cat([p for p in parts if p is not None]), all_positives)
-        rejected = self.sampler.sample(all_users, all_positives, step, pool_fn)[mine]
+        dislikes = [self.data.dislikes.get(u, []) for u in all_users] if self.data.dislikes else None
+        rejected = self.sampler.sample(all_users, all_positives, step, pool_fn, dislikes)[mine]
         extra = None
         if c.nce_weight > 0 and c.nce_negatives > 0:
             extra = torch.randint(len(self.data.item_texts), (c.nce_negatives,), generator=self.sampler.generator)

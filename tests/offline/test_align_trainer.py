@@ -135,3 +135,22 @@ def test_decoder_scope_steps_reuse_cached_encoder_states(sft, tmp_path, monkeypa
     first = trainer.train_step(data.examples[:4])
     assert first["dpo"] == pytest.approx(math.log(2), abs=1e-6)
     assert min(trainer.train_step(data.examples[:4])["dpo"] for _ in range(4)) < math.log(2)
+
+
+def test_dislike_share_one_makes_every_dislike_holder_reject_a_dislike(sft, tmp_path, monkeypatch):
+    """`dislike_share` reaches the loop: with 1.0, each example of a user with explicit dislikes
+    gets one of them as its rejected item; users without keep the strategy's pick."""
+    cfg = config(tmp_path, dislike_share=1.0)
+    data = tiny_data(sft)
+    data.dislikes = {"u1": [11], "u2": [10, 11]}
+    trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, data)
+    seen = []
+    sample = trainer.sampler.sample
+    monkeypatch.setattr(trainer.sampler, "sample", lambda *a, **kw: seen.append(sample(*a, **kw)) or seen[-1])
+    batch = [ex for ex in data.examples if ex[0] in ("u1", "u2", "u3")][:6]
+    trainer.train_step(batch)
+    rejected = seen[0].tolist()
+    for (user, _, _), item in zip(batch, rejected):
+        if user in data.dislikes:
+            assert item in data.dislikes[user]
+    assert {u for u, _, _ in batch} == {"u1", "u2", "u3"}

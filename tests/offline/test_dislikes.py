@@ -49,3 +49,24 @@ def test_train_data_carries_the_dislikes_to_the_sampler(tmp_path):
     negs = sample_negatives_with_dislikes(np.random.default_rng(0), len(td.item_ids), 3, td.positives["u1"],
                                           td.dislike_index["u1"], 2 / 3)
     assert set(negs[:2].tolist()) == {d, e} and not set(negs.tolist()) & set(td.positives["u1"].tolist())
+
+
+def test_align_data_carries_the_dislikes_as_item_indices(tmp_path):
+    """RoDPO's `dislike_share` swaps in these as rejected items (NegativeSampler)."""
+    import pytest
+    from embsum.alignment.align_config import AlignConfig
+    from embsum.config import ConfigError
+    from embsum.offline.align import align_data
+
+    db = tmp_path / "c.duckdb"
+    _catalog_with_dislikes(db)
+    with Catalog(db, read_only=True) as cat:
+        data = load_catalog_data(cat, summary_source="none")
+    data.histories = {f"{u}-{k}": h for u, h in data.histories.items() for k in range(40)}
+    data.dislikes = {f"{u}-{k}": d for u, d in data.dislikes.items() for k in range(40)}
+    adata = align_data(data, AlignConfig(dislike_share=0.5))
+    trained = {u for u, _, _ in adata.examples}
+    assert adata.dislikes and set(adata.dislikes) == {u for u in trained if u.startswith("u1-")}
+    assert all(d == [data.index["d"], data.index["e"]] for d in adata.dislikes.values())
+    with pytest.raises(ConfigError, match="dislike_share"):
+        AlignConfig(dislike_share=1.5)
