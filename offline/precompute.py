@@ -135,7 +135,7 @@ def limit_db_memory(cat: Catalog, cfg: PrecomputeConfig) -> None:
         cat.con.execute(f"SET memory_limit = '{cfg.db_memory}'")
 
 
-def _write_settings(cfg: PrecomputeConfig) -> dict[str, str]:
+def write_settings(cfg: PrecomputeConfig) -> dict[str, str]:
     """DuckDB settings while vectors are written: the bulk-write ones (see E.BULK_WRITE_SETTINGS)
     and the memory cap. Made with `Catalog.configured`, so they survive a release and reconnect."""
     return {**E.BULK_WRITE_SETTINGS, **({"memory_limit": cfg.db_memory} if cfg.db_memory else {})}
@@ -200,7 +200,7 @@ def item_work(cat: Catalog, model_hash: str) -> tuple[int, pa.Table]:
     return keys.num_rows, E.missing(cat, model_hash, E.ITEM, keys)
 
 
-def _read_items(cat: Catalog, todo: pa.Table) -> tuple[pa.Table, list[str]]:
+def read_items(cat: Catalog, todo: pa.Table) -> tuple[pa.Table, list[str]]:
     """The catalog rows of a work-list slice, in its order, and their texts (an item deleted
     since the list was made is left out; an edited one comes with its new text and key)."""
     ids = todo["item_id"]
@@ -239,8 +239,8 @@ def precompute_items(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig
         cat.release()
 
     try:
-        with cat.configured(**_write_settings(cfg)):
-            encode_ahead(_chunks(cat, todo, cfg.chunk_size, lambda part: _read_items(cat, part), stop),
+        with cat.configured(**write_settings(cfg)):
+            encode_ahead(_chunks(cat, todo, cfg.chunk_size, lambda part: read_items(cat, part), stop),
                          encode, write, stop)
     finally:
         _close(bar)
@@ -249,7 +249,7 @@ def precompute_items(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig
     return counts
 
 
-def _user_texts(cat: Catalog, user_ids: list[str]) -> dict[str, list[str]]:
+def user_texts(cat: Catalog, user_ids: list[str]) -> dict[str, list[str]]:
     """user -> the texts of their history items, oldest first (unknown items dropped)."""
     histories = cat.histories(user_ids)
     needed = {i for h in histories.values() for i in h}
@@ -283,7 +283,7 @@ def precompute_users(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig
     def read(part: pa.Table):
         """(user ids, history hashes, history texts) of the slice's users with a history."""
         ids, hashes = part["user_id"].to_pylist(), part["history_hash"].to_pylist()
-        texts = _user_texts(cat, ids)
+        texts = user_texts(cat, ids)
         keep = [k for k, u in enumerate(ids) if texts[u]]
         counts["users_empty"] += len(ids) - len(keep)
         if bar is not None:
@@ -306,7 +306,7 @@ def precompute_users(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig
         cat.release()
 
     try:
-        with cat.configured(**_write_settings(cfg)):
+        with cat.configured(**write_settings(cfg)):
             encode_ahead(_chunks(cat, todo, cfg.chunk_size, read, stop), encode, write, stop)
     finally:
         _close(bar)

@@ -504,7 +504,7 @@ class Scored:
     index_version: str | None = None
 
 
-def _reject(rejects: list[dict], counts: dict, what: str, line, raw: str, reason: str) -> None:
+def record_reject(rejects: list[dict], counts: dict, what: str, line, raw: str, reason: str) -> None:
     """Record a skipped input (`what`: "users" or "pairs") for the rejects table and the counts."""
     rejects.append({"line": line, "raw": raw, "reason": reason})
     counts[f"skipped_{what}"] = counts.get(f"skipped_{what}", 0) + 1
@@ -548,11 +548,11 @@ def score_candidates(pairs: pa.Table, users: Users, items, known_items: set, mod
     keep_u, keep_i = [], []
     for line, (u, i) in enumerate(zip(pairs["user_id"].to_pylist(), pairs["item_id"].to_pylist()), start=2):
         if u not in urow:  # line 1 is the header
-            _reject(rejects, counts, "pairs", line, f"{u}\t{i}", users.why.get(u, "unknown user"))
+            record_reject(rejects, counts, "pairs", line, f"{u}\t{i}", users.why.get(u, "unknown user"))
         elif i not in irow:
             why = "unknown item" if i not in known_items else \
                 "no item vector for the current text: run `embsum precompute`"
-            _reject(rejects, counts, "pairs", line, f"{u}\t{i}", why)
+            record_reject(rejects, counts, "pairs", line, f"{u}\t{i}", why)
         else:
             keep_u.append(urow[u])
             keep_i.append(irow[i])
@@ -571,7 +571,7 @@ def rank_users(snap: S.Snapshot, users: Users, cfg: ScoreConfig, run_id: str) ->
     """Top-N per user from the index: retrieve, exact re-rank (see `recommend`)."""
     rejects, counts = [], {"users_read": len(users.ids) + len(users.why)}
     for u, why in users.why.items():
-        _reject(rejects, counts, "users", None, u, why)
+        record_reject(rejects, counts, "users", None, u, why)
     out_u, out_i, out_s, out_r, certified = [], [], [], [], 0
     ids = snap.item_ids()
     bar = progress(total=len(users.ids), desc="scoring users", unit=" users")  # moves per batch of users

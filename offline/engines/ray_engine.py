@@ -327,13 +327,13 @@ def _checked_hash(checkpoint: str) -> str:
 def _export_items(cat: Catalog, work: WorkDir, job: str, cfg: PrecomputeConfig, size: int, salt: dict,
                   counts: dict) -> list[Partition]:
     """The items still to encode as partitions: `item_work`'s order cut every `size` rows."""
-    from embsum.offline.precompute import _read_items, item_work
+    from embsum.offline.precompute import item_work, read_items
 
     total, todo = item_work(cat, salt["model_hash"])
     counts.update(items_encoded=0, items_skipped=total - todo.num_rows, item_texts_encoded=0)
     parts = []
     for start in range(0, todo.num_rows, size):
-        rows, texts = _read_items(cat, todo.slice(start, size))
+        rows, texts = read_items(cat, todo.slice(start, size))
         if not texts:
             continue
         table = pa.table({"item_id": rows["item_id"], "content_hash": rows["content_hash"],
@@ -346,7 +346,7 @@ def _export_items(cat: Catalog, work: WorkDir, job: str, cfg: PrecomputeConfig, 
 def _export_users(cat: Catalog, work: WorkDir, job: str, size: int, salt: dict, counts: dict) -> list[Partition]:
     """The users still to encode as partitions (`user_work`'s order; users with no history left
     out and counted, as the local engine does)."""
-    from embsum.offline.precompute import _user_texts, user_work
+    from embsum.offline.precompute import user_texts, user_work
 
     total, todo = user_work(cat, salt["model_hash"])
     counts.update(users_encoded=0, users_skipped=total - todo.num_rows, users_empty=0)
@@ -354,7 +354,7 @@ def _export_users(cat: Catalog, work: WorkDir, job: str, size: int, salt: dict, 
     for start in range(0, todo.num_rows, size):
         part = todo.slice(start, size)
         ids, hashes = part["user_id"].to_pylist(), part["history_hash"].to_pylist()
-        texts = _user_texts(cat, ids)
+        texts = user_texts(cat, ids)
         keep = [k for k, u in enumerate(ids) if texts[u]]
         counts["users_empty"] += len(ids) - len(keep)
         if not keep:
@@ -386,7 +386,7 @@ def _load_shards(cat: Catalog, work: WorkDir, job: str, parts: list[Partition], 
     """Every finished shard of `parts` into the catalog in one transaction, through the local
     engine's writes (a re-encoded row replaces its old one, so a shard loaded twice leaves one
     row per id)."""
-    from embsum.offline.precompute import _write_settings
+    from embsum.offline.precompute import write_settings
 
     done = [p for p in parts if work.exists(work.path(job, "out", p.name))]
     spaces: dict[str, E.Space] = {}
@@ -397,7 +397,7 @@ def _load_shards(cat: Catalog, work: WorkDir, job: str, parts: list[Partition], 
             spaces[kind] = E.ensure_space(cat, model_hash, kind, *shape)
     if not done:
         return
-    with cat.configured(**_write_settings(cfg)), cat.transaction():
+    with cat.configured(**write_settings(cfg)), cat.transaction():
         for p in done:
             shard = work.read(work.path(job, "out", p.name))
             kind = E.ITEM if p.kind == "items" else E.USER
@@ -495,7 +495,7 @@ def ranker(ecfg: EngineConfig, db_path: str | Path) -> Callable:
 
 def _rank(root: Path, model_hash: str, who, cfg: ScoreConfig, run_id: str, ecfg: EngineConfig, db_path):
     from embsum.index import snapshot as S
-    from embsum.offline.scoring import Scored, _reject
+    from embsum.offline.scoring import Scored, record_reject
 
     version, manifest = S.read_manifest(root)
     S.check_model(root, manifest, model_hash)
@@ -525,7 +525,7 @@ def _rank(root: Path, model_hash: str, who, cfg: ScoreConfig, run_id: str, ecfg:
                        " run the same command again")
     rejects, counts = [], {"users_read": len(who.ids) + len(who.why)}
     for u, why in who.why.items():
-        _reject(rejects, counts, "users", None, u, why)
+        record_reject(rejects, counts, "users", None, u, why)
     shards = [work.read(work.path(job, "out", p.name)) for p in parts]
     certified = sum(int(s.schema.metadata[b"users_certified_exact"]) for s in shards)
     # a shard reused from a killed run carries that run's id: the rows are this run's output
