@@ -1,15 +1,20 @@
-"""EmbSum quality on goodreads-v1: train with a recipe, then the test table.
+"""EmbSum quality on goodreads-v1: train with a recipe, align, then the test table (issue 14).
 
-    .venv/bin/python benchmarks/quality_goodreads.py                       # goodreads_cpu recipe
+    .venv/bin/python benchmarks/quality_goodreads.py                       # goodreads_cpu + align_cpu
     .venv/bin/python benchmarks/quality_goodreads.py --summary-source none # lambda = 0 comparison
-    .venv/bin/python benchmarks/quality_goodreads.py --max-steps 50 --test-users 300   # smoke run
+    .venv/bin/python benchmarks/quality_goodreads.py --max-steps 20 --align-steps 10 --test-users 300  # smoke
 
-Trains EmbSum (poly-attention) and the single-vector ablation (mean pooling, same recipe), then
-evaluates both with the baselines (random, popularity, zero-shot backbone) in one run: uniform
-candidates, `pop` candidates and full ranking. Prints the Markdown table, training throughput
-(samples/s) and peak memory, and writes the JSON report. A frozen-encoder recipe encodes the
-catalog once: the same token states serve both trainings, both evaluations and the zero-shot
-baseline (same encoder, whole texts).
+Trains EmbSum (poly-attention) and the single-vector ablation (mean pooling, same recipe and
+levers), aligns the EmbSum SFT checkpoint with the align recipe's RoDPO and with hard-negative
+and random-negative DPO (the same recipe, only the negatives differ), then evaluates everything
+with the baselines (random, popularity, zero-shot backbone mean and max-sim) in one run: uniform
+candidates, `pop` candidates and full ranking, each with its 95% paired-bootstrap interval and
+its difference to EmbSum SFT (`--reference`). Prints the Markdown tables, each recipe's wall time
+on this machine, training throughput and peak memory; writes the JSON report and a plot (the
+headline metrics with their intervals, the dev curve of each recipe). A frozen-encoder recipe
+encodes the catalog once: the same token states serve the trainings, the alignments, every
+evaluation and the zero-shot baseline (same encoder, whole texts). Checkpoints are chosen on dev
+users only; the table is on test users.
 Needs ../shared/data/goodreads (ingested into --db when that file does not exist yet).
 """
 
@@ -79,21 +84,52 @@ def train_variants(data, train_cfg, model_cfg, variants, out: Path, cache):
                            "samples_per_s": round(result.samples_per_s, 2), "train_s": round(trainer.train_time, 1),
                            "wall_s": round(result.wall_s, 1), "peak_memory_mb": round(result.peak_memory_mb),
                            "best_dev_score": result.best_score, "best_hash": result.best_hash,
-                           "first_losses": result.losses[:3], "last_losses": result.losses[-3:]}
+                           "first_losses": result.losses[:3], "last_losses": result.losses[-3:],
+                           "dev_history": result.dev_history}
         print(f"{label}: {result.steps} steps, {result.samples_per_s:.1f} samples/s, "
               f"peak memory {result.peak_memory_mb:.0f} MB, best dev {result.best_score}", flush=True)
         del model, trainer
     return training, dtype, key
 
 
+ALIGNED = {"rodpo": "EmbSum + RoDPO", "hard": "EmbSum + hard-negative DPO", "random": "EmbSum + random-negative DPO"}
+
+
+def align_variants(data, sft_dir: Path, strategies: list[str], recipe: str, overrides: dict, out: Path,
+                   cache) -> dict:
+    """Align the SFT checkpoint once per negative strategy with the align recipe (dev users
+    evaluated every `eval_every` steps: OUT/best is chosen on dev). The SFT encoder's token
+    states in `cache` serve every run (lora_scope 'decoder'). Returns training figures per label."""
+    from embsum.offline.align import align
+    from embsum.offline.commands.align import recipe_values
+
+    from embsum.alignment.align_config import AlignConfig
+    from embsum.model.checkpoint import load_checkpoint
+
+    base = AlignConfig(**{**recipe_values(recipe), **{k: v for k, v in overrides.items() if v}})
+    training = {}
+    for strategy in strategies:
+        label = ALIGNED[strategy]
+        cfg = base.replace(strategy=strategy, out=str(out / f"align_{strategy}"), resume=False)
+        sft, sft_hash = load_checkpoint(sft_dir)
+        print(f"{label}: recipe {recipe}, {cfg.max_steps} steps, beta {cfg.beta}, K {cfg.pool_size}", flush=True)
+        summary = align(sft, sft_hash, data, cfg, progress=None, cache=cache if cfg.lora_scope == "decoder" else None)
+        training[label] = {"folder": f"align_{strategy}", "steps": summary["steps"], "wall_s": summary["wall_s"],
+                           "train_s": summary["wall_s"], "samples_per_s": round(summary["examples_per_s"], 2),
+                           "peak_memory_mb": None, "best_dev_score": summary["best"],
+                           "dev_history": summary["dev_history"], "config": cfg.to_dict()}
+        print(f"{label}: {summary['steps']} steps in {summary['wall_s']:.0f}s, best dev {summary['best']}", flush=True)
+    return training
+
+
 def evaluate_variants(data, training, out: Path, train_cfg, dtype, key, cache, test_users: int,
-                      baselines: bool = True) -> dict:
+                      baselines: bool = True, reference: str = "auto") -> dict:
     """goodreads-v1 test table of the trained variants (their best checkpoints) + the baselines."""
     from embsum.offline.evaluate import EvaluateConfig, Evaluation
 
     shared = {key: cache} if train_cfg.freeze_encoder and key is not None else None
     evaluation = Evaluation(data, EvaluateConfig(split="test", users=test_users, dtype=dtype, device=train_cfg.device,
-                                                 zero_shot_max_tokens=256, baselines=baselines),
+                                                 zero_shot_max_tokens=256, baselines=baselines, reference=reference),
                             progress=True, caches=shared)
     for label, info in training.items():
         evaluation.add_checkpoint(str(out / info["folder"] / "best"), name=label)
@@ -103,11 +139,53 @@ def evaluate_variants(data, training, out: Path, train_cfg, dtype, key, cache, t
 
 
 def print_training(training: dict) -> None:
-    print("| training | steps | samples/s | train s | peak memory MB | best dev score |")
+    print("| recipe | steps | samples/s | wall s (this machine) | peak memory MB | best dev score |")
     print("|---|---|---|---|---|---|")
     for label, info in training.items():
-        print(f"| {label} | {info['steps']} | {info['samples_per_s']} | {info['train_s']} | "
-              f"{info['peak_memory_mb']} | {info['best_dev_score']:.4f} |")
+        best = "-" if info["best_dev_score"] is None else f"{info['best_dev_score']:.4f}"
+        print(f"| {label} | {info['steps']} | {info['samples_per_s']} | {info['wall_s']} | "
+              f"{info['peak_memory_mb'] or '-'} | {best} |")
+
+
+HEADLINE = (("uniform", "ndcg@10", "uniform nDCG@10"), ("pop", "ndcg@10", "pop nDCG@10"),
+            ("full", "recall@100", "full Recall@100"))
+
+
+def plot(report: dict, training: dict, path: Path) -> Path:
+    """The headline metrics with their 95% intervals (one panel each), and every recipe's dev curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    fig, axes = plt.subplots(1, len(HEADLINE) + 1, figsize=(5 * (len(HEADLINE) + 1), 0.45 * len(models) + 2))
+    names = [m["name"] for m in models]
+    for ax, (cands, metric, title) in zip(axes, HEADLINE):
+        mean = [m["metrics"][cands][metric] for m in models]
+        low = [m["intervals"][cands][metric][0] for m in models]
+        high = [m["intervals"][cands][metric][1] for m in models]
+        y = list(range(len(models)))
+        ax.errorbar(mean, y, xerr=[[a - b for a, b in zip(mean, low)], [b - a for a, b in zip(mean, high)]],
+                    fmt="o", capsize=3)
+        ax.set_yticks(y, names if ax is axes[0] else [""] * len(y))
+        ax.invert_yaxis()
+        ax.set_title(f"{title} (95% interval)")
+        ax.grid(axis="x", alpha=0.3)
+    curves = axes[-1]
+    for label, info in training.items():
+        history = info.get("dev_history") or []
+        if history:
+            curves.plot([h["step"] for h in history], [h["score"] for h in history], marker="o", label=label)
+    curves.set_xlabel("step")
+    curves.set_ylabel("dev score: mean of uniform and pop nDCG@10")
+    curves.set_title("dev curve of each recipe")
+    curves.legend(fontsize=7)
+    fig.suptitle(f"goodreads-v1 {report['split']} ({report['evaluated_users']} users)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def main() -> None:
@@ -123,6 +201,11 @@ def main() -> None:
     parser.add_argument("--train-users", type=int, default=None, help="train on the first N train users only")
     parser.add_argument("--test-users", type=int, default=0, help="evaluate only the first N test users (0: all)")
     parser.add_argument("--no-ablation", action="store_true", help="skip the single-vector ablation")
+    parser.add_argument("--align-recipe", default="align_cpu")
+    parser.add_argument("--align", default="rodpo,hard,random", help="negative strategies to align with ('': none)")
+    parser.add_argument("--align-steps", type=int, default=None, help="override the align recipe's max_steps")
+    parser.add_argument("--align-eval-every", type=int, default=50, help="dev evaluation (and selection) every N steps")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "quality_goodreads.png")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -147,7 +230,14 @@ def main() -> None:
         variants.append(("single-vector ablation (mean)", "single_vector", {"pooling": "mean"}, data))
     cache = StateCache()
     training, dtype, key = train_variants(data, train_cfg, model_cfg, variants, args.out, cache)
-    report = evaluate_variants(data, training, args.out, train_cfg, dtype, key, cache, args.test_users)
+    strategies = [s.strip() for s in args.align.split(",") if s.strip()]
+    if strategies:
+        training.update(align_variants(data, args.out / "embsum" / "best", strategies, args.align_recipe,
+                                       {"max_steps": args.align_steps, "eval_every": args.align_eval_every,
+                                        "dev_users": train_cfg.dev_users},  # the SFT curve's dev users
+                                       args.out, cache))
+    report = evaluate_variants(data, training, args.out, train_cfg, dtype, key, cache, args.test_users,
+                               reference=variants[0][0])
     report.update({"recipe": args.recipe, "train_config": train_cfg.to_dict(), "model_config": model_cfg.to_dict(),
                    "summary_source": summary_source, "training": training,
                    "total_wall_s": round(time.time() - started, 1)})
@@ -157,6 +247,7 @@ def main() -> None:
     print()
     print(markdown_table(report))
     print_training(training)
+    print(f"plot: {plot(report, training, args.plot)}")
     print(f"\ntotal wall time {report['total_wall_s']:.0f}s; report: {args.out / 'report.json'}")
 
 

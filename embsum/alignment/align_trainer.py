@@ -315,7 +315,7 @@ class AlignTrainer(TrainingMethod):
         run = self.loop.run()
         if self.loop.dist.is_main:
             save_adapters(self.policy.peft, self.out / "adapters")
-        return {"steps": run.steps, "best": run.best_score, "dev": run.final_report,
+        return {"steps": run.steps, "best": run.best_score, "dev": run.final_report, "dev_history": run.dev_history,
                 "expert_shares": self.policy.moe.expert_shares(), "pools_refreshed": self.sampler.refreshed,
                 "examples_per_s": run.examples_per_s_this_session}
 
