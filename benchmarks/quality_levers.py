@@ -5,12 +5,16 @@ difference of every row to the current recipe (poly, no lever).
     .venv/bin/python benchmarks/quality_levers.py                          # every variant, 500 steps
     .venv/bin/python benchmarks/quality_levers.py --max-steps 200 --dev-users 500
     .venv/bin/python benchmarks/quality_levers.py --variants recipe,poly_uniform,poly_logq
+    .venv/bin/python benchmarks/quality_levers.py --variants steps_1000 \
+        --existing "recipe (poly)=bench-out/levers/recipe/best" --out bench-out/levers-steps
 
 Levers (config fields): `poly_init = "uniform"` (codes start at the masked mean),
 `logq_correction` (sampling-bias correction of in-batch negatives), `item_prior = "content"`
 (a precomputable per-item prior), `dislike_negatives` (a share of NCE negatives from label-0
 interactions: only where the catalog has dislikes; goodreads-v1 has none, so it is skipped
-there). Never evaluates on test users: the recipe's defaults are chosen from this table.
+there); longer training (`steps_1000`, `steps_2000`). `--existing` adds a checkpoint an earlier
+run trained (the reference, typically) instead of training it again. Never evaluates on test
+users: the recipe's defaults are chosen from this table.
 Each variant is trained from the recipe without periodic dev evaluation (OUT/best = OUT/last, so
 no checkpoint is selected on the users it is then measured on), evaluated right after its
 training, and the table is rewritten after every variant (a partial run still reports).
@@ -46,6 +50,8 @@ VARIANTS = {
     "mean_logq": ("mean + logQ", {"pooling": "mean", "logq_correction": True}),
     "mean_prior": ("mean + item prior", {"pooling": "mean", "item_prior": "content"}),
     "mean_all": ("mean + all levers", {"pooling": "mean", **ALL_MEAN}),
+    "steps_1000": ("poly, 1000 steps", {"max_steps": 1000}),
+    "steps_2000": ("poly, 2000 steps", {"max_steps": 2000}),
 }
 
 
@@ -81,6 +87,9 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--existing", action="append", default=[], metavar="LABEL=CHECKPOINT", help=(
+        "a checkpoint a previous run of this script trained (e.g. 'recipe (poly)=bench-out/levers/recipe/best'): "
+        "evaluated beside the new variants instead of training it again"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -104,10 +113,12 @@ def main() -> None:
         print("the catalog has no explicit dislikes (label 0): skipping poly_dislikes", flush=True)
         keys.remove("poly_dislikes")
     cache, evaluation, training = StateCache(), None, {}
+    existing = dict(item.split("=", 1) for item in args.existing)
     args.out.mkdir(parents=True, exist_ok=True)
     for key in keys:
         label, changes = VARIANTS[key]
-        print(f"== {label}: {changes or 'the recipe as it is'}, {train_cfg.max_steps} steps", flush=True)
+        print(f"== {label}: {changes or 'the recipe as it is'}, {changes.get('max_steps', train_cfg.max_steps)} steps",
+              flush=True)
         ckpt, figures, dtype = train_one(data, train_cfg, model_cfg, changes, args.out / key, cache)
         training[label] = {**figures, "changes": changes}
         if evaluation is None:  # the trained encoder is frozen: its cached states serve evaluation too
@@ -121,6 +132,8 @@ def main() -> None:
                 resamples=args.resamples),
                 progress=False, caches=shared if train_cfg.freeze_encoder else None)
             evaluation.add_baselines()
+            for name, path in existing.items():
+                evaluation.add_checkpoint(path, name=name)
         evaluation.add_checkpoint(str(ckpt), name=label)
         # differences to the current recipe once its row exists (a run without it: to popularity)
         evaluation.cfg.reference = REFERENCE if REFERENCE in evaluation.per_user else "auto"
