@@ -115,7 +115,7 @@ def align_variants(data, sft_dir: Path, strategies: list[str], recipe: str, over
         print(f"{label}: recipe {recipe}, {cfg.max_steps} steps, beta {cfg.beta}, K {cfg.pool_size}", flush=True)
         summary = align(sft, sft_hash, data, cfg, progress=None, cache=cache if cfg.lora_scope == "decoder" else None)
         training[label] = {"folder": f"align_{strategy}", "steps": summary["steps"], "wall_s": summary["wall_s"],
-                           "train_s": summary["wall_s"], "samples_per_s": round(summary["examples_per_s"], 2),
+                           "samples_per_s": round(summary["examples_per_s"], 2),
                            "peak_memory_mb": None, "best_dev_score": summary["best"],
                            "dev_history": summary["dev_history"], "config": cfg.to_dict()}
         print(f"{label}: {summary['steps']} steps in {summary['wall_s']:.0f}s, best dev {summary['best']}", flush=True)

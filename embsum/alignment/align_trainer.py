@@ -56,9 +56,9 @@ class AlignData:
 
     examples: (user key, history item indices oldest first, chosen item index);
     positives: user key -> every item index the user is known to like (never a rejected item);
-    item_texts: text of each item index; dislikes: user key -> item indices the user explicitly
-    disliked (label 0; rejected items with `dislike_share`); bank: the item CPE (cpe, cpe_prime) [I, n, d] in the
-    same order (from precompute, or `build_bank`)."""
+    item_texts: text of each item index; bank: the item CPE (cpe, cpe_prime) [I, n, d] in the
+    same order (from precompute, or `build_bank`); dislikes: user key -> item indices the user
+    explicitly disliked (label 0: rejected items with `dislike_share`)."""
 
     examples: list[tuple[str, list[int], int]]
     positives: dict[str, list[int]]

@@ -73,6 +73,17 @@ def local_run(slice_state, tmp_path_factory):
     return local
 
 
+def same_vectors(local_db, ray_db, model_hash: str) -> tuple[dict, dict]:
+    """Assert both catalogs hold the same item and user ids with vectors within 1e-5; -> both states."""
+    a, b = embeddings_state(local_db, model_hash), embeddings_state(ray_db, model_hash)
+    for kind in (E.ITEM, E.USER):
+        assert sorted(a[kind]) == sorted(b[kind]), kind
+        for key, (_, *vecs) in a[kind].items():
+            for x, y in zip(vecs, b[kind][key][1:]):
+                np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+    return a, b
+
+
 @pytest.mark.slow
 @needs_ray
 def test_precompute_and_score_match_the_local_engine(ray_cluster, slice_state, local_run, tmp_path):
@@ -87,14 +98,10 @@ def test_precompute_and_score_match_the_local_engine(ray_cluster, slice_state, l
     from embsum.model.checkpoint import checkpoint_hash
 
     model_hash = checkpoint_hash(ckpt)
-    a, b = embeddings_state(local / "cat.duckdb", model_hash), embeddings_state(db, model_hash)
+    a, b = same_vectors(local / "cat.duckdb", db, model_hash)
     assert len(a[E.ITEM]) == N_BOOKS and len(a[E.USER]) == n_users
     for kind in (E.ITEM, E.USER):
-        assert sorted(a[kind]) == sorted(b[kind]), kind
-        for key, (h, *vecs) in a[kind].items():
-            assert b[kind][key][0] == h
-            for x, y in zip(vecs, b[kind][key][1:]):
-                np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+        assert all(b[kind][key][0] == h for key, (h, *_) in a[kind].items()), kind
 
     # Scoring: one catalog, one index, both engines; the same rows in the same order.
     cli("--db", db, "index", "--checkpoint", ckpt)
@@ -143,12 +150,7 @@ def test_killed_driver_resumes_without_duplicates(ray_cluster, slice_state, loca
             id_col = "item_id" if kind == E.ITEM else "user_id"
             rows, distinct = cat.con.execute(f"SELECT count(*), count(DISTINCT {id_col}) FROM {sp.table}").fetchall()[0]
             assert rows == distinct == want, kind
-    a, b = embeddings_state(local / "cat.duckdb", model_hash), embeddings_state(db, model_hash)
-    for kind in (E.ITEM, E.USER):
-        assert sorted(a[kind]) == sorted(b[kind])
-        for key, (_, *vecs) in a[kind].items():
-            for x, y in zip(vecs, b[kind][key][1:]):
-                np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+    same_vectors(local / "cat.duckdb", db, model_hash)
 
 
 def test_missing_ray_is_one_line_naming_the_extra(monkeypatch, tmp_path):
