@@ -85,11 +85,18 @@ def train_variants(data, train_cfg, model_cfg, variants, out: Path, cache):
                            "wall_s": round(result.wall_s, 1), "peak_memory_mb": round(result.peak_memory_mb),
                            "best_dev_score": result.best_score, "best_hash": result.best_hash,
                            "first_losses": result.losses[:3], "last_losses": result.losses[-3:],
-                           "dev_history": result.dev_history}
+                           "dev_history": result.dev_history,
+                           "popularity_weight": _popularity_weight(out / folder / "best")}
         print(f"{label}: {result.steps} steps, {result.samples_per_s:.1f} samples/s, "
-              f"peak memory {result.peak_memory_mb:.0f} MB, best dev {result.best_score}", flush=True)
+              f"peak memory {result.peak_memory_mb:.0f} MB, best dev {result.best_score}, "
+              f"popularity prior w {training[label]['popularity_weight']}", flush=True)
         del model, trainer
     return training, dtype, key
+
+
+def _popularity_weight(checkpoint: Path) -> float:
+    """The w of a checkpoint's popularity prior (chosen on dev users when the recipe asks)."""
+    return json.loads((checkpoint / "config.json").read_text())["model_config"].get("popularity_weight", 0.0)
 
 
 ALIGNED = {"rodpo": "EmbSum + RoDPO", "hard": "EmbSum + hard-negative DPO", "random": "EmbSum + random-negative DPO"}

@@ -76,6 +76,11 @@ class ModelConfig(_Base):
         "Per-item score prior b. 'content': a linear head on the item's mean-pooled token states, "
         "appended as one extra dimension to every CPE vector (and 1 to every UPE vector), so "
         "s = s_without + b and the vectors stay precomputable (d + 1 columns). 'none': no prior.")})
+    popularity_weight: float = field(default=0.0, metadata={"help": (
+        "w of the popularity prior: every score becomes s + w * log(1 + n_i), n_i being how many "
+        "users hold item i (train users in evaluation, the catalog's users when scoring). Counts "
+        "change nightly, so they are read when scoring and never enter the stored vectors. Set by "
+        "training with popularity_prior (chosen on dev users); 0: no prior.")})
 
     def __post_init__(self):
         self.fusion = _fusion_dict(self.fusion)
@@ -88,6 +93,7 @@ class ModelConfig(_Base):
         _check(self.poly_init in ("random", "uniform"), f"poly_init must be 'random' or 'uniform', not {self.poly_init!r}")
         _check(self.poly_init_noise >= 0, "poly_init_noise must be >= 0")
         _check(self.item_prior in ("none", "content"), f"item_prior must be 'none' or 'content', not {self.item_prior!r}")
+        _check(self.popularity_weight >= 0, "popularity_weight must be >= 0")
         if self.pooling == "mean":
             # One vector a side: the softmax over a single dot product is 1, so s = <u, v>.
             self.item_codes = self.user_codes = 1
@@ -105,7 +111,7 @@ class ModelConfig(_Base):
         return values
 
 
-_LEVERS_OMITTED_AT_DEFAULT = ("poly_init", "poly_init_noise", "item_prior")
+_LEVERS_OMITTED_AT_DEFAULT = ("poly_init", "poly_init_noise", "item_prior", "popularity_weight")
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
@@ -175,6 +181,12 @@ class TrainConfig(_Base):
     dislike_negatives: float = field(default=0.0, metadata={"help": (
         "Share of each example's k sampled negatives drawn from the user's explicit dislikes "
         "(label-0 interactions) when the user has any; the rest stay uniform. 0: off.")})
+    popularity_prior: bool = field(default=False, metadata={"help": (
+        "After training, choose the popularity prior's weight w (ModelConfig.popularity_weight: "
+        "s + w * log(1 + n_i)) on the dev users, from a fixed grid by the dev score (mean nDCG@10 "
+        "over uniform and pop candidates), and store it in OUT/best (OUT/last, what a resumed run "
+        "continues from, stays as trained). Without dev users "
+        "(all_users) it is skipped: pass the w a measured run chose as popularity_weight.")})
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, shuffling and negative sampling."})
     resume: bool = field(default=True, metadata={"help": "Continue from OUT/last when it exists."})
 

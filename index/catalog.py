@@ -618,6 +618,19 @@ class Catalog:
             " {where} GROUP BY k.user_id ORDER BY k.user_id")
         return {u: sorted(items or []) for u, items in self._known_users_rows(sql, user_ids)}
 
+    def item_holders(self) -> dict[str, int]:
+        """item_id -> how many distinct users hold the item as a positive (label NULL or 1): the
+        n_i of a model's popularity prior, read when scoring (items nobody holds are absent)."""
+        return dict(self.con.execute(
+            f"SELECT i.item_id, count(DISTINCT i.user_id) FROM interactions i WHERE {_POSITIVE}"
+            " GROUP BY i.item_id").fetchall())
+
+    def meta_value(self, key: str) -> str | None:
+        return self.scalar("SELECT value FROM meta WHERE key = ?", [key])
+
+    def set_meta_value(self, key: str, value: str) -> None:
+        self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
+
     def users(self, user_ids=None) -> pa.Table:
         """Columns user_id, history_hash, in user_id order (all, or those of `user_ids` that exist)."""
         if user_ids is None:

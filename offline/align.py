@@ -31,7 +31,9 @@ from embsum.evaluation.protocol import (
     dev_score,
     evaluate,
     poly_scorer,
+    popularity_prior,
     train_examples,
+    with_item_prior,
 )
 from embsum.inference.encoding import StateCache
 
@@ -106,6 +108,8 @@ def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool, cache
     def run(model):
         scorer = candidate_scorer(model, eval_set, data.item_texts, cfg.encode_batch, device, bf16, full_ranking=False,
                                   cache=cache)
+        if model.config.popularity_weight:  # the SFT model's prior: the aligned model keeps it
+            scorer = with_item_prior(scorer, popularity_prior(eval_set.popularity, model.config.popularity_weight))
         report = evaluate(eval_set, scorer, full_ranking=False)
         return report, dev_score(report)
     return run

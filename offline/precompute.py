@@ -332,11 +332,13 @@ def precompute(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig, run:
     `progress`: a tqdm-like factory. `stop`: a stop request (see the module docstring); after
     it the counts hold what is left, and `stopped_early(counts)` is true."""
     from embsum.inference.encoding import resolve_dtype
+    from embsum.offline.popularity import record_weight
 
     # 'auto' resolved once (issue 15): the encoders, the vectors' dtype column and the runs row agree
     cfg.dtype = resolve_dtype(cfg.dtype, model.device)
     if run is not None:
         run.args.update(dtype=cfg.dtype, device=str(model.device))
+    record_weight(cat, model_hash, model.config.popularity_weight)  # scoring adds the model's prior
     counts: dict[str, int] = {}
     stages = [("items", precompute_items), ("users", precompute_users)]
     try:

@@ -23,7 +23,7 @@ re-rank come from the index snapshot itself.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from embsum.index import snapshot as S
 from embsum.index.catalog import Catalog, run_outcome
 from embsum.offline.common import progress, step
 from embsum.offline.job_configs import ScoreConfig
+from embsum.offline.popularity import prior_of
 
 log = logging.getLogger("embsum.score")
 
@@ -89,15 +90,20 @@ class Ranked:
 
 
 def recommend(snap: S.Snapshot, upe: np.ndarray, cfg: ScoreConfig,
-              exclude: list[np.ndarray] | None = None) -> Ranked:
+              exclude: list[np.ndarray] | None = None, prior: np.ndarray | None = None) -> Ranked:
     """Top-N per user. On a multi-vector Flat index with `cfg.exact`: the certified exact top-N
     of every live item (`certified_top_n`: bound, prune, exact re-rank; no FAISS search needed).
     Otherwise: retrieve `cfg.retrieve` items per UPE vector, dedupe, exact poly-score, keep top-N
-    (exact over the retrieved items only)."""
+    (exact over the retrieved items only). `prior`: a per-row score prior (the model's popularity
+    prior) added to every exact score; the certified path carries it as one more vector column."""
     n_users, m, d = upe.shape
     n, mode = snap.manifest["n"], snap.mode
     if cfg.exact and cfg.top > 0 and mode == "multi" and not F.is_ivf(snap.manifest["factory"]):
-        return certified_top_n(upe, snap.cpe, snap.cpe_prime, cfg.top, exclude, _spheres_of(snap),
+        if prior is None:
+            return certified_top_n(upe, snap.cpe, snap.cpe_prime, cfg.top, exclude, _spheres_of(snap),
+                                   bound_dtype=resolved_dtype(cfg))
+        cpe, cpe_prime, spheres = _with_prior_of(snap, prior)
+        return certified_top_n(with_prior_column(upe, 1.0), cpe, cpe_prime, cfg.top, exclude, spheres,
                                bound_dtype=resolved_dtype(cfg))
     ntotal = int(snap.index.ntotal)
     top = cfg.top if cfg.top > 0 else None
@@ -109,8 +115,10 @@ def recommend(snap: S.Snapshot, upe: np.ndarray, cfg: ScoreConfig,
              for u in range(n_users)]
     uidx = np.repeat(np.arange(n_users), [len(c) for c in cands])
     iidx = np.concatenate(cands) if cands else np.zeros(0, np.int64)
-    scores = np.split(score_pairs(upe, snap.cpe, snap.cpe_prime, uidx, iidx, cfg.pair_batch),
-                      np.cumsum([len(c) for c in cands])[:-1])
+    exact = score_pairs(upe, snap.cpe, snap.cpe_prime, uidx, iidx, cfg.pair_batch)
+    if prior is not None:
+        exact += prior[iidx]
+    scores = np.split(exact, np.cumsum([len(c) for c in cands])[:-1])
     orders = [np.argsort(-sc, kind="stable")[:top] for sc in scores]
     return Ranked([c[o] for c, o in zip(cands, orders)], [sc[o] for sc, o in zip(scores, orders)],
                   np.zeros(n_users, bool), np.full(n_users, dots.shape[1] // m if m else 0, np.int64))
@@ -163,6 +171,33 @@ def _spheres_of(snap: S.Snapshot) -> Spheres:
             _SPHERES.pop(next(iter(_SPHERES)))
         _SPHERES[key] = item_spheres(snap.cpe, snap.live_rows())
     return _SPHERES[key]
+
+
+def with_prior_column(vectors: np.ndarray, value) -> np.ndarray:
+    """[..., k, d] -> [..., k, d + 1] with `value` (a scalar, or one per leading row) as the last
+    column of every vector. A per-item prior b rides as CPE column b, UPE column 1 and CPE' column
+    0: every dot product K_ij gains b, the attention weights (UPE . CPE') are untouched and sum to
+    1, so s gains exactly b, and the certified bounds, being over plain vectors, stay bounds."""
+    x = np.asarray(vectors, np.float32)
+    column = np.broadcast_to(np.asarray(value, np.float32).reshape(-1, *([1] * (x.ndim - 1)))
+                             if np.ndim(value) else np.float32(value), (*x.shape[:-1], 1))
+    return np.concatenate([x, column], axis=-1)
+
+
+_PRIORED: dict = {}  # (index root, version, prior digest) -> (cpe, cpe_prime, Spheres) with the prior column
+
+
+def _with_prior_of(snap: S.Snapshot, prior: np.ndarray):
+    """The snapshot's CPE (prior column), CPE' (0 column) and their `Spheres`, built once per
+    (version, prior): a nightly job scores every user batch against the same arrays."""
+    import hashlib
+
+    key = (str(snap.root), snap.version, hashlib.sha1(np.ascontiguousarray(prior, np.float32).tobytes()).hexdigest())
+    if key not in _PRIORED:
+        _PRIORED.clear()  # the arrays are catalog-sized: keep one set
+        cpe = with_prior_column(snap.cpe, prior)
+        _PRIORED[key] = (cpe, with_prior_column(snap.cpe_prime, 0.0), item_spheres(cpe, snap.live_rows()))
+    return _PRIORED[key]
 
 
 def resolved_dtype(cfg: ScoreConfig) -> str:
@@ -520,6 +555,9 @@ class Users:
     upe: np.ndarray
     seen: dict
     why: dict
+    # The model's popularity prior, item_id -> w * log(1 + n_i) ({}: none), read in the same read
+    # phase (`offline.popularity.item_prior`): added to every exact score of these users.
+    item_prior: dict = field(default_factory=dict)
 
 
 def read_users(cat: Catalog, model_hash: str, user_ids: list[str] | None, seen: bool) -> Users:
@@ -559,6 +597,9 @@ def score_candidates(pairs: pa.Table, users: Users, items, known_items: set, mod
     uidx, iidx = np.asarray(keep_u, np.int64), np.asarray(keep_i, np.int64)
     scores = (score_pairs(users.upe, items.vectors["cpe"], items.vectors["cpe_prime"], uidx, iidx, cfg.pair_batch)
               if len(uidx) else np.zeros(0, np.float32))
+    prior = prior_of(users.item_prior, items.ids) if items is not None else None
+    if prior is not None:
+        scores += prior[iidx]
     pos, ranks = top_per_user(uidx, scores, cfg.top)
     counts.update(pairs_scored=len(uidx), rows_out=len(pos))
     table = results_table(run_id, model_hash, None, [users.ids[k] for k in uidx[pos]],
@@ -574,11 +615,12 @@ def rank_users(snap: S.Snapshot, users: Users, cfg: ScoreConfig, run_id: str) ->
         record_reject(rejects, counts, "users", None, u, why)
     out_u, out_i, out_s, out_r, certified = [], [], [], [], 0
     ids = snap.item_ids()
+    prior = prior_of(users.item_prior, ids)
     bar = progress(total=len(users.ids), desc="scoring users", unit=" users")  # moves per batch of users
     for start in range(0, len(users.ids), cfg.user_batch):
         batch = users.ids[start:start + cfg.user_batch]
         exclude = exclude_rows(snap, [users.seen.get(u, []) for u in batch]) if cfg.exclude_history else None
-        ranked = recommend(snap, np.asarray(users.upe[start:start + len(batch)]), cfg, exclude)
+        ranked = recommend(snap, np.asarray(users.upe[start:start + len(batch)]), cfg, exclude, prior)
         certified += int(ranked.certified.sum())
         bar.update(len(batch))
         for u, rows, scores in zip(batch, ranked.rows, ranked.scores):
@@ -608,6 +650,7 @@ def score_job(db_path: str | Path, model_hash: str | None, cfg: ScoreConfig, *, 
     `model_hash` None: the catalog's only model. `rank(root, model_hash, users, cfg, run_id)`
     ranks retrieval's users (`rank_from_index`: here; the Ray engine: on its actors)."""
     from embsum.offline.indexing import default_index_dir, resolve_model_hash
+    from embsum.offline.popularity import item_prior, read_weight
 
     args = {"model_hash": model_hash, "candidates": candidates, "users": None if users is None else len(users),
             "index_dir": str(index_dir) if index_dir else None, "out": out, "table": table, **cfg.__dict__}
@@ -628,6 +671,11 @@ def score_job(db_path: str | Path, model_hash: str | None, cfg: ScoreConfig, *, 
                 items, known_items = E.read(cat, model_hash, E.ITEM, wanted), cat.existing_items(wanted)
             else:
                 who = read_users(cat, model_hash, users, seen=cfg.exclude_history)
+            who.item_prior = item_prior(cat, model_hash)
+            weight = read_weight(cat, model_hash) if who.item_prior else 0.0
+            if weight:
+                step("adding the model's popularity prior w * log(1 + n), w = %g, n over %d items", weight,
+                     len(who.item_prior))
         # compute phase: the catalog is closed, a refresh may run meanwhile
         if pairs is not None:
             step("scoring %d candidate pairs", pairs.num_rows)
@@ -640,6 +688,8 @@ def score_job(db_path: str | Path, model_hash: str | None, cfg: ScoreConfig, *, 
         with Catalog(db_path, wait_s=wait_s) as cat:
             cat.finish_run(run_id, status, error=error, args=args)
         raise
+    if weight:
+        result.counts["popularity_weight"] = weight
     if out:
         _write_parquet(result.table, Path(out))
     with Catalog(db_path, wait_s=wait_s) as cat:

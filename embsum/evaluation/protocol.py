@@ -316,6 +316,38 @@ def poly_scorer(upe: np.ndarray, cpe: np.ndarray, cpe_prime: np.ndarray, item_po
     return score
 
 
+# -- the popularity prior (ModelConfig.popularity_weight) --------------------------------------
+# The weights `fit_popularity_weight` chooses from: scores are cosines (L2-normalised vectors), so
+# one grid serves every catalog; at 0.05, log(1 + 1000) adds 0.35, more than most cosines differ.
+POPULARITY_WEIGHTS = (0.0, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05)
+
+
+def popularity_prior(counts: np.ndarray, weight: float) -> np.ndarray:
+    """Per-item score prior w * log(1 + n_i) (float64) from per-item user counts n_i."""
+    return weight * np.log1p(np.asarray(counts, dtype=np.float64))
+
+
+def with_item_prior(scorer: Scorer, prior: np.ndarray) -> Scorer:
+    """`scorer` plus a per-item prior (eval_set.item_ids order)."""
+    def score(pos, cols):
+        return np.asarray(scorer(pos, cols), dtype=np.float64) + (prior if cols is None else prior[cols])
+    return score
+
+
+def fit_popularity_weight(eval_set: EvalSet, scorer: Scorer, weights=POPULARITY_WEIGHTS) -> tuple[float, list[dict]]:
+    """The w of `weights` whose prior w * log(1 + train popularity) gives `scorer` the best dev
+    score on `eval_set`'s uniform and pop candidates (ties: the smaller w). -> (w, one
+    {weight, dev_score, uniform ndcg@10, pop ndcg@10} per weight)."""
+    table = []
+    for weight in weights:
+        scored = with_item_prior(scorer, popularity_prior(eval_set.popularity, weight)) if weight else scorer
+        report = evaluate(eval_set, scored, full_ranking=False)
+        table.append({"weight": weight, "dev_score": dev_score(report), "uniform_ndcg@10": report["uniform"]["ndcg@10"],
+                      "pop_ndcg@10": report["pop"]["ndcg@10"]})
+    best = max(table, key=lambda row: (row["dev_score"], -row["weight"]))
+    return best["weight"], table
+
+
 @dataclass(frozen=True)
 class Coverage:
     """How many of the evaluated (user, candidate item) pairs a scores file scores."""
@@ -373,14 +405,12 @@ def train_examples(histories: dict[str, list[str]], mode: str = "prefixes", limi
     return examples
 
 
-def evaluate_model(model, eval_set: EvalSet, item_texts: Sequence[str], full_ranking: bool = True,
-                   cache=None, dtype: str = "fp32", device=None, batch_size: int = 64, progress: bool = False,
-                   per_user: bool = False) -> dict:
-    """A model under the protocol: CPE of the items (all, or only the candidates when
-    `full_ranking` is off), UPE of the evaluated users from their input histories, scored with
-    THE poly score (encode_item_texts / encode_user_histories, as precompute does).
-    `item_texts` follow eval_set.item_ids; `cache` (a StateCache) shares encoder states.
-    `per_user`: the per-user arrays of evaluate_per_user instead of their means."""
+def model_scorer(model, eval_set: EvalSet, item_texts: Sequence[str], full_ranking: bool = True, cache=None,
+                 dtype: str = "fp32", device=None, batch_size: int = 64, progress: bool = False) -> Scorer:
+    """A model's poly scores under the protocol, without its popularity prior: CPE of the items
+    (all, or only the candidates when `full_ranking` is off), UPE of the evaluated users from their
+    input histories (encode_item_texts / encode_user_histories, as precompute does).
+    `item_texts` follow eval_set.item_ids; `cache` (a StateCache) shares encoder states."""
     from embsum.inference.encoding import encode_item_texts, encode_user_histories
 
     if len(item_texts) != len(eval_set.item_ids):
@@ -395,5 +425,18 @@ def evaluate_model(model, eval_set: EvalSet, item_texts: Sequence[str], full_ran
     histories = [[item_texts[eval_set.item_index[i]] for i in u.history] for u in eval_set.users]
     upe = encode_user_histories(model, histories, batch_size=batch_size, device=device, dtype=dtype,
                                 progress=progress, cache=cache)
+    return poly_scorer(upe, cpe, cpe_prime, positions)
+
+
+def evaluate_model(model, eval_set: EvalSet, item_texts: Sequence[str], full_ranking: bool = True,
+                   cache=None, dtype: str = "fp32", device=None, batch_size: int = 64, progress: bool = False,
+                   per_user: bool = False) -> dict:
+    """A model under the protocol (`model_scorer`) with its popularity prior
+    (`popularity_weight`, over the eval set's train popularity); `per_user`: the per-user arrays
+    of evaluate_per_user instead of their means."""
+    scorer = model_scorer(model, eval_set, item_texts, full_ranking=full_ranking, cache=cache, dtype=dtype,
+                          device=device, batch_size=batch_size, progress=progress)
+    if model.config.popularity_weight:
+        scorer = with_item_prior(scorer, popularity_prior(eval_set.popularity, model.config.popularity_weight))
     run = evaluate_per_user if per_user else evaluate
-    return run(eval_set, poly_scorer(upe, cpe, cpe_prime, positions), full_ranking=full_ranking)
+    return run(eval_set, scorer, full_ranking=full_ranking)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from embsum.config import ConfigError, TrainConfig
-from embsum.evaluation.protocol import EvalSet, dev_score, evaluate_model
+from embsum.evaluation.protocol import EvalSet, dev_score, evaluate_model, fit_popularity_weight, model_scorer
 from embsum.inference.encoding import StateCache, encode_token_states, pad_states, resolve_device
 from embsum.model.checkpoint import WEIGHTS
 from embsum.model.embsum_model import EmbSumModel
@@ -204,6 +204,33 @@ class Trainer(TrainingMethod):
                  report["uniform"]["ndcg@10"], report["pop"]["ndcg@10"])
         return report, dev_score(report)
 
+    def choose_popularity_weight(self) -> str | None:
+        """TrainConfig.popularity_prior: choose w of OUT/best's popularity prior on the dev users
+        (`fit_popularity_weight`) and rewrite OUT/best with it (a new model, so a new hash: returned).
+        OUT/last stays as trained: it is the state a resumed run continues from."""
+        from embsum.model.checkpoint import load_checkpoint, read_meta, save_checkpoint
+
+        best = self.loop.out / "best"
+        if self.dev is None or not self.dev.users or not best.exists():
+            log.warning("popularity_prior: no dev users to choose w on; popularity_weight stays %s",
+                        self.model.config.popularity_weight)
+            return None
+        if not self.loop.dist.is_main:
+            return None
+        model, _ = load_checkpoint(best, self.device)
+        scorer = model_scorer(model, self.dev, self.data.item_texts, full_ranking=False, cache=self.cache,
+                              dtype="bf16" if self.bf16 else "fp32", device=self.device)
+        weight, table = fit_popularity_weight(self.dev, scorer)
+        for row in table:
+            log.info("popularity prior w=%g: dev score %.4f (uniform nDCG@10 %.4f, pop %.4f)", row["weight"],
+                     row["dev_score"], row["uniform_ndcg@10"], row["pop_ndcg@10"])
+        model.config.popularity_weight = weight
+        meta = {k: v for k, v in read_meta(best).items() if k not in ("format", "model_config")}
+        digest = save_checkpoint(model, best, extra={**meta, "popularity_fit": table})
+        log.info("popularity prior: w=%g chosen on %d dev users; OUT/best is now %s", weight, len(self.dev.users),
+                 digest)
+        return digest
+
     # -- batches ------------------------------------------------------------------------------
     def _example_ids(self, start: int, count: int) -> list[int]:
         """A deterministic stream: epoch e is a permutation seeded by (seed, e)."""
@@ -334,7 +361,10 @@ class Trainer(TrainingMethod):
                                 dtype="bf16" if self.bf16 else "fp32", progress=self.progress, cache=self.cache)
         run = self.loop.run()
         self.model.eval()
+        best_hash = run.best_hash
+        if self.cfg.popularity_prior:
+            best_hash = self.choose_popularity_weight() or best_hash
         return TrainResult(
             steps=run.steps, examples_seen=run.examples_seen, samples_per_s=run.samples_per_s,
-            peak_memory_mb=peak_memory_mb(self.device), best_score=run.best_score, best_hash=run.best_hash,
+            peak_memory_mb=peak_memory_mb(self.device), best_score=run.best_score, best_hash=best_hash,
             last_hash=run.last_hash, dev_history=run.dev_history, wall_s=run.wall_s, losses=run.losses)

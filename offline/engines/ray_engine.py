@@ -286,12 +286,12 @@ class Scorer(_Actor):
     rows, by the local engine's `rank_users`."""
 
     def __init__(self, root: str, model_hash: str, cfg: dict, run_id: str, work_uri: str, job: str, threads: int,
-                 gpus: float):
+                 gpus: float, item_prior: dict | None = None):
         from embsum.index import faiss_index as F
         from embsum.offline.scoring import Retriever
 
         super().__init__(work_uri, job, threads)
-        self.cfg, self.run_id = ScoreConfig(**cfg), run_id
+        self.cfg, self.run_id, self.item_prior = ScoreConfig(**cfg), run_id, item_prior or {}
         self.retriever = Retriever(root, model_hash, self.cfg)
         if gpus > 0 and F.use_gpu(self.cfg.index_device):
             self.retriever.snap.index = F.to_gpu(self.retriever.snap.index)
@@ -301,7 +301,7 @@ class Scorer(_Actor):
 
         ids = part["user_id"].to_pylist()
         upe = E.from_arrow(part["upe"], *_vector_shape(part.schema, "upe"))
-        users = Users(ids, upe, dict(zip(ids, part["seen"].to_pylist())), {})
+        users = Users(ids, upe, dict(zip(ids, part["seen"].to_pylist())), {}, self.item_prior)
         result = rank_users(self.retriever.snap, users, self.cfg, self.run_id)
         certified = str(result.counts["users_certified_exact"])
         return result.table.replace_schema_metadata({"users_certified_exact": certified})
@@ -421,10 +421,13 @@ def precompute(cat: Catalog, checkpoint: str, cfg: PrecomputeConfig, ecfg: Engin
     """`embsum precompute --engine ray`: (model hash, counts). Ctrl-C/SIGTERM stops waiting for
     partitions, loads the finished ones and leaves `*_left` counts (`stopped_early`)."""
     from embsum.offline.interrupts import graceful_stop
+    from embsum.offline.popularity import record_weight
 
     from embsum.inference.encoding import resolve_dtype
+    from embsum.model.checkpoint import check_checkpoint
 
     model_hash = _checked_hash(checkpoint)
+    record_weight(cat, model_hash, check_checkpoint(checkpoint).config.popularity_weight)
     # 'auto' is resolved once, on the driver, so every shard and the vectors' dtype column agree:
     # bf16 where the driver's CPU (or its GPU) runs it natively. On a cluster whose workers differ
     # from the driver, pass --dtype explicitly.
@@ -502,7 +505,8 @@ def _rank(root: Path, model_hash: str, who, cfg: ScoreConfig, run_id: str, ecfg:
     work = WorkDir(ecfg.work_dir or default_work_dir(db_path))
     job = f"score-{model_hash[:16]}"
     size = ecfg.partition_rows or SCORE_PARTITION_ROWS
-    salt = {"model_hash": model_hash, "version": version, "cfg": cfg.__dict__}
+    salt = {"model_hash": model_hash, "version": version, "cfg": cfg.__dict__,
+            "prior": digest(sorted(who.item_prior.items()))}  # tonight's counts change the scores
     parts = []
     for start in range(0, len(who.ids), size):
         ids = who.ids[start:start + size]
@@ -518,7 +522,7 @@ def _rank(root: Path, model_hash: str, who, cfg: ScoreConfig, run_id: str, ecfg:
         with ray_session(ecfg):
             pool = pool_for(ecfg, len(todo), gpu_wanted=cfg.index_device != "cpu")
             actor_kwargs = {"root": str(root), "model_hash": model_hash, "cfg": dict(cfg.__dict__),
-                            "run_id": run_id, "work_uri": work.uri, "job": job}
+                            "run_id": run_id, "work_uri": work.uri, "job": job, "item_prior": who.item_prior}
             run_partitions(todo, Scorer, actor_kwargs, ecfg, pool, lambda row: versions.add(row["extra"]))
     if versions - {version}:
         raise JobError(f"the index changed while scoring (version {version} -> {', '.join(versions - {version})}):"

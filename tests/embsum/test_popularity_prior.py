@@ -1,0 +1,109 @@
+"""The popularity prior (issue 14): s + w * log(1 + n_i), with w chosen on dev users after
+training (TrainConfig.popularity_prior) and applied wherever a model is evaluated."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from embsum.config import ConfigError, ModelConfig, TrainConfig
+from embsum.evaluation.protocol import (
+    POPULARITY_WEIGHTS,
+    build_eval_set,
+    evaluate,
+    fit_popularity_weight,
+    popularity_prior,
+    split_of,
+    with_item_prior,
+)
+
+
+def _catalog(n_users=400, n_items=120, seed=0):
+    """Histories whose items follow a steep popularity law, so popularity predicts the targets."""
+    rng = np.random.default_rng(seed)
+    ids = [f"b{i:03d}" for i in range(n_items)]
+    p = 1.0 / np.arange(1, n_items + 1) ** 1.2
+    p /= p.sum()
+    return {f"u{u}": list(rng.choice(ids, int(rng.integers(3, 7)), replace=False, p=p)) for u in range(n_users)}, ids
+
+
+def _noise_scorer(eval_set, scale=0.01, seed=1):
+    def score(pos, cols):
+        n = len(eval_set.item_ids) if cols is None else len(cols)
+        return np.stack([np.random.default_rng([seed, int(p)]).normal(0, scale, n) for p in pos])
+    return score
+
+
+def test_the_prior_adds_w_log1p_count_to_every_score():
+    es = build_eval_set(*_catalog(), "dev")
+    base = _noise_scorer(es)
+    prior = popularity_prior(es.popularity, 0.02)
+    np.testing.assert_allclose(prior, 0.02 * np.log(1 + es.popularity.astype(float)), rtol=1e-12)
+    cols = np.array([3, 0, 7])
+    pos = np.arange(4)
+    np.testing.assert_allclose(with_item_prior(base, prior)(pos, cols), base(pos, cols) + prior[cols], atol=1e-12)
+    np.testing.assert_allclose(with_item_prior(base, prior)(pos, None), base(pos, None) + prior, atol=1e-12)
+
+
+def test_fit_chooses_a_positive_weight_where_popularity_predicts_the_targets():
+    es = build_eval_set(*_catalog(), "dev")
+    weight, table = fit_popularity_weight(es, _noise_scorer(es))
+    assert [row["weight"] for row in table] == list(POPULARITY_WEIGHTS)
+    assert weight > 0
+    best = max(row["dev_score"] for row in table)
+    assert next(r for r in table if r["weight"] == weight)["dev_score"] == best > table[0]["dev_score"]
+
+
+def test_fit_keeps_w_zero_for_an_oracle():
+    """A scorer that already ranks every target first gains nothing: ties go to the smaller w."""
+    es = build_eval_set(*_catalog(), "dev")
+    target = {i: es.item_index[u.target] for i, u in enumerate(es.users)}
+
+    def oracle(pos, cols):
+        n = len(es.item_ids) if cols is None else len(cols)
+        cols = np.arange(n) if cols is None else cols
+        return np.stack([(cols == target[int(p)]).astype(float) * 10.0 for p in pos])
+    weight, table = fit_popularity_weight(es, oracle)
+    assert weight == 0.0 and all(row["dev_score"] == pytest.approx(1.0) for row in table)
+
+
+def test_popularity_weight_is_validated_and_left_out_of_the_hash_at_zero():
+    with pytest.raises(ConfigError):
+        ModelConfig(popularity_weight=-0.1)
+    assert "popularity_weight" not in ModelConfig().to_dict()
+    assert ModelConfig(popularity_weight=0.03).to_dict()["popularity_weight"] == 0.03
+
+
+def test_training_with_popularity_prior_stores_the_dev_chosen_w_in_best(tiny_bert_dir, tmp_path):
+    from embsum.evaluation.protocol import evaluate_model, model_scorer
+    from embsum.model.checkpoint import build_model, checkpoint_hash, load_checkpoint
+    from embsum.training.trainer import TrainData, Trainer
+
+    histories, ids = _catalog(n_users=300, n_items=120, seed=3)
+    texts = [f"book {i} about topic {i % 7} and theme {i % 5}" for i in range(len(ids))]
+    train = {u: h for u, h in histories.items() if split_of(u) == "train"}
+    examples = [(u, h[:-1], h[-1]) for u, h in list(train.items())[:24]]
+    dev = build_eval_set(histories, ids, "dev", limit=40)
+    model = build_model(ModelConfig(backbone=tiny_bert_dir, item_codes=2, user_codes=2, item_max_tokens=16), seed=0)
+    cfg = TrainConfig(out=str(tmp_path / "run"), max_steps=2, batch_size=4, negatives=2, bf16="off", device="cpu",
+                      popularity_prior=True, freeze_encoder=True, log_every=1)
+    result = Trainer(model, cfg, TrainData(ids, texts, examples, histories), dev, progress=False).fit()
+
+    best = tmp_path / "run" / "best"
+    meta = json.loads((best / "config.json").read_text())
+    chosen = max(meta["popularity_fit"], key=lambda r: (r["dev_score"], -r["weight"]))["weight"]
+    # the steep popularity law makes the prior win on this catalog
+    assert chosen > 0 and meta["model_config"]["popularity_weight"] == chosen
+    assert result.best_hash == checkpoint_hash(best)
+    loaded, _ = load_checkpoint(best)
+    assert loaded.config.popularity_weight == chosen
+    # evaluation adds the prior: the same as the prior-free scores plus w * log(1 + n)
+    with_prior = evaluate_model(loaded, dev, texts, full_ranking=False)
+    plain = model_scorer(loaded, dev, texts, full_ranking=False)
+    expected = evaluate(dev, with_item_prior(plain, popularity_prior(dev.popularity, chosen)), full_ranking=False)
+    assert with_prior == expected
+    assert with_prior != evaluate(dev, plain, full_ranking=False)
+    # OUT/last stays the trained state (a resumed run continues from it), without the prior
+    assert "popularity_weight" not in json.loads((tmp_path / "run" / "last" / "config.json").read_text())["model_config"]
