@@ -12,9 +12,11 @@ Levers (config fields): `poly_init = "uniform"` (codes start at the masked mean)
 `logq_correction` (sampling-bias correction of in-batch negatives), `item_prior = "content"`
 (a precomputable per-item prior), `dislike_negatives` (a share of NCE negatives from label-0
 interactions: only where the catalog has dislikes; goodreads-v1 has none, so it is skipped
-there); longer training (`steps_1000`, `steps_2000`). `--existing` adds a checkpoint an earlier
-run trained (the reference, typically) instead of training it again. Never evaluates on test
-users: the recipe's defaults are chosen from this table.
+there); longer training (`steps_1000`, `steps_2000`); fewer codes (`codes_4`: m = n = 4).
+`--existing` adds a checkpoint an earlier run trained (the reference, typically) instead of
+training it again. Never evaluates on test users: the recipe's defaults are chosen from this
+table. Variants train without dev users, so `popularity_prior` has nothing to choose w on: the
+table compares the models' own scores (w = 0).
 Each variant is trained from the recipe without periodic dev evaluation (OUT/best = OUT/last, so
 no checkpoint is selected on the users it is then measured on), evaluated right after its
 training, and the table is rewritten after every variant (a partial run still reports).
@@ -52,6 +54,7 @@ VARIANTS = {
     "mean_all": ("mean + all levers", {"pooling": "mean", **ALL_MEAN}),
     "steps_1000": ("poly, 1000 steps", {"max_steps": 1000}),
     "steps_2000": ("poly, 2000 steps", {"max_steps": 2000}),
+    "codes_4": ("poly 4x4 codes, 1000 steps", {"item_codes": 4, "user_codes": 4, "max_steps": 1000}),
 }
 
 
