@@ -12,7 +12,6 @@ and user vectors are computed once; each w only re-ranks. Dev users only: w is c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

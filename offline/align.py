@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 from embsum.index.catalog import Catalog, run_outcome
 from embsum.offline.common import progress_shown
@@ -25,16 +24,7 @@ from embsum.alignment.align_trainer import (
     expert_utilisation,
 )
 from embsum.alignment.policy import Policy
-from embsum.evaluation.protocol import (
-    EvalSet,
-    build_eval_set,
-    dev_score,
-    evaluate,
-    poly_scorer,
-    popularity_prior,
-    train_examples,
-    with_item_prior,
-)
+from embsum.evaluation.protocol import build_eval_set, dev_score, evaluate_model, train_examples
 from embsum.inference.encoding import StateCache
 
 log = logging.getLogger("embsum.align")
@@ -78,26 +68,6 @@ def align_data(data: CatalogData, cfg: AlignConfig) -> AlignData:
                      dislikes={u: d for u, d in dislikes.items() if d})
 
 
-def candidate_scorer(model, eval_set: EvalSet, texts: list[str], batch_size: int, device, bf16: bool,
-                     full_ranking: bool, progress: bool = False, cache: StateCache | None = None):
-    """The model's scorer over `eval_set`: users' UPE, and CPE of the candidate items only (or of
-    the whole catalog for full ranking). Same encoding path as precompute; `cache` holds encoder
-    token states (valid only while the encoder is the SFT one)."""
-    from embsum.inference.encoding import encode_item_texts, encode_user_histories
-
-    dtype = "bf16" if bf16 else "fp32"
-    if full_ranking:
-        cols = np.arange(len(eval_set.item_ids))
-    else:
-        cols = np.unique(np.concatenate([eval_set.positions(u.uniform + u.pop) for u in eval_set.users]))
-    index = eval_set.item_index
-    cpe, cpe_prime = encode_item_texts(model, [texts[c] for c in cols], batch_size=batch_size, device=device,
-                                       dtype=dtype, progress=progress, cache=cache)
-    upe = encode_user_histories(model, [[texts[index[i]] for i in u.history] for u in eval_set.users],
-                                device=device, dtype=dtype, progress=progress, cache=cache)
-    return poly_scorer(upe, cpe, cpe_prime, None if full_ranking else cols)
-
-
 def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool, cache: StateCache | None = None):
     """model -> (report, score): goodreads-v1 dev users, uniform and pop candidates."""
     eval_set = build_eval_set(data.histories, data.item_ids, "dev", limit=cfg.dev_users)
@@ -106,11 +76,9 @@ def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool, cache
         return None
 
     def run(model):
-        scorer = candidate_scorer(model, eval_set, data.item_texts, cfg.encode_batch, device, bf16, full_ranking=False,
-                                  cache=cache)
-        if model.config.popularity_weight:  # the SFT model's prior: the aligned model keeps it
-            scorer = with_item_prior(scorer, popularity_prior(eval_set.popularity, model.config.popularity_weight))
-        report = evaluate(eval_set, scorer, full_ranking=False)
+        # evaluate_model adds the model's popularity prior: the aligned model keeps the SFT one's
+        report = evaluate_model(model, eval_set, data.item_texts, full_ranking=False, cache=cache,
+                                dtype="bf16" if bf16 else "fp32", device=device, batch_size=cfg.encode_batch)
         return report, dev_score(report)
     return run
 

@@ -29,12 +29,11 @@ def read_weight(cat: Catalog, model_hash: str) -> float:
     return float(value) if value is not None else 0.0
 
 
-def item_prior(cat: Catalog, model_hash: str) -> dict[str, float]:
-    """item_id -> w * log(1 + n_i) over the catalog's users now ({} when the model has no prior;
-    an item nobody holds has prior 0 and is absent)."""
+def item_prior(cat: Catalog, weight: float) -> dict[str, float]:
+    """item_id -> w * log(1 + n_i) over the catalog's users now, for a model's w (`read_weight`);
+    {} for w = 0. An item nobody holds has prior 0 and is absent."""
     from embsum.evaluation.protocol import popularity_prior
 
-    weight = read_weight(cat, model_hash)
     if not weight:
         return {}
     holders = cat.item_holders()

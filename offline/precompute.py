@@ -331,8 +331,9 @@ def precompute(cat: Catalog, model, model_hash: str, cfg: PrecomputeConfig, run:
     """Items then users; returns (and adds to `run`, even when a stage raises) the counts.
     `progress`: a tqdm-like factory. `stop`: a stop request (see the module docstring); after
     it the counts hold what is left, and `stopped_early(counts)` is true."""
-    from embsum.inference.encoding import resolve_dtype
     from embsum.offline.popularity import record_weight
+
+    from embsum.inference.encoding import resolve_dtype
 
     # 'auto' resolved once (issue 15): the encoders, the vectors' dtype column and the runs row agree
     cfg.dtype = resolve_dtype(cfg.dtype, model.device)

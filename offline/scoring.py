@@ -671,9 +671,9 @@ def score_job(db_path: str | Path, model_hash: str | None, cfg: ScoreConfig, *, 
                 items, known_items = E.read(cat, model_hash, E.ITEM, wanted), cat.existing_items(wanted)
             else:
                 who = read_users(cat, model_hash, users, seen=cfg.exclude_history)
-            who.item_prior = item_prior(cat, model_hash)
-            weight = read_weight(cat, model_hash) if who.item_prior else 0.0
-            if weight:
+            weight = read_weight(cat, model_hash)
+            who.item_prior = item_prior(cat, weight)
+            if who.item_prior:
                 step("adding the model's popularity prior w * log(1 + n), w = %g, n over %d items", weight,
                      len(who.item_prior))
         # compute phase: the catalog is closed, a refresh may run meanwhile
@@ -688,7 +688,7 @@ def score_job(db_path: str | Path, model_hash: str | None, cfg: ScoreConfig, *, 
         with Catalog(db_path, wait_s=wait_s) as cat:
             cat.finish_run(run_id, status, error=error, args=args)
         raise
-    if weight:
+    if who.item_prior:
         result.counts["popularity_weight"] = weight
     if out:
         _write_parquet(result.table, Path(out))

@@ -40,7 +40,7 @@ def test_the_prior_adds_w_log1p_count_to_every_score():
     es = build_eval_set(*_catalog(), "dev")
     base = _noise_scorer(es)
     prior = popularity_prior(es.popularity, 0.02)
-    np.testing.assert_allclose(prior, 0.02 * np.log(1 + es.popularity.astype(float)), rtol=1e-12)
+    np.testing.assert_allclose(prior, 0.02 * np.log(1 + es.popularity.astype(float)), rtol=1e-12, atol=1e-7)
     cols = np.array([3, 0, 7])
     pos = np.arange(4)
     np.testing.assert_allclose(with_item_prior(base, prior)(pos, cols), base(pos, cols) + prior[cols], atol=1e-12)

@@ -54,9 +54,10 @@ def test_train_data_carries_the_dislikes_to_the_sampler(tmp_path):
 def test_align_data_carries_the_dislikes_as_item_indices(tmp_path):
     """RoDPO's `dislike_share` swaps in these as rejected items (NegativeSampler)."""
     import pytest
+    from embsum.offline.align import align_data
+
     from embsum.alignment.align_config import AlignConfig
     from embsum.config import ConfigError
-    from embsum.offline.align import align_data
 
     db = tmp_path / "c.duckdb"
     _catalog_with_dislikes(db)

@@ -64,7 +64,7 @@ def prior_checkpoint(tiny_checkpoint, tmp_path):
 def _brute_with_prior(cat, model_hash, top):
     users = E.read(cat, model_hash, E.USER)
     items = E.read(cat, model_hash, E.ITEM)
-    prior = item_prior(cat, model_hash)
+    prior = item_prior(cat, read_weight(cat, model_hash))
     scores = poly_score_matrix(users.vectors["upe"], items.vectors["cpe"], items.vectors["cpe_prime"]).astype(np.float64)
     scores += np.array([prior.get(i, 0.0) for i in items.ids])
     seen = cat.interacted(users.ids)
@@ -116,4 +116,4 @@ def test_a_model_without_prior_records_none(catalog, tiny_checkpoint):
     cli("--db", catalog, "precompute", "--checkpoint", tiny_checkpoint)
     with Catalog(catalog, read_only=True) as cat:
         assert read_weight(cat, checkpoint_hash(tiny_checkpoint)) == 0.0
-        assert item_prior(cat, checkpoint_hash(tiny_checkpoint)) == {}
+        assert item_prior(cat, read_weight(cat, checkpoint_hash(tiny_checkpoint))) == {}
