@@ -94,6 +94,31 @@ def train_variants(data, train_cfg, model_cfg, variants, out: Path, cache):
     return training, dtype, key
 
 
+def reused_training(out: Path, variants) -> dict:
+    """Training figures of the variants an earlier run of this script trained into `out` (its
+    report.json, each OUT/<folder>/best still there): `--reuse-trained` skips training them."""
+    report = out / "report.json"
+    if not report.exists():
+        return {}
+    earlier = json.loads(report.read_text()).get("training", {})
+    return {label: earlier[label] for label, folder, _, _ in variants
+            if label in earlier and earlier[label].get("folder") == folder and (out / folder / "best").is_dir()}
+
+
+def cache_key(checkpoint: Path, train_cfg) -> tuple[str, tuple]:
+    """(inference dtype, token-state cache key) of a trained checkpoint, as train_variants
+    returns them for the models it trains."""
+    from embsum.offline.evaluate import encoder_fingerprint
+
+    from embsum.inference.encoding import resolve_device
+    from embsum.model.checkpoint import load_checkpoint
+    from embsum.training.loop import use_bf16
+
+    model, _ = load_checkpoint(checkpoint)
+    dtype = "bf16" if use_bf16(train_cfg.bf16, resolve_device(train_cfg.device)) else "fp32"
+    return dtype, (encoder_fingerprint(model.backbone.get_encoder()), model.config.item_max_tokens, dtype)
+
+
 def _popularity_weight(checkpoint: Path) -> float:
     """The w of a checkpoint's popularity prior (chosen on dev users when the recipe asks)."""
     return json.loads((checkpoint / "config.json").read_text())["model_config"].get("popularity_weight", 0.0)
@@ -208,6 +233,9 @@ def main() -> None:
     parser.add_argument("--train-users", type=int, default=None, help="train on the first N train users only")
     parser.add_argument("--test-users", type=int, default=0, help="evaluate only the first N test users (0: all)")
     parser.add_argument("--no-ablation", action="store_true", help="skip the single-vector ablation")
+    parser.add_argument("--reuse-trained", action="store_true", help=(
+        "keep the SFT models an earlier run trained into --out (their figures from its report.json) "
+        "instead of training them again: alignment and evaluation still run"))
     parser.add_argument("--align-recipe", default="align_cpu")
     parser.add_argument("--align", default="rodpo,hard,random", help="negative strategies to align with ('': none)")
     parser.add_argument("--align-steps", type=int, default=None, help="override the align recipe's max_steps")
@@ -236,7 +264,14 @@ def main() -> None:
     if not args.no_ablation:
         variants.append(("single-vector ablation (mean)", "single_vector", {"pooling": "mean"}, data))
     cache = StateCache()
-    training, dtype, key = train_variants(data, train_cfg, model_cfg, variants, args.out, cache)
+    reused = reused_training(args.out, variants) if args.reuse_trained else {}
+    if reused:
+        print(f"reusing the trained {', '.join(reused)} from {args.out / 'report.json'}", flush=True)
+    trained, dtype, key = train_variants(data, train_cfg, model_cfg, [v for v in variants if v[0] not in reused],
+                                         args.out, cache)
+    if key is None:
+        dtype, key = cache_key(args.out / variants[0][1] / "best", train_cfg)
+    training = {label: reused.get(label) or trained[label] for label, *_ in variants}
     strategies = [s.strip() for s in args.align.split(",") if s.strip()]
     if strategies:
         training.update(align_variants(data, args.out / "embsum" / "best", strategies, args.align_recipe,

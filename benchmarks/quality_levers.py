@@ -12,7 +12,8 @@ Levers (config fields): `poly_init = "uniform"` (codes start at the masked mean)
 `logq_correction` (sampling-bias correction of in-batch negatives), `item_prior = "content"`
 (a precomputable per-item prior), `dislike_negatives` (a share of NCE negatives from label-0
 interactions: only where the catalog has dislikes; goodreads-v1 has none, so it is skipped
-there); longer training (`steps_1000`, `steps_2000`); fewer codes (`codes_4`: m = n = 4).
+there); longer training (`steps_1000`, `steps_2000`); fewer codes (`codes_4`: m = n = 4); a
+linear map on every poly output (`out_proj`: `poly_out_proj`, 1,000 steps).
 `--existing` adds a checkpoint an earlier run trained (the reference, typically) instead of
 training it again. Never evaluates on test users: the recipe's defaults are chosen from this
 table. Variants train without dev users, so `popularity_prior` has nothing to choose w on: the
@@ -55,6 +56,7 @@ VARIANTS = {
     "steps_1000": ("poly, 1000 steps", {"max_steps": 1000}),
     "steps_2000": ("poly, 2000 steps", {"max_steps": 2000}),
     "codes_4": ("poly 4x4 codes, 1000 steps", {"item_codes": 4, "user_codes": 4, "max_steps": 1000}),
+    "out_proj": ("poly + output map, 1000 steps", {"poly_out_proj": True, "max_steps": 1000}),
 }
 
 

@@ -72,6 +72,10 @@ class ModelConfig(_Base):
     poly_init_noise: float = field(default=0.01, metadata={"help": (
         "With poly_init 'uniform': the largest standard deviation of an initial attention logit "
         "(0: every code exactly the masked mean, and all codes alike).")})
+    poly_out_proj: bool = field(default=False, metadata={"help": (
+        "A linear map (identity at init) on every poly-attention output, as the mean-pooling "
+        "ablation has on its mean. With a frozen encoder, poly vectors are otherwise convex "
+        "combinations of the frozen token states: the map lets training reshape that space.")})
     item_prior: str = field(default="none", metadata={"choices": ["none", "content"], "help": (
         "Per-item score prior b. 'content': a linear head on the item's mean-pooled token states, "
         "appended as one extra dimension to every CPE vector (and 1 to every UPE vector), so "
@@ -111,7 +115,7 @@ class ModelConfig(_Base):
         return values
 
 
-_LEVERS_OMITTED_AT_DEFAULT = ("poly_init", "poly_init_noise", "item_prior", "popularity_weight")
+_LEVERS_OMITTED_AT_DEFAULT = ("poly_init", "poly_init_noise", "poly_out_proj", "item_prior", "popularity_weight")
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 

@@ -24,7 +24,14 @@ from embsum.alignment.align_trainer import (
     expert_utilisation,
 )
 from embsum.alignment.policy import Policy
-from embsum.evaluation.protocol import build_eval_set, dev_score, evaluate_model, train_examples
+from embsum.evaluation.protocol import (
+    build_eval_set,
+    dev_score,
+    evaluate_model,
+    popularity_prior,
+    train_examples,
+    train_popularity,
+)
 from embsum.inference.encoding import StateCache
 
 log = logging.getLogger("embsum.align")
@@ -66,6 +73,16 @@ def align_data(data: CatalogData, cfg: AlignConfig) -> AlignData:
     dislikes = {u: [index[i] for i in d if i in index] for u, d in data.dislikes.items() if u in users}
     return AlignData(examples, {u: histories[u] for u in users}, data.item_texts,
                      dislikes={u: d for u, d in dislikes.items() if d})
+
+
+def pool_prior(sft, data: CatalogData) -> torch.Tensor | None:
+    """The SFT model's popularity prior per item (catalog order), n_i over the train users as in
+    evaluation; None when the model has none (w = 0)."""
+    weight = sft.config.popularity_weight
+    if not weight:
+        return None
+    counts = train_popularity(data.histories, data.index)
+    return torch.from_numpy(popularity_prior(counts, weight)).float()
 
 
 def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool, cache: StateCache | None = None):
@@ -130,6 +147,7 @@ def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None
     device = resolve_device(cfg.device)
     bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_supported(device))
     adata = align_data(data, cfg)
+    adata.pool_prior = pool_prior(sft, data) if cfg.pool_prior and cfg.strategy != "random" else None
     frozen_encoder = cfg.lora_scope == "decoder"
     adata.cache = (cache if cache is not None else StateCache()) if frozen_encoder else None
     if bank is None and (cfg.strategy != "random" or frozen_encoder):

@@ -24,6 +24,10 @@ class AlignConfig(_Base):
     pool_refresh: int = field(default=50, metadata={"help": "A user's pool is rebuilt once it is this many steps old."})
     pool_temperature: float = field(default=0.0, metadata={"help": (
         "rodpo sampling inside the pool: 0 uniform, > 0 softmax(score / temperature).")})
+    pool_prior: bool = field(default=False, metadata={"help": (
+        "Rank each user's top-K pool by the score the recommender serves: the SFT model's "
+        "popularity prior w * log(1 + n_i) (n_i over the train users) added, so rejected items are "
+        "what it would show, popular ones included. Off (or w = 0): the poly-score alone.")})
     dislike_share: float = field(default=0.0, metadata={"help": (
         "Probability that an example whose user has explicit dislikes (label-0 interactions) takes "
         "one of them as its rejected item instead of the strategy's pick: a dislike is a sure "

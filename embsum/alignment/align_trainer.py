@@ -58,7 +58,8 @@ class AlignData:
     positives: user key -> every item index the user is known to like (never a rejected item);
     item_texts: text of each item index; bank: the item CPE (cpe, cpe_prime) [I, n, d] in the
     same order (from precompute, or `build_bank`); dislikes: user key -> item indices the user
-    explicitly disliked (label 0: rejected items with `dislike_share`)."""
+    explicitly disliked (label 0: rejected items with `dislike_share`); pool_prior: a per-item
+    score prior added when pools are ranked (`pool_prior`)."""
 
     examples: list[tuple[str, list[int], int]]
     positives: dict[str, list[int]]
@@ -66,6 +67,8 @@ class AlignData:
     bank: tuple[torch.Tensor, torch.Tensor] | None = None
     cache: StateCache | None = None  # encoder token states by text (only when the encoder is frozen)
     dislikes: dict[str, list[int]] = field(default_factory=dict)
+    # per-item score prior [I] added to every pool score (AlignConfig.pool_prior), None: none
+    pool_prior: torch.Tensor | None = None
 
 
 def build_bank(model, texts: Sequence[str], batch_size: int, device, bf16: bool, progress: bool = True,
@@ -241,6 +244,8 @@ class AlignTrainer(TrainingMethod):
         def fn(rows, k):
             with torch.no_grad():
                 scores = poly_score_matrix(upe[rows].detach().float().cpu(), cpe, cpe_prime)
+                if self.data.pool_prior is not None:
+                    scores += self.data.pool_prior
             return scores_to_candidates(scores, [positives[r] for r in rows], k)
         return fn
 

@@ -98,8 +98,9 @@ class EmbSumModel(nn.Module):
         self.d = d
         self.global_proj = nn.Identity() if d_dec == d else nn.Linear(d_dec, d)
         if config.pooling == "poly":
-            self.item_poly = PolyAttention(config.item_codes, d, config.poly_init, config.poly_init_noise)
-            self.user_poly = PolyAttention(config.user_codes, d, config.poly_init, config.poly_init_noise)
+            poly = {"init": config.poly_init, "noise": config.poly_init_noise, "out_proj": config.poly_out_proj}
+            self.item_poly = PolyAttention(config.item_codes, d, **poly)
+            self.user_poly = PolyAttention(config.user_codes, d, **poly)
         else:
             self.item_proj = _identity_linear(d)
             self.user_proj = _identity_linear(d)

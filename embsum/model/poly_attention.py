@@ -9,6 +9,11 @@ Two initialisations (`ModelConfig.poly_init`):
   every logit has a standard deviation of at most `noise`: each code starts as (almost exactly)
   the masked mean of the tokens, i.e. where mean pooling is, and the noise breaks the symmetry
   between codes so they can specialise.
+
+`out_proj` (`ModelConfig.poly_out_proj`) adds a linear map, identity at init, on every output
+vector. Without it a code is a convex combination of the token states; with a frozen encoder
+those states never move, so the map is the only way training can reshape the space the vectors
+live in (the mean-pooling ablation has the same map on its mean).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ POLY_INITS = ("random", "uniform")
 
 
 class PolyAttention(nn.Module):
-    def __init__(self, n_codes: int, d: int, init: str = "random", noise: float = 0.01, init_std: float = 0.02):
+    def __init__(self, n_codes: int, d: int, init: str = "random", noise: float = 0.01, init_std: float = 0.02,
+                 out_proj: bool = False):
         super().__init__()
         if init not in POLY_INITS:
             raise ValueError(f"poly-attention init must be one of {', '.join(POLY_INITS)}, not {init!r}")
@@ -34,6 +40,13 @@ class PolyAttention(nn.Module):
         if init == "uniform":
             with torch.no_grad():
                 self.proj.weight.copy_(torch.eye(d))
+        # Created after the codes and proj so those draw the same values with or without it.
+        self.out_proj: nn.Linear | None = None
+        if out_proj:
+            self.out_proj = nn.Linear(d, d)
+            with torch.no_grad():
+                self.out_proj.weight.copy_(torch.eye(d))
+                self.out_proj.bias.zero_()
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """states [B, L, d], mask [B, L] (1 = token, 0 = padding) -> [B, n, d]."""
@@ -45,4 +58,5 @@ class PolyAttention(nn.Module):
         logits = flat_logits.new_full((*valid.shape, self.codes.shape[0]), float("-inf"))
         logits = logits.index_put((valid,), flat_logits)  # [B, L, n]
         attn = torch.softmax(logits, dim=1).to(states.dtype)
-        return torch.einsum("bln,bld->bnd", attn, states)
+        pooled = torch.einsum("bln,bld->bnd", attn, states)
+        return pooled if self.out_proj is None else self.out_proj(pooled)

@@ -74,6 +74,37 @@ def test_uniform_poly_model_scores_like_mean_pooling_at_init(tiny_bert_dir):
     torch.testing.assert_close(cpe, expected.unsqueeze(1).expand_as(cpe), atol=1e-5, rtol=0)
 
 
+def test_output_map_starts_as_the_identity_then_trains_to_reshape_the_vectors():
+    """poly_out_proj: at init the same vectors as without it (same codes drawn); the map is a
+    trained parameter, and once it moves the vectors leave the span of the token states."""
+    states, mask = _states(2)
+    torch.manual_seed(0)
+    plain = PolyAttention(4, 32)(states, mask)
+    torch.manual_seed(0)
+    mapped = PolyAttention(4, 32, out_proj=True)
+    torch.testing.assert_close(mapped(states, mask), plain, atol=1e-6, rtol=0)
+    assert {"out_proj.weight", "out_proj.bias"} <= {n for n, p in mapped.named_parameters() if p.requires_grad}
+    mapped(states, mask).pow(2).sum().backward()
+    assert mapped.out_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        mapped.out_proj.bias.fill_(0.5)
+    assert (mapped(states, mask) - plain).abs().min() > 0.4
+
+
+def test_output_map_model_round_trips_through_a_checkpoint(tiny_bert_dir, tmp_path):
+    from embsum.model.checkpoint import build_model, load_checkpoint, save_checkpoint
+
+    config = ModelConfig(backbone=tiny_bert_dir, item_codes=2, user_codes=2, item_max_tokens=16, poly_out_proj=True)
+    model = build_model(config, seed=0).eval()
+    with torch.no_grad():
+        model.item_poly.out_proj.weight.mul_(0.5)
+    save_checkpoint(model, tmp_path / "ckpt")
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.config.poly_out_proj
+    torch.testing.assert_close(loaded.item_poly.out_proj.weight, model.item_poly.out_proj.weight)
+    assert "poly_out_proj" not in ModelConfig().to_dict() and config.to_dict()["poly_out_proj"] is True
+
+
 def test_lever_configs_are_validated_and_left_out_of_config_json_at_their_defaults():
     with pytest.raises(ConfigError, match="poly_init"):
         ModelConfig(poly_init="zeros")

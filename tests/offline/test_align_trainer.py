@@ -137,6 +137,14 @@ def test_decoder_scope_steps_reuse_cached_encoder_states(sft, tmp_path, monkeypa
     assert min(trainer.train_step(data.examples[:4])["dpo"] for _ in range(4)) < math.log(2)
 
 
+def rejected_items(trainer, monkeypatch) -> list:
+    """The rejected items the trainer's sampler picks, one tensor per step, as they are drawn."""
+    seen = []
+    sample = trainer.sampler.sample
+    monkeypatch.setattr(trainer.sampler, "sample", lambda *a, **kw: seen.append(sample(*a, **kw)) or seen[-1])
+    return seen
+
+
 def test_dislike_share_one_makes_every_dislike_holder_reject_a_dislike(sft, tmp_path, monkeypatch):
     """`dislike_share` reaches the loop: with 1.0, each example of a user with explicit dislikes
     gets one of them as its rejected item; users without keep the strategy's pick."""
@@ -144,9 +152,7 @@ def test_dislike_share_one_makes_every_dislike_holder_reject_a_dislike(sft, tmp_
     data = tiny_data(sft)
     data.dislikes = {"u1": [11], "u2": [10, 11]}
     trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, data)
-    seen = []
-    sample = trainer.sampler.sample
-    monkeypatch.setattr(trainer.sampler, "sample", lambda *a, **kw: seen.append(sample(*a, **kw)) or seen[-1])
+    seen = rejected_items(trainer, monkeypatch)
     batch = [ex for ex in data.examples if ex[0] in ("u1", "u2", "u3")][:6]
     trainer.train_step(batch)
     rejected = seen[0].tolist()
@@ -154,3 +160,40 @@ def test_dislike_share_one_makes_every_dislike_holder_reject_a_dislike(sft, tmp_
         if user in data.dislikes:
             assert item in data.dislikes[user]
     assert {u for u, _, _ in batch} == {"u1", "u2", "u3"}
+
+
+def test_pool_prior_ranks_pools_by_the_served_score(sft, tmp_path, monkeypatch):
+    """`pool_prior`: the pools are ranked by score + prior, so a large prior on two items puts them
+    at the top of every pool (positives still excluded); the hard strategy then rejects them."""
+    cfg = config(tmp_path, strategy="hard", pool_prior=True)
+    data = tiny_data(sft)
+    data.pool_prior = torch.zeros(len(TEXTS))
+    data.pool_prior[[10, 11]] = torch.tensor([5.0, 6.0])
+    trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, data)
+    seen = rejected_items(trainer, monkeypatch)
+    batch = [ex for ex in data.examples if ex[0] in ("u1", "u2", "u4")][:6]
+    trainer.train_step(batch)
+    assert seen[0].tolist() == [11] * len(batch)  # none of these users holds item 11
+    u3 = [ex for ex in data.examples if ex[0] == "u3"][:2]  # u3 holds 10: its top pick is 11 too
+    trainer.train_step(u3)
+    assert seen[1].tolist() == [11, 11]
+
+
+def test_pool_prior_comes_from_the_sft_models_popularity_weight():
+    from embsum.offline.align import pool_prior
+    from embsum.offline.data import CatalogData
+
+    class Config:
+        popularity_weight = 0.0
+
+    class Model:
+        config = Config()
+
+    # train-split users hold items: n = (2, 1, 0); split_of decides who is train, so count them
+    from embsum.evaluation.protocol import split_of
+
+    train_users = [u for u in (f"user{i}" for i in range(200)) if split_of(u) == "train"][:2]
+    data = CatalogData(["a", "b", "c"], ["A", "B", "C"], {train_users[0]: ["a", "b"], train_users[1]: ["a"]}, {})
+    assert pool_prior(Model(), data) is None
+    Model.config.popularity_weight = 0.1
+    torch.testing.assert_close(pool_prior(Model(), data), 0.1 * torch.log1p(torch.tensor([2.0, 1.0, 0.0])))

@@ -1,0 +1,107 @@
+"""Tune the align recipe on goodreads-v1 DEV users: one SFT checkpoint, aligned once per setting,
+each aligned model's paired difference to its SFT model with 95% bootstrap intervals.
+
+    .venv/bin/python benchmarks/align_sweep.py --sft bench-out/quality/embsum/best \
+        --run "recipe:" --run "beta 5:beta=5" --run "K 200:pool_size=200" \
+        --run "300 steps:max_steps=300" --run "no NCE:nce_weight=0" --out bench-out/align-sweep
+
+A `--run` is "label:key=value,key=value" over the align recipe (`--recipe`, default align_cpu);
+"label:" is the recipe as it is. Every run aligns a fresh copy of the SFT model with
+`embsum.offline.align.align` (the code behind `embsum align`; OUT/best chosen on the recipe's own
+dev users), and its best checkpoint is evaluated the way `embsum evaluate` does
+(`offline.evaluate.Evaluation`: the popularity prior the SFT model carries included) on every
+dev user. Never test users: this table is where the align recipe's defaults come from. The
+frozen encoder's token states are computed once and shared by every run (lora_scope 'decoder').
+The table is rewritten after every run, so a partial sweep still reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+
+from quality_goodreads import ensure_catalog
+
+REFERENCE = "SFT (unaligned)"
+
+
+def parse_run(spec: str, fields: dict) -> tuple[str, dict]:
+    """'label:key=value,key=value' -> (label, {key: value typed like the AlignConfig field})."""
+    label, _, settings = spec.partition(":")
+    changes = {}
+    for item in filter(None, (s.strip() for s in settings.split(","))):
+        key, _, raw = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--run {spec!r}: {key!r} is not an align setting")
+        kind = type(fields[key])
+        changes[key] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+    return label.strip() or "recipe", changes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sft", type=Path, required=True, help="SFT checkpoint (embsum train's OUT/best).")
+    parser.add_argument("--recipe", default="align_cpu", help="Align recipe (name or TOML with [align]).")
+    parser.add_argument("--run", action="append", default=[], help="label:key=value,... (repeatable).")
+    parser.add_argument("--db", type=Path, default=Path("/tmp/embsum-bench/goodreads.duckdb"))
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "goodreads")
+    parser.add_argument("--dev-users", type=int, default=0, help="Evaluate the first N dev users (0: all).")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/align-sweep"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    from embsum.index.catalog import Catalog
+    from embsum.offline.align import align
+    from embsum.offline.commands.align import recipe_values
+    from embsum.offline.data import load_catalog_data
+    from embsum.offline.evaluate import EvaluateConfig, Evaluation, markdown_table
+
+    from embsum.alignment.align_config import AlignConfig
+    from embsum.model.checkpoint import load_checkpoint
+
+    started = time.time()
+    ensure_catalog(args.db, args.data)
+    with Catalog(args.db, read_only=True) as cat:
+        data = load_catalog_data(cat, "none")
+    base = AlignConfig(**recipe_values(args.recipe))
+    defaults = {name: getattr(base, name) for name in base.__dataclass_fields__}
+    runs = [parse_run(spec, defaults) for spec in (args.run or ["recipe:"])]
+
+    evaluation = Evaluation(data, EvaluateConfig(split="dev", users=args.dev_users, reference=REFERENCE),
+                            progress=True)
+    evaluation.add_checkpoint(str(args.sft), name=REFERENCE)
+    sft, sft_hash = load_checkpoint(args.sft)
+    _, cache = evaluation.cache_for(sft)  # filled by the SFT row: every run reuses it
+    training = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for label, changes in runs:
+        folder = args.out / label.replace(" ", "_").replace("=", "").replace("/", "_")
+        cfg = base.replace(out=str(folder), resume=False, **changes)
+        fresh, _ = load_checkpoint(args.sft)
+        print(f"{label}: {changes or 'recipe as is'}", flush=True)
+        summary = align(fresh, sft_hash, data, cfg, progress=None,
+                        cache=cache if cfg.lora_scope == "decoder" else None)
+        training[label] = {"changes": changes, "steps": summary["steps"], "wall_s": summary["wall_s"],
+                           "best_dev_score": summary["best"], "dev_history": summary["dev_history"]}
+        evaluation.add_checkpoint(str(folder / "best"), name=label)
+        report = evaluation.report()
+        report.update({"sft": str(args.sft), "sft_hash": sft_hash, "recipe": args.recipe,
+                       "training": training, "total_wall_s": round(time.time() - started, 1)})
+        (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (args.out / "report.md").write_text(markdown_table(report))
+        print(markdown_table(report), flush=True)
+    for label, info in training.items():
+        print(f"{label}: {info['steps']} steps in {info['wall_s']:.0f}s, best align-dev score {info['best_dev_score']}")
+    print(f"\ntotal wall time {time.time() - started:.0f}s; report: {args.out / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()
