@@ -148,9 +148,10 @@ def step_ingest(demo: Demo) -> None:
 
 def step_train(demo: Demo) -> None:
     # Brief on purpose (the demo must finish in minutes on a laptop CPU): frozen encoder, so the
-    # movie token states are computed once; a 2-layer decoder; a few hundred steps.
+    # movie token states are computed once; a 2-layer decoder; a few hundred steps. With the encoder
+    # frozen, the output map on poly vectors is what lets training reshape them (README, levers).
     demo.cli("train", "--out", str(demo.checkpoint.parent), "--max-steps", "100", "--freeze-encoder",
-             "--freeze-embeddings", "--decoder-layers", "2", "--item-max-tokens", "48",
+             "--freeze-embeddings", "--poly-out-proj", "--decoder-layers", "2", "--item-max-tokens", "48",
              "--dev-users", "50", "--eval-every", "0", "--save-every", "50")
 
 
