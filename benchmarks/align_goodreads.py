@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from align_sweep import parse_run
 from bench_common import DATA, OUT, load_books, load_histories, peak_rss_mb, save, table
 from embsum.offline.align import align
 from embsum.offline.commands.align import recipe_values
@@ -138,8 +139,8 @@ def runs_to_do(args, base: AlignConfig) -> list[tuple[str, AlignConfig]]:
     for sweep in args.sweep:
         key, values = sweep.split("=", 1)
         for raw in values.split(","):
-            value = type(getattr(base, key))(raw)
-            runs.append((f"rodpo {key}={raw}", dataclasses.replace(base, strategy="rodpo", **{key: value})))
+            _, changes = parse_run(f"rodpo:{key}={raw}", {key: getattr(base, key)})
+            runs.append((f"rodpo {key}={raw}", dataclasses.replace(base, strategy="rodpo", **changes)))
     return runs
 
 

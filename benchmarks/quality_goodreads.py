@@ -58,7 +58,7 @@ def train_variants(data, train_cfg, model_cfg, variants, out: Path, cache):
     """Train one model per (label, folder, config changes, its CatalogData) from the same recipe; a
     frozen encoder's token states are computed once into `cache` and shared. Returns the
     training figures per label, the inference dtype and the cache key for evaluation."""
-    from embsum.offline.evaluate import encoder_fingerprint
+    from embsum.offline.evaluate import state_cache_key
 
     from embsum.evaluation.protocol import build_eval_set, train_examples
     from embsum.model.checkpoint import build_model
@@ -79,7 +79,7 @@ def train_variants(data, train_cfg, model_cfg, variants, out: Path, cache):
         trainer = Trainer(model, cfg, train_data, dev, progress=True, cache=cache)
         result = trainer.fit()
         dtype = "bf16" if trainer.bf16 else "fp32"
-        key = (encoder_fingerprint(model.backbone.get_encoder()), model.config.item_max_tokens, dtype)
+        key = state_cache_key(model, dtype)
         training[label] = {"folder": folder, "steps": result.steps, "examples": result.examples_seen,
                            "samples_per_s": round(result.samples_per_s, 2), "train_s": round(trainer.train_time, 1),
                            "wall_s": round(result.wall_s, 1), "peak_memory_mb": round(result.peak_memory_mb),
@@ -108,7 +108,7 @@ def reused_training(out: Path, variants) -> dict:
 def cache_key(checkpoint: Path, train_cfg) -> tuple[str, tuple]:
     """(inference dtype, token-state cache key) of a trained checkpoint, as train_variants
     returns them for the models it trains."""
-    from embsum.offline.evaluate import encoder_fingerprint
+    from embsum.offline.evaluate import state_cache_key
 
     from embsum.inference.encoding import resolve_device
     from embsum.model.checkpoint import load_checkpoint
@@ -116,7 +116,7 @@ def cache_key(checkpoint: Path, train_cfg) -> tuple[str, tuple]:
 
     model, _ = load_checkpoint(checkpoint)
     dtype = "bf16" if use_bf16(train_cfg.bf16, resolve_device(train_cfg.device)) else "fp32"
-    return dtype, (encoder_fingerprint(model.backbone.get_encoder()), model.config.item_max_tokens, dtype)
+    return dtype, state_cache_key(model, dtype)
 
 
 def _popularity_weight(checkpoint: Path) -> float:

@@ -100,7 +100,7 @@ def main() -> None:
 
     from embsum.index.catalog import Catalog
     from embsum.offline.data import load_catalog_data
-    from embsum.offline.evaluate import EvaluateConfig, Evaluation, encoder_fingerprint, markdown_table
+    from embsum.offline.evaluate import EvaluateConfig, Evaluation, markdown_table, state_cache_key
 
     from embsum.inference.encoding import StateCache
 
@@ -130,7 +130,7 @@ def main() -> None:
             from embsum.model.checkpoint import load_checkpoint
 
             model, _ = load_checkpoint(ckpt)
-            shared = {(encoder_fingerprint(model.backbone.get_encoder()), model.config.item_max_tokens, dtype): cache}
+            shared = {state_cache_key(model, dtype): cache}
             del model
             evaluation = Evaluation(data, EvaluateConfig(
                 split="dev", users=args.dev_users, dtype=dtype, device=train_cfg.device, zero_shot=False,

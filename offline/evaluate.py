@@ -85,6 +85,12 @@ def encoder_fingerprint(encoder) -> str:
     return h.hexdigest()
 
 
+def state_cache_key(model, dtype: str) -> tuple:
+    """Key of a StateCache of `model`'s encoder token states: equal keys, equal states (the
+    encoder's weights, its token limit, the dtype the states were computed in)."""
+    return encoder_fingerprint(model.backbone.get_encoder()), model.config.item_max_tokens, dtype
+
+
 def _read_pairs_table(path: str | Path, extra: tuple[str, ...] = ()):
     """A Parquet, CSV or TSV table with columns user, item (user_id/item_id accepted) + `extra`
     -> (table, user column, item column). Ids are read as strings ("007" stays "007")."""
@@ -221,7 +227,7 @@ class Evaluation:
     def cache_for(self, model):
         from embsum.inference.encoding import StateCache
 
-        key = (encoder_fingerprint(model.backbone.get_encoder()), model.config.item_max_tokens, self.cfg.dtype)
+        key = state_cache_key(model, self.cfg.dtype)
         return key, self.caches.setdefault(key, StateCache())
 
     def add_checkpoint(self, path: str, name: str | None = None) -> dict:
