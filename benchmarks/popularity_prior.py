@@ -1,12 +1,21 @@
-"""The popularity prior's weight on goodreads-v1 DEV users (issue 14): one trained checkpoint,
-its scores plus w * log(1 + n_i) for every w of the grid `embsum train --popularity-prior`
-chooses from (embsum.evaluation.protocol.POPULARITY_WEIGHTS), with 95% paired-bootstrap
-intervals of each w's difference to w = 0, and the popularity baseline beside them.
+"""The popularity prior on goodreads-v1 DEV users (issue 14): one or more trained checkpoints,
+their scores plus w * log(1 + n_i) for every w of the grid `embsum train --popularity-prior`
+chooses from (embsum.evaluation.protocol.POPULARITY_WEIGHTS), each w's difference to w = 0 with
+95% paired-bootstrap intervals, the w the dev score picks, and the popularity baseline beside.
 
     .venv/bin/python benchmarks/popularity_prior.py --checkpoint bench-out/levers-steps/steps_1000/best
+    .venv/bin/python benchmarks/popularity_prior.py \
+        --checkpoint "EmbSum=bench-out/quality2/embsum/best" \
+        --checkpoint "ablation=bench-out/quality2/single_vector/best" --caps 0,20
 
-The checkpoint's own w (if any) is ignored: the table starts from its prior-free scores. The item
-and user vectors are computed once; each w only re-ranks. Dev users only: w is chosen here.
+With two or more checkpoints it also prints the first one minus each other one at *equal* prior
+(paired over the same users): what a model comparison looks like once both use the same w.
+`--caps`: a saturating prior w * log(1 + min(n_i, cap)) besides the plain one (0: no cap), for
+exploring; the product's prior has no cap.
+
+A checkpoint's own w (if any) is ignored: the curves start from its prior-free scores. The item
+and user vectors are computed once per checkpoint (checkpoints with the same frozen encoder share
+its token states); each prior only re-ranks. Dev users only: w is chosen here.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
@@ -26,18 +37,44 @@ from quality_goodreads import ensure_catalog, recipe_configs
 HEADLINE = [("uniform", "ndcg@10"), ("pop", "ndcg@10"), ("pop", "ndcg@5"), ("full", "recall@100"), ("full", "ndcg@10")]
 
 
+def capped_prior(counts: np.ndarray, weight: float, cap: int) -> np.ndarray:
+    """w * log(1 + n_i), n_i capped at `cap` when cap > 0."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return weight * np.log1p(np.minimum(counts, cap) if cap else counts)
+
+
+def parse_checkpoint(spec: str) -> tuple[str, Path]:
+    """'label=path' or 'path' (labelled by its path)."""
+    label, sep, path = spec.partition("=")
+    return (label, Path(path)) if sep else (spec, Path(spec))
+
+
+def interval_cell(value: float, delta: list[float] | None) -> str:
+    if delta is None:
+        return f"{value:.4f}"
+    return f"{value:.4f} ({difference_cell(delta)})"
+
+
+def difference_cell(cell: list[float]) -> str:
+    d, lo, hi = cell
+    text = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    return f"**{text}**" if lo > 0 or hi < 0 else text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--checkpoint", action="append", required=True, help="[label=]path; repeat to compare")
     parser.add_argument("--db", type=Path, default=Path("/tmp/embsum-bench/goodreads.duckdb"))
     parser.add_argument("--data", type=Path, default=ROOT.parent.parent / "shared" / "data" / "goodreads")
     parser.add_argument("--dev-users", type=int, default=0, help="the first N dev users (0: all)")
+    parser.add_argument("--caps", default="0", help="comma-separated caps of n_i (0: no cap)")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--resamples", type=int, default=1000)
     args = parser.parse_args()
 
     from embsum.index.catalog import Catalog
     from embsum.offline.data import load_catalog_data
+    from embsum.offline.evaluate import state_cache_key
 
     from embsum.evaluation.bootstrap import BootstrapConfig, paired_difference, resample_counts
     from embsum.evaluation.protocol import (
@@ -46,11 +83,11 @@ def main() -> None:
         dev_score,
         evaluate_per_user,
         model_scorer,
-        popularity_prior,
         popularity_scorer,
         summarize,
         with_item_prior,
     )
+    from embsum.inference.encoding import StateCache
     from embsum.model.checkpoint import load_checkpoint
 
     started = time.time()
@@ -59,42 +96,68 @@ def main() -> None:
     with Catalog(args.db, read_only=True) as cat:
         data = load_catalog_data(cat, summary_source)
     dev = build_eval_set(data.histories, data.item_ids, "dev", limit=args.dev_users)
-    model, digest = load_checkpoint(args.checkpoint)
-    plain = model_scorer(model, dev, data.item_texts, dtype=args.dtype, progress=True)
-    print(f"vectors of {len(dev.item_ids)} items and {len(dev.users)} dev users in {time.time() - started:.0f}s",
-          flush=True)
+    caps = [int(c) for c in args.caps.split(",")]
+    priors = [(w, c) for c in caps for w in POPULARITY_WEIGHTS if w or not c]  # w = 0 once
     boot = BootstrapConfig(resamples=args.resamples)
     counts = resample_counts(len(dev.users), boot.resamples, boot.seed)
-    rows, per_user = [], {}
-    for weight in POPULARITY_WEIGHTS:
-        scorer = with_item_prior(plain, popularity_prior(dev.popularity, weight)) if weight else plain
-        per_user[weight] = evaluate_per_user(dev, scorer)
-        report = summarize(per_user[weight])
-        row = {"weight": weight, "dev_score": dev_score(report), "metrics": report, "difference": {}}
-        for group, metric in HEADLINE:
-            delta, bounds = paired_difference(per_user[weight][group][metric], per_user[0.0][group][metric],
-                                              counts, boot.confidence)
-            row["difference"][f"{group} {metric}"] = [float(delta), *map(float, bounds)]
-        rows.append(row)
-        print(f"w={weight}: dev score {row['dev_score']:.4f}", flush=True)
+    caches: dict[tuple, StateCache] = {}
+    models, per_user = [], {}
+    for label, path in map(parse_checkpoint, args.checkpoint):
+        model, digest = load_checkpoint(path)
+        cache = caches.setdefault(state_cache_key(model, args.dtype), StateCache())
+        t0 = time.time()
+        plain = model_scorer(model, dev, data.item_texts, dtype=args.dtype, cache=cache, progress=True)
+        print(f"{label}: vectors of {len(dev.item_ids)} items and {len(dev.users)} dev users in "
+              f"{time.time() - t0:.0f}s", flush=True)
+        rows = []
+        for weight, cap in priors:
+            scorer = with_item_prior(plain, capped_prior(dev.popularity, weight, cap)) if weight else plain
+            per_user[label, weight, cap] = evaluate_per_user(dev, scorer)
+            report = summarize(per_user[label, weight, cap])
+            row = {"weight": weight, "cap": cap, "dev_score": dev_score(report), "metrics": report, "difference": {}}
+            for group, metric in HEADLINE:
+                delta, bounds = paired_difference(per_user[label, weight, cap][group][metric],
+                                                  per_user[label, 0.0, 0][group][metric], counts, boot.confidence)
+                row["difference"][f"{group} {metric}"] = [float(delta), *map(float, bounds)]
+            rows.append(row)
+            print(f"{label} w={weight} cap={cap}: dev score {row['dev_score']:.4f}", flush=True)
+        models.append({"label": label, "checkpoint": str(path), "hash": digest, "rows": rows})
+        del model, plain
     popularity = summarize(evaluate_per_user(dev, popularity_scorer(dev)))
 
-    def cell(row, group, metric):
-        d, lo, hi = row["difference"][f"{group} {metric}"]
-        text = f"{row['metrics'][group][metric]:.4f}" + ("" if not row["weight"] else f" ({d:+.4f} [{lo:+.4f}, {hi:+.4f}])")
-        return f"**{text}**" if row["weight"] and (lo > 0 or hi < 0) else text
+    print(f"\n{cpu_info()['model']}; {len(dev.users)} dev users; difference to w = 0, 95% paired bootstrap "
+          f"(bold: excludes 0)")
+    head = ["w", "cap", "dev score"] + [f"{g} {m}" for g, m in HEADLINE]
+    for entry in models:
+        lines = [[f"{r['weight']:g}", str(r["cap"] or "-"), f"{r['dev_score']:.4f}",
+                  *(interval_cell(r["metrics"][g][m], r["difference"][f"{g} {m}"] if r["weight"] else None)
+                    for g, m in HEADLINE)] for r in entry["rows"]]
+        lines.append(["popularity", "", f"{dev_score(popularity):.4f}", *(f"{popularity[g][m]:.4f}" for g, m in HEADLINE)])
+        uncapped = [r for r in entry["rows"] if not r["cap"]]
+        entry["chosen"] = max(uncapped, key=lambda r: (r["dev_score"], -r["weight"]))["weight"]
+        print(f"\n{entry['label']} ({entry['checkpoint']}, {entry['hash']}); the dev score picks w = {entry['chosen']:g}\n")
+        print(table(head, lines))
 
-    head = ["w", "dev score"] + [f"{g} {m}" for g, m in HEADLINE]
-    lines = [[f"{r['weight']:g}", f"{r['dev_score']:.4f}", *(cell(r, g, m) for g, m in HEADLINE)] for r in rows]
-    lines.append(["popularity", f"{dev_score(popularity):.4f}", *(f"{popularity[g][m]:.4f}" for g, m in HEADLINE)])
-    best = max(rows, key=lambda r: (r["dev_score"], -r["weight"]))
-    print(f"\n{cpu_info()['model']}; checkpoint {args.checkpoint} ({digest}); {len(dev.users)} dev users; "
-          f"(difference to w = 0, 95% paired bootstrap; bold: excludes 0)\n")
-    print(table(head, lines))
-    print(f"\nchosen by the dev score: w = {best['weight']:g}; {time.time() - started:.0f}s in all")
-    path = save("popularity_prior", {"checkpoint": str(args.checkpoint), "hash": digest, "dev_users": len(dev.users),
-                                     "rows": rows, "popularity": popularity, "chosen": best["weight"],
-                                     "cpu": cpu_info(), "wall_s": round(time.time() - started, 1)})
+    comparisons = {}
+    first = models[0]["label"]
+    for entry in models[1:]:
+        other = entry["label"]
+        lines, comparisons[other] = [], []
+        for weight, cap in priors:
+            cells = {}
+            for group, metric in HEADLINE:
+                delta, bounds = paired_difference(per_user[first, weight, cap][group][metric],
+                                                  per_user[other, weight, cap][group][metric], counts, boot.confidence)
+                cells[f"{group} {metric}"] = [float(delta), *map(float, bounds)]
+            comparisons[other].append({"weight": weight, "cap": cap, "difference": cells})
+            lines.append([f"{weight:g}", str(cap or "-"), *(difference_cell(cells[f"{g} {m}"]) for g, m in HEADLINE)])
+        print(f"\n{first} minus {other} at equal prior (paired; bold: the interval excludes 0)\n")
+        print(table(["w", "cap"] + [f"{g} {m}" for g, m in HEADLINE], lines))
+
+    print(f"\n{time.time() - started:.0f}s in all")
+    path = save("popularity_prior", {"dev_users": len(dev.users), "models": models, "comparisons": comparisons,
+                                     "popularity": popularity, "cpu": cpu_info(),
+                                     "wall_s": round(time.time() - started, 1)})
     print(f"report: {path}")
 
 

@@ -124,6 +124,22 @@ def _popularity_weight(checkpoint: Path) -> float:
     return json.loads((checkpoint / "config.json").read_text())["model_config"].get("popularity_weight", 0.0)
 
 
+def refit_priors(data, training: dict, out: Path, train_cfg, dtype: str, cache) -> None:
+    """--refit-prior: choose again, on the recipe's popularity_fit_users dev users, the w of each
+    reused SFT model's popularity prior (embsum.training.trainer.refit_popularity_weight), so an
+    earlier run's models follow a changed fit without training again."""
+    from embsum.evaluation.protocol import build_eval_set
+    from embsum.training.trainer import refit_popularity_weight
+
+    dev = build_eval_set(data.histories, data.item_ids, "dev", limit=train_cfg.popularity_fit_users)
+    for label, info in training.items():
+        before = info.get("popularity_weight")
+        digest, weight, _ = refit_popularity_weight(out / info["folder"] / "best", dev, data.item_texts, cache=cache,
+                                                    dtype=dtype, device=train_cfg.device)
+        info.update(popularity_weight=weight, best_hash=digest, popularity_fit_users=len(dev.users))
+        print(f"{label}: popularity prior w {before} -> {weight} (chosen on {len(dev.users)} dev users)", flush=True)
+
+
 ALIGNED = {"rodpo": "EmbSum + RoDPO", "hard": "EmbSum + hard-negative DPO", "random": "EmbSum + random-negative DPO"}
 
 
@@ -236,6 +252,9 @@ def main() -> None:
     parser.add_argument("--reuse-trained", action="store_true", help=(
         "keep the SFT models an earlier run trained into --out (their figures from its report.json) "
         "instead of training them again: alignment and evaluation still run"))
+    parser.add_argument("--refit-prior", action="store_true", help=(
+        "with --reuse-trained: choose each reused SFT model's popularity prior w again with the "
+        "recipe's popularity_fit_users (before alignment, which starts from it)"))
     parser.add_argument("--align-recipe", default="align_cpu")
     parser.add_argument("--align", default="rodpo,hard,random", help="negative strategies to align with ('': none)")
     parser.add_argument("--align-steps", type=int, default=None, help="override the align recipe's max_steps")
@@ -272,6 +291,8 @@ def main() -> None:
     if key is None:
         dtype, key = cache_key(args.out / variants[0][1] / "best", train_cfg)
     training = {label: reused.get(label) or trained[label] for label, *_ in variants}
+    if args.refit_prior and train_cfg.popularity_prior:
+        refit_priors(data, {label: training[label] for label in reused}, args.out, train_cfg, dtype, cache)
     strategies = [s.strip() for s in args.align.split(",") if s.strip()]
     if strategies:
         training.update(align_variants(data, args.out / "embsum" / "best", strategies, args.align_recipe,

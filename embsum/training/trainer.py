@@ -126,6 +126,30 @@ def _contains(sorted_array: np.ndarray, value: int) -> bool:
     return i < len(sorted_array) and sorted_array[i] == value
 
 
+def refit_popularity_weight(checkpoint: Path, dev: EvalSet, item_texts, cache: StateCache | None = None,
+                            dtype: str = "fp32", device=None) -> tuple[str, float, list[dict]]:
+    """Choose w of a checkpoint's popularity prior on `dev` (`fit_popularity_weight`, from its
+    prior-free scores: a w it already has is ignored) and rewrite the checkpoint with it.
+    -> (its new hash, w, the fit table). config.json keeps the table (popularity_fit) and how
+    many dev users it was fit on (popularity_fit_users)."""
+    from embsum.model.checkpoint import load_checkpoint, read_meta, save_checkpoint
+
+    device = resolve_device(device)
+    model, _ = load_checkpoint(checkpoint, device)
+    scorer = model_scorer(model, dev, item_texts, full_ranking=False, cache=cache, dtype=dtype, device=device)
+    weight, table = fit_popularity_weight(dev, scorer)
+    for row in table:
+        log.info("popularity prior w=%g: dev score %.4f (uniform nDCG@10 %.4f, pop %.4f)", row["weight"],
+                 row["dev_score"], row["uniform_ndcg@10"], row["pop_ndcg@10"])
+    model.config.popularity_weight = weight
+    meta = {k: v for k, v in read_meta(checkpoint).items() if k not in ("format", "model_config")}
+    digest = save_checkpoint(model, checkpoint, extra={**meta, "popularity_fit": table,
+                                                               "popularity_fit_users": len(dev.users)})
+    log.info("popularity prior: w=%g chosen on %d dev users; %s is now %s", weight, len(dev.users), checkpoint,
+             digest)
+    return digest, weight, table
+
+
 class Trainer(TrainingMethod):
     name = "train"
     progress_keys = ("loss", "nce", "nll")
@@ -205,10 +229,11 @@ class Trainer(TrainingMethod):
         return report, dev_score(report)
 
     def choose_popularity_weight(self) -> str | None:
-        """TrainConfig.popularity_prior: choose w of OUT/best's popularity prior on the dev users
-        (`fit_popularity_weight`) and rewrite OUT/best with it (a new model, so a new hash: returned).
-        OUT/last stays as trained: it is the state a resumed run continues from."""
-        from embsum.model.checkpoint import load_checkpoint, read_meta, save_checkpoint
+        """TrainConfig.popularity_prior: choose w of OUT/best's popularity prior on
+        `popularity_fit_users` dev users (`refit_popularity_weight`) and rewrite OUT/best with it
+        (a new model, so a new hash: returned). OUT/last stays as trained: it is the state a
+        resumed run continues from."""
+        from embsum.evaluation.protocol import build_eval_set
 
         best = self.loop.out / "best"
         if self.dev is None or not self.dev.users or not best.exists():
@@ -217,18 +242,11 @@ class Trainer(TrainingMethod):
             return None
         if not self.loop.dist.is_main:
             return None
-        model, _ = load_checkpoint(best, self.device)
-        scorer = model_scorer(model, self.dev, self.data.item_texts, full_ranking=False, cache=self.cache,
-                              dtype="bf16" if self.bf16 else "fp32", device=self.device)
-        weight, table = fit_popularity_weight(self.dev, scorer)
-        for row in table:
-            log.info("popularity prior w=%g: dev score %.4f (uniform nDCG@10 %.4f, pop %.4f)", row["weight"],
-                     row["dev_score"], row["uniform_ndcg@10"], row["pop_ndcg@10"])
-        model.config.popularity_weight = weight
-        meta = {k: v for k, v in read_meta(best).items() if k not in ("format", "model_config")}
-        digest = save_checkpoint(model, best, extra={**meta, "popularity_fit": table})
-        log.info("popularity prior: w=%g chosen on %d dev users; OUT/best is now %s", weight, len(self.dev.users),
-                 digest)
+        fit_set = self.dev
+        if self.cfg.popularity_fit_users != self.cfg.dev_users:
+            fit_set = build_eval_set(self.data.histories, self.data.item_ids, "dev", limit=self.cfg.popularity_fit_users)
+        digest, _, _ = refit_popularity_weight(best, fit_set, self.data.item_texts, cache=self.cache,
+                                               dtype="bf16" if self.bf16 else "fp32", device=self.device)
         return digest
 
     # -- batches ------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_training_with_popularity_prior_stores_the_dev_chosen_w_in_best(tiny_ber
     texts = [f"book {i} about topic {i % 7} and theme {i % 5}" for i in range(len(ids))]
     train = {u: h for u, h in histories.items() if split_of(u) == "train"}
     examples = [(u, h[:-1], h[-1]) for u, h in list(train.items())[:24]]
-    dev = build_eval_set(histories, ids, "dev", limit=40)
+    dev = build_eval_set(histories, ids, "dev", limit=10)  # checkpoint selection; w is fit on all dev users
     model = build_model(ModelConfig(backbone=tiny_bert_dir, item_codes=2, user_codes=2, item_max_tokens=16), seed=0)
     cfg = TrainConfig(out=str(tmp_path / "run"), max_steps=2, batch_size=4, negatives=2, bf16="off", device="cpu",
                       popularity_prior=True, freeze_encoder=True, log_every=1)
@@ -96,6 +96,14 @@ def test_training_with_popularity_prior_stores_the_dev_chosen_w_in_best(tiny_ber
     chosen = max(meta["popularity_fit"], key=lambda r: (r["dev_score"], -r["weight"]))["weight"]
     # the steep popularity law makes the prior win on this catalog
     assert chosen > 0 and meta["model_config"]["popularity_weight"] == chosen
+    # chosen on every dev user (popularity_fit_users 0), not on the 10 that pick checkpoints
+    all_dev = build_eval_set(histories, ids, "dev")
+    assert meta["popularity_fit_users"] == len(all_dev.users) > len(dev.users)
+    refit_model, _ = load_checkpoint(best)
+    _, table = fit_popularity_weight(all_dev, model_scorer(refit_model, all_dev, texts, full_ranking=False))
+    assert [r["weight"] for r in table] == [r["weight"] for r in meta["popularity_fit"]]
+    np.testing.assert_allclose([r["dev_score"] for r in table], [r["dev_score"] for r in meta["popularity_fit"]],
+                               atol=2e-3)  # the trainer scores from cached token states: near-ties may swap
     assert result.best_hash == checkpoint_hash(best)
     loaded, _ = load_checkpoint(best)
     assert loaded.config.popularity_weight == chosen
@@ -107,3 +115,25 @@ def test_training_with_popularity_prior_stores_the_dev_chosen_w_in_best(tiny_ber
     assert with_prior != evaluate(dev, plain, full_ranking=False)
     # OUT/last stays the trained state (a resumed run continues from it), without the prior
     assert "popularity_weight" not in json.loads((tmp_path / "run" / "last" / "config.json").read_text())["model_config"]
+
+
+def test_refit_popularity_weight_ignores_the_w_a_checkpoint_has(tiny_bert_dir, tmp_path):
+    """Refitting starts from the prior-free scores: a checkpoint saved with another w gets the
+    same w (and table) as one saved without any, so re-running a fit changes nothing."""
+    from embsum.model.checkpoint import build_model, checkpoint_hash, load_checkpoint, save_checkpoint
+    from embsum.training.trainer import refit_popularity_weight
+
+    histories, ids = _catalog(n_users=300, n_items=120, seed=3)
+    texts = [f"book {i} about topic {i % 7} and theme {i % 5}" for i in range(len(ids))]
+    dev = build_eval_set(histories, ids, "dev")
+    chosen = {}
+    for start_w in (0.0, 0.5):
+        model = build_model(ModelConfig(backbone=tiny_bert_dir, item_codes=2, user_codes=2, item_max_tokens=16,
+                                        popularity_weight=start_w), seed=0)
+        path = tmp_path / f"w{start_w}"
+        save_checkpoint(model, path)
+        digest, weight, table = refit_popularity_weight(path, dev, texts, device="cpu")
+        assert digest == checkpoint_hash(path) and load_checkpoint(path)[0].config.popularity_weight == weight
+        chosen[start_w] = (weight, [round(r["dev_score"], 6) for r in table])
+    assert chosen[0.0] == chosen[0.5]
+    assert chosen[0.0][0] != 0.5
