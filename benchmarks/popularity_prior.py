@@ -38,9 +38,22 @@ HEADLINE = [("uniform", "ndcg@10"), ("pop", "ndcg@10"), ("pop", "ndcg@5"), ("ful
 
 
 def capped_prior(counts: np.ndarray, weight: float, cap: int) -> np.ndarray:
-    """w * log(1 + n_i), n_i capped at `cap` when cap > 0."""
-    counts = np.asarray(counts, dtype=np.float64)
-    return weight * np.log1p(np.minimum(counts, cap) if cap else counts)
+    """The product's prior w * log(1 + n_i), n_i capped at `cap` when cap > 0."""
+    from embsum.evaluation.protocol import popularity_prior
+
+    return popularity_prior(np.minimum(counts, cap) if cap else counts, weight)
+
+
+def paired_cells(values: dict, reference: dict, counts: np.ndarray, confidence: float) -> dict[str, list[float]]:
+    """'group metric' -> [mean difference, low, high] of per-user `values` minus `reference`
+    (evaluate_per_user outputs) over the HEADLINE metrics."""
+    from embsum.evaluation.bootstrap import paired_difference
+
+    cells = {}
+    for group, metric in HEADLINE:
+        delta, bounds = paired_difference(values[group][metric], reference[group][metric], counts, confidence)
+        cells[f"{group} {metric}"] = [float(delta), *map(float, bounds)]
+    return cells
 
 
 def parse_checkpoint(spec: str) -> tuple[str, Path]:
@@ -76,7 +89,7 @@ def main() -> None:
     from embsum.offline.data import load_catalog_data
     from embsum.offline.evaluate import state_cache_key
 
-    from embsum.evaluation.bootstrap import BootstrapConfig, paired_difference, resample_counts
+    from embsum.evaluation.bootstrap import BootstrapConfig, resample_counts
     from embsum.evaluation.protocol import (
         POPULARITY_WEIGHTS,
         build_eval_set,
@@ -114,11 +127,9 @@ def main() -> None:
             scorer = with_item_prior(plain, capped_prior(dev.popularity, weight, cap)) if weight else plain
             per_user[label, weight, cap] = evaluate_per_user(dev, scorer)
             report = summarize(per_user[label, weight, cap])
-            row = {"weight": weight, "cap": cap, "dev_score": dev_score(report), "metrics": report, "difference": {}}
-            for group, metric in HEADLINE:
-                delta, bounds = paired_difference(per_user[label, weight, cap][group][metric],
-                                                  per_user[label, 0.0, 0][group][metric], counts, boot.confidence)
-                row["difference"][f"{group} {metric}"] = [float(delta), *map(float, bounds)]
+            row = {"weight": weight, "cap": cap, "dev_score": dev_score(report), "metrics": report,
+                   "difference": paired_cells(per_user[label, weight, cap], per_user[label, 0.0, 0], counts,
+                                              boot.confidence)}
             rows.append(row)
             print(f"{label} w={weight} cap={cap}: dev score {row['dev_score']:.4f}", flush=True)
         models.append({"label": label, "checkpoint": str(path), "hash": digest, "rows": rows})
@@ -144,11 +155,7 @@ def main() -> None:
         other = entry["label"]
         lines, comparisons[other] = [], []
         for weight, cap in priors:
-            cells = {}
-            for group, metric in HEADLINE:
-                delta, bounds = paired_difference(per_user[first, weight, cap][group][metric],
-                                                  per_user[other, weight, cap][group][metric], counts, boot.confidence)
-                cells[f"{group} {metric}"] = [float(delta), *map(float, bounds)]
+            cells = paired_cells(per_user[first, weight, cap], per_user[other, weight, cap], counts, boot.confidence)
             comparisons[other].append({"weight": weight, "cap": cap, "difference": cells})
             lines.append([f"{weight:g}", str(cap or "-"), *(difference_cell(cells[f"{g} {m}"]) for g, m in HEADLINE)])
         print(f"\n{first} minus {other} at equal prior (paired; bold: the interval excludes 0)\n")
