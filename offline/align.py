@@ -85,6 +85,15 @@ def pool_prior(sft, data: CatalogData) -> torch.Tensor | None:
     return torch.from_numpy(popularity_prior(counts, weight)).float()
 
 
+def negative_weights(data: CatalogData, exponent: float) -> torch.Tensor | None:
+    """(n_i + 1)^exponent per item (catalog order, n_i over the train users as the pop candidate
+    list counts them); None at exponent 0 (unweighted draws)."""
+    if not exponent:
+        return None
+    counts = train_popularity(data.histories, data.index)
+    return torch.from_numpy((counts.astype("float64") + 1.0) ** exponent).float()
+
+
 def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool, cache: StateCache | None = None):
     """model -> (report, score): goodreads-v1 dev users, uniform and pop candidates."""
     eval_set = build_eval_set(data.histories, data.item_ids, "dev", limit=cfg.dev_users)
@@ -148,6 +157,7 @@ def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None
     bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_supported(device))
     adata = align_data(data, cfg)
     adata.pool_prior = pool_prior(sft, data) if cfg.pool_prior and cfg.strategy != "random" else None
+    adata.negative_weights = negative_weights(data, cfg.negative_popularity)
     frozen_encoder = cfg.lora_scope == "decoder"
     adata.cache = (cache if cache is not None else StateCache()) if frozen_encoder else None
     if bank is None and (cfg.strategy != "random" or frozen_encoder):

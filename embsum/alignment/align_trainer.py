@@ -59,7 +59,8 @@ class AlignData:
     item_texts: text of each item index; bank: the item CPE (cpe, cpe_prime) [I, n, d] in the
     same order (from precompute, or `build_bank`); dislikes: user key -> item indices the user
     explicitly disliked (label 0: rejected items with `dislike_share`); pool_prior: a per-item
-    score prior added when pools are ranked (`pool_prior`)."""
+    score prior added when pools are ranked (`pool_prior`); negative_weights: a positive weight
+    per item for rejected-item draws (`negative_popularity`)."""
 
     examples: list[tuple[str, list[int], int]]
     positives: dict[str, list[int]]
@@ -69,6 +70,8 @@ class AlignData:
     dislikes: dict[str, list[int]] = field(default_factory=dict)
     # per-item score prior [I] added to every pool score (AlignConfig.pool_prior), None: none
     pool_prior: torch.Tensor | None = None
+    # per-item weight [I] of rejected-item draws (AlignConfig.negative_popularity), None: unweighted
+    negative_weights: torch.Tensor | None = None
 
 
 def build_bank(model, texts: Sequence[str], batch_size: int, device, bf16: bool, progress: bool = True,
@@ -161,7 +164,8 @@ class AlignTrainer(TrainingMethod):
         self.out = Path(config.out)
         self.sampler = NegativeSampler(config.strategy, num_items=len(data.item_texts), pool_size=config.pool_size,
                                        refresh=config.pool_refresh, temperature=config.pool_temperature,
-                                       seed=config.seed, dislike_share=config.dislike_share)
+                                       seed=config.seed, dislike_share=config.dislike_share,
+                                       item_weights=data.negative_weights)
         self.bank_rows: set[int] = set()  # bank rows the steps rewrote (saved: a resumed run needs them)
         self._order: tuple[int, list[int]] | None = None  # (epoch, shuffled example order)
         self.device = resolve_device(config.device)

@@ -15,6 +15,11 @@ Negatives (`strategy`):
 - `hard`: the deterministic top-1 of the same pool (the baseline RoDPO argues against).
 - `random`: uniform over the catalog, positives excluded.
 
+Popularity-weighted draws (`item_weights`, e.g. (n_i + 1)^a): every random draw of a rejected
+item (inside the pool for `rodpo`, over the catalog for `random`) is weighted by its item's weight,
+so the rejected items can follow the popularity of the candidates a user is shown (the pop
+candidate list draws its negatives with weight n_i + 1).
+
 Explicit dislikes (`dislike_share`): with that probability, an example whose user has explicit
 dislikes (label-0 interactions) gets one of them, uniformly, as its rejected item instead; a
 dislike is a sure negative, unlike an unseen top-K item. 0 (the default) draws nothing extra.
@@ -108,6 +113,7 @@ class NegativeSampler:
         temperature: float = 0.0,
         seed: int = 0,
         dislike_share: float = 0.0,
+        item_weights: torch.Tensor | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown negative strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -117,7 +123,10 @@ class NegativeSampler:
             raise ValueError("pool_size and refresh must be >= 1 and temperature >= 0")
         if not 0.0 <= dislike_share <= 1.0:
             raise ValueError(f"dislike_share must be in [0, 1], not {dislike_share}")
+        if item_weights is not None and (item_weights.shape != (num_items,) or not bool((item_weights > 0).all())):
+            raise ValueError(f"item_weights must be {num_items} positive weights, one per item")
         self.dislike_share = dislike_share
+        self.item_weights = None if item_weights is None else item_weights.float()
         self.strategy = strategy
         self.num_items = num_items
         self.pool_size = min(pool_size, num_items - 1)
@@ -203,18 +212,26 @@ class NegativeSampler:
         else:
             logits = pool.scores / self.temperature
             weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=0)
+        if self.item_weights is not None:
+            weights = weights * self.item_weights[pool.items]
         return int(pool.items[torch.multinomial(weights, 1, generator=self.generator)])
 
     def _uniform(self, positives: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Uniform over the catalog minus each row's positives (rejection sampling: positives are few)."""
+        """Over the catalog minus each row's positives, uniformly or by `item_weights` (rejection
+        sampling: positives are few)."""
         out = []
         for pos in positives:
             pos = set(pos)
             if len(pos) >= self.num_items:
                 raise ValueError("a user has every catalog item as a positive: no negative to sample")
             while True:
-                i = int(torch.randint(self.num_items, (1,), generator=self.generator))
+                i = self._draw_item()
                 if i not in pos:
                     out.append(i)
                     break
         return torch.tensor(out, dtype=torch.long)
+
+    def _draw_item(self) -> int:
+        if self.item_weights is None:
+            return int(torch.randint(self.num_items, (1,), generator=self.generator))
+        return int(torch.multinomial(self.item_weights, 1, generator=self.generator))

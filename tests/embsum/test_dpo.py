@@ -89,3 +89,34 @@ def test_bad_strategy_and_missing_pool_fn():
         NegativeSampler("hardest", num_items=5)
     with pytest.raises(ValueError, match="needs a pool_fn"):
         NegativeSampler("rodpo", num_items=5).sample(["u"], [[0]], 0)
+
+
+def test_item_weights_tilt_random_draws_toward_heavy_items():
+    """negative_popularity: (n_i + 1)^a weights; over the catalog the draw follows them, positives excluded."""
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 50.0, 50.0])
+    sampler = NegativeSampler("random", num_items=6, seed=1, item_weights=weights)
+    counts = torch.zeros(6)
+    for _ in range(400):
+        counts[sampler.sample(["u"], [[5]], 0).item()] += 1
+    assert counts[5] == 0  # a positive, however heavy
+    assert counts[4] > 300 and counts[:4].sum() > 0  # ~50 / 54 of the draws, the light ones still drawn
+
+
+def test_item_weights_tilt_pool_draws_and_stay_inside_the_pool():
+    scores = torch.arange(20, dtype=torch.float).flip(0).repeat(1, 1)  # item 0 best: pool 1..5 (0 a positive)
+    fn, _ = _pool_fn(scores)
+    weights = torch.ones(20)
+    weights[[5, 10]] = 40.0  # item 10 is heavy but outside the pool
+    sampler = NegativeSampler("rodpo", num_items=20, pool_size=5, refresh=100, item_weights=weights)
+    counts = torch.zeros(20)
+    for step in range(300):
+        counts[sampler.sample(["u"], [[0]], step, fn).item()] += 1
+    assert counts[10] == 0 and counts[0] == 0 and counts[[1, 2, 3, 4, 5]].sum() == 300
+    assert counts[5] > 200  # 40 / 44 of the pool's weight
+
+
+def test_item_weights_are_checked():
+    with pytest.raises(ValueError, match="positive weights"):
+        NegativeSampler("random", num_items=4, item_weights=torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="positive weights"):
+        NegativeSampler("random", num_items=4, item_weights=torch.ones(3))

@@ -197,3 +197,30 @@ def test_pool_prior_comes_from_the_sft_models_popularity_weight():
     assert pool_prior(Model(), data) is None
     Model.config.popularity_weight = 0.1
     torch.testing.assert_close(pool_prior(Model(), data), 0.1 * torch.log1p(torch.tensor([2.0, 1.0, 0.0])))
+
+
+def test_negative_popularity_reaches_the_sampler_as_train_counts_plus_one(sft, tmp_path, monkeypatch):
+    """`negative_popularity` a: the rejected items of 'random' are drawn with weight (n_i + 1)^a,
+    n_i over the train users, like the pop candidate list's negatives."""
+    from embsum.offline.align import negative_weights
+    from embsum.offline.data import CatalogData
+
+    from embsum.evaluation.protocol import split_of
+
+    train_users = [u for u in (f"user{i}" for i in range(200)) if split_of(u) == "train"][:2]
+    data = CatalogData(["a", "b", "c"], ["A", "B", "C"], {train_users[0]: ["a", "b"], train_users[1]: ["a"]}, {})
+    assert negative_weights(data, 0.0) is None
+    torch.testing.assert_close(negative_weights(data, 2.0), torch.tensor([9.0, 4.0, 1.0]))
+
+    cfg = config(tmp_path, strategy="random", negative_popularity=1.0)
+    tiny = tiny_data(sft)
+    tiny.negative_weights = torch.ones(len(TEXTS))
+    tiny.negative_weights[11] = 1000.0  # nobody holds 11: nearly every draw rejects it
+    trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, tiny)
+    seen = rejected_items(trainer, monkeypatch)
+    trainer.train_step(tiny.examples[:8])
+    assert sum(item == 11 for item in seen[0].tolist()) >= 6
+    with pytest.raises(ConfigError, match="negative_popularity"):
+        AlignConfig(strategy="hard", negative_popularity=1.0)
+    with pytest.raises(ConfigError, match="negative_popularity"):
+        AlignConfig(negative_popularity=-1.0)
