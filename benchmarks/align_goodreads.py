@@ -135,7 +135,7 @@ def save_state_cache(path: Path, texts: list[str], cache) -> None:
 
 
 def runs_to_do(args, base: AlignConfig) -> list[tuple[str, AlignConfig]]:
-    runs = [(s, dataclasses.replace(base, strategy=s)) for s in args.strategies.split(",") if s]
+    runs = [(s, base.with_strategy(s)) for s in args.strategies.split(",") if s]
     for sweep in args.sweep:
         key, values = sweep.split("=", 1)
         for raw in values.split(","):

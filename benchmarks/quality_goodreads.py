@@ -158,9 +158,10 @@ def align_variants(data, sft_dir: Path, strategies: list[str], recipe: str, over
     training = {}
     for strategy in strategies:
         label = ALIGNED[strategy]
-        cfg = base.replace(strategy=strategy, out=str(out / f"align_{strategy}"), resume=False)
+        cfg = base.with_strategy(strategy).replace(out=str(out / f"align_{strategy}"), resume=False)
         sft, sft_hash = load_checkpoint(sft_dir)
-        print(f"{label}: recipe {recipe}, {cfg.max_steps} steps, beta {cfg.beta}, K {cfg.pool_size}", flush=True)
+        print(f"{label}: recipe {recipe}, {cfg.max_steps} steps, beta {cfg.beta}, K {cfg.pool_size}, "
+              f"negative popularity {cfg.negative_popularity}", flush=True)
         summary = align(sft, sft_hash, data, cfg, progress=None, cache=cache if cfg.lora_scope == "decoder" else None)
         training[label] = {"folder": f"align_{strategy}", "steps": summary["steps"], "wall_s": summary["wall_s"],
                            "samples_per_s": round(summary["examples_per_s"], 2),

@@ -107,6 +107,13 @@ class AlignConfig(_Base):
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
+    def with_strategy(self, strategy: str) -> AlignConfig:
+        """The same recipe with another negative strategy, drawn as that strategy is named: the
+        baselines RoDPO is compared with ('hard': the pool's top-1, 'random': uniform over the
+        catalog) take no popularity weighting of their draws."""
+        return self.replace(strategy=strategy,
+                            negative_popularity=self.negative_popularity if strategy == "rodpo" else 0.0)
+
     def lora_settings(self):
         from embsum.model.lora import LoraSettings
 

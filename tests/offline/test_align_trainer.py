@@ -224,3 +224,7 @@ def test_negative_popularity_reaches_the_sampler_as_train_counts_plus_one(sft, t
         AlignConfig(strategy="hard", negative_popularity=1.0)
     with pytest.raises(ConfigError, match="negative_popularity"):
         AlignConfig(negative_popularity=-1.0)
+    # the baselines the benchmarks compare RoDPO with draw as they are named
+    recipe = AlignConfig(pool_size=200, negative_popularity=1.0)
+    assert [recipe.with_strategy(s).negative_popularity for s in ("rodpo", "hard", "random")] == [1.0, 0.0, 0.0]
+    assert recipe.with_strategy("hard").pool_size == 200
