@@ -32,7 +32,7 @@ class AlignConfig(_Base):
         "Exponent a of a popularity weight (n_i + 1)^a on rejected-item draws (n_i: train users "
         "whose history holds item i, the weight the pop candidate list draws its negatives with "
         "at a = 1): inside the top-K pool for 'rodpo' (times the temperature's weights), over the "
-        "catalog for 'random'. 0: unweighted. 'hard' picks deterministically and takes none.")})
+        "catalog for 'random'. 0: unweighted. 'hard' picks deterministically: no effect there.")})
     dislike_share: float = field(default=0.0, metadata={"help": (
         "Probability that an example whose user has explicit dislikes (label-0 interactions) takes "
         "one of them as its rejected item instead of the strategy's pick: a dislike is a sure "
@@ -87,8 +87,6 @@ class AlignConfig(_Base):
         _check(self.pool_size >= 1 and self.pool_refresh >= 1, "pool_size and pool_refresh must be >= 1")
         _check(self.pool_temperature >= 0, "pool_temperature must be >= 0")
         _check(self.negative_popularity >= 0, "negative_popularity must be >= 0")
-        _check(self.strategy != "hard" or self.negative_popularity == 0,
-               "negative_popularity weights random draws; strategy 'hard' draws none (set it to 0)")
         _check(0.0 <= self.dislike_share <= 1.0, "dislike_share must be in [0, 1]")
         _check(self.aux_weight >= 0 and self.nce_weight >= 0, "aux_weight and nce_weight must be >= 0")
         _check(self.nce_temperature > 0, "nce_temperature must be > 0")

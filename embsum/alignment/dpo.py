@@ -72,15 +72,20 @@ def topk_excluding(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop each row's positives from its best-first candidates and keep the first k.
 
-    Raises ValueError when a row has fewer than k candidates left (the pool_fn returned too few).
+    A row left with fewer than k (a small catalog: K plus the user's positives exceed it) repeats
+    its candidates, best first, up to k: pools keep one shape, and every remaining item stays
+    drawable. Raises ValueError when a row has none left.
     """
     out_idx, out_scores = [], []
     for row, pos in enumerate(positives):
         pos_t = torch.as_tensor(list(pos), dtype=cand_idx.dtype, device=cand_idx.device)
         keep = ~torch.isin(cand_idx[row], pos_t)
         idx, sc = cand_idx[row][keep][:k], cand_scores[row][keep][:k]
+        if idx.numel() == 0:
+            raise ValueError("no candidate left after excluding the user's positives")
         if idx.numel() < k:
-            raise ValueError(f"only {idx.numel()} candidates left after excluding positives, need {k}")
+            repeat = torch.arange(k, device=idx.device) % idx.numel()
+            idx, sc = idx[repeat], sc[repeat]
         out_idx.append(idx)
         out_scores.append(sc)
     return torch.stack(out_idx), torch.stack(out_scores)

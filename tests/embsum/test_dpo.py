@@ -120,3 +120,15 @@ def test_item_weights_are_checked():
         NegativeSampler("random", num_items=4, item_weights=torch.tensor([1.0, 0.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="positive weights"):
         NegativeSampler("random", num_items=4, item_weights=torch.ones(3))
+
+
+def test_a_pool_larger_than_what_the_catalog_leaves_repeats_its_candidates():
+    """K 200 on a 10-item catalog, a user holding 3: the pool cycles the 7 items left (no crash,
+    never a positive, every one of them drawn)."""
+    scores = torch.arange(10, dtype=torch.float).repeat(1, 1)
+    sampler = NegativeSampler("rodpo", num_items=10, pool_size=200, refresh=100, seed=2)
+    fn = lambda rows, k: scores_to_candidates(scores[rows], [[0, 1, 2]], k)
+    picks = {sampler.sample(["u"], [[0, 1, 2]], step, fn).item() for step in range(200)}
+    assert picks == set(range(3, 10))
+    with pytest.raises(ValueError, match="no candidate left"):
+        topk_excluding(torch.tensor([[0, 1]]), torch.tensor([[1.0, 0.5]]), [[0, 1]], 1)
