@@ -187,7 +187,7 @@ class NegativeSampler:
 
     def _sample(self, keys, positives, step, pool_fn) -> torch.Tensor:
         if self.strategy == "random":
-            return self._uniform(positives)
+            return self._from_catalog(positives)
         if pool_fn is None:
             raise ValueError(f"strategy {self.strategy!r} needs a pool_fn (top-K from the item embeddings)")
         rows = [i for i, key in enumerate(keys) if self.stale(key, step)]
@@ -209,7 +209,7 @@ class NegativeSampler:
         # history may have a new one inside, so mask again.
         allowed = torch.tensor([int(i) not in positives for i in pool.items])
         if not allowed.any():
-            return int(self._uniform([list(positives)])[0])
+            return int(self._from_catalog([list(positives)])[0])
         if self.strategy == "hard":
             return int(pool.items[allowed][0])
         if self.temperature == 0:
@@ -221,7 +221,7 @@ class NegativeSampler:
             weights = weights * self.item_weights[pool.items]
         return int(pool.items[torch.multinomial(weights, 1, generator=self.generator)])
 
-    def _uniform(self, positives: Sequence[Sequence[int]]) -> torch.Tensor:
+    def _from_catalog(self, positives: Sequence[Sequence[int]]) -> torch.Tensor:
         """Over the catalog minus each row's positives, uniformly or by `item_weights` (rejection
         sampling: positives are few)."""
         out = []
