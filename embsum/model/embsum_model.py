@@ -26,6 +26,7 @@ can encode every distinct text of a batch once, or reuse cached states of a froz
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,23 @@ def _identity_linear(d: int) -> nn.Linear:
         layer.weight.copy_(torch.eye(d))
         layer.bias.zero_()
     return layer
+
+
+@contextmanager
+def _head_rows(backbone: nn.Module, rows: torch.Tensor):
+    """Within the block the backbone's LM head computes logits only for the decoder positions
+    where `rows` [B, T] is True: its input [B, T, d] is cut to [N, d] by a forward pre-hook, so
+    the logits come back [N, vocab] (a bias added after the head, e.g. BART's
+    final_logits_bias [1, vocab], still broadcasts)."""
+    head = backbone.get_output_embeddings()
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _append_column(vectors: torch.Tensor, value) -> torch.Tensor:
@@ -251,17 +269,24 @@ class EmbSumModel(nn.Module):
             dec_in = summaries["decoder_input_ids"].to(memory.device)
             dec_mask = summaries["decoder_attention_mask"].to(memory.device)
             labels = summaries["labels"].to(memory.device)
-        out = self.backbone(
-            encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=memory_mask,
-            decoder_input_ids=dec_in, decoder_attention_mask=dec_mask,
-            output_hidden_states=True, use_cache=False, return_dict=True,
-        )
+        # The LM head only sees the positions that have a label (none at inference): over a
+        # 30k-token vocabulary it was the costliest layer of a frozen-encoder training step, and
+        # most of its rows were padding or, at inference, thrown away.
+        scored = labels != -100 if labels is not None else torch.zeros(dec_in.shape, dtype=torch.bool,
+                                                                         device=memory.device)
+        with _head_rows(self.backbone, scored):
+            out = self.backbone(
+                encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=memory_mask,
+                decoder_input_ids=dec_in, decoder_attention_mask=dec_mask,
+                output_hidden_states=True, use_cache=False, return_dict=True,
+            )
         global_vec = self.global_proj(out.decoder_hidden_states[-1][:, 0])
         nll = None
-        if labels is not None and bool((labels != -100).any()):
+        if labels is not None and bool(scored.any()):
             from embsum.training.losses import summary_nll
 
-            nll = summary_nll(out.logits, labels)
+            # [N scored positions, vocab]; [B, T, vocab] from a backbone without an output layer
+            nll = summary_nll(out.logits, labels[scored] if out.logits.dim() == 2 else labels)
         return global_vec, nll
 
     def user_embeddings(self, states: torch.Tensor, mask: torch.Tensor, user_sessions: torch.Tensor,

@@ -38,5 +38,6 @@ def candidate_log_q(target_counts: np.ndarray, negatives: int) -> np.ndarray:
 
 
 def summary_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token negative log-likelihood of the summary (labels -100 = ignored)."""
+    """Mean token negative log-likelihood of the summary: logits [..., vocab], labels [...]
+    (-100 = ignored)."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

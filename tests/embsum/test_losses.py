@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from embsum.training.losses import nce_loss, summary_nll
@@ -57,3 +58,50 @@ def test_losses_fall_on_a_tiny_model(tiny_bert_dir):
         history.append((nce.item(), out.summary_nll.item()))
     assert history[-1][0] < history[0][0]
     assert history[-1][1] < history[0][1]
+
+
+@pytest.mark.parametrize("backbone", ["tiny_bert_dir", "tiny_t5_dir"])
+def test_summary_nll_scores_only_the_labelled_positions_and_matches_the_full_head(backbone, request):
+    """decode() runs the LM head on the labelled positions only: its NLL and global vector equal
+    those of the full [B, T, vocab] logits (HF's own forward, no hook), gradients included, and
+    the hook is gone afterwards (the backbone's own forward gives full logits again)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from embsum.config import ModelConfig
+    from embsum.model.checkpoint import build_model
+    from embsum.training.losses import summary_nll
+
+    model = build_model(ModelConfig(backbone=request.getfixturevalue(backbone), item_codes=2, user_codes=2,
+                                    item_max_tokens=24)).eval()  # eval: no dropout, gradients still flow
+    tok = model.tokenize(["space ships and aliens", "a cookbook of soups", "robots"])
+    states = model.encode_tokens(**tok).detach()
+    # users with a long, a short and no summary: most positions of the batch are padding
+    summaries = model.summary_batch(["space science and the stars of far galaxies", "soup", None])
+    global_vec, nll = model.decode(states, tok["attention_mask"], summaries)
+    nll.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    full = model.backbone(encoder_outputs=BaseModelOutput(last_hidden_state=states),
+                          attention_mask=tok["attention_mask"], decoder_input_ids=summaries["decoder_input_ids"],
+                          decoder_attention_mask=summaries["decoder_attention_mask"],
+                          output_hidden_states=True, use_cache=False, return_dict=True)
+    assert full.logits.shape[:2] == summaries["labels"].shape  # no hook left behind
+    reference = summary_nll(full.logits, summaries["labels"])
+    reference.backward()
+    assert torch.allclose(nll, reference, atol=1e-5)
+    assert torch.allclose(global_vec, model.global_proj(full.decoder_hidden_states[-1][:, 0]), atol=1e-5)
+    for name, p in model.named_parameters():
+        if name in grads and name.startswith("backbone."):
+            assert torch.allclose(grads[name], p.grad, atol=1e-5), name
+    assert any(name.startswith("backbone.") for name in grads)
+
+
+def test_decode_without_summaries_returns_no_nll_and_the_same_global_vector(tiny_model):
+    tok = tiny_model.tokenize(["robots on mars", "soup"])
+    with torch.inference_mode():
+        states = tiny_model.encode_tokens(**tok)
+        global_vec, nll = tiny_model.decode(states, tok["attention_mask"])
+        with_empty, nll_empty = tiny_model.decode(states, tok["attention_mask"], tiny_model.summary_batch([None, None]))
+    assert nll is None and nll_empty is None
+    assert torch.allclose(global_vec, with_empty, atol=1e-6)

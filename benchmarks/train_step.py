@@ -1,0 +1,126 @@
+"""Training-step throughput of a recipe on the real Goodreads catalog: the summary's LM head on
+the labelled decoder positions only (today) against the same step with the head over every
+position of the padded batch (before), run round-robin so machine drift hits both alike.
+
+    .venv/bin/python benchmarks/train_step.py                       # goodreads_cpu, 5 rounds x 8 steps
+    .venv/bin/python benchmarks/train_step.py --rounds 3 --steps 5 --recipe goodreads_cpu
+
+Both variants run the Trainer's own loss (cached frozen-encoder states, sampled and in-batch
+negatives, the summary NLL), backward and an AdamW step on the same examples, from the same
+weights: they differ only in how many rows the LM head computes (the logits' rows equal the
+labelled positions, or every position). Prints the CPU, median seconds per step, samples/s, the
+speed-up, the head's rows per step and that both variants' losses agree; JSON in
+bench-out/train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+
+from bench_common import cpu_info, interleaved_seconds, round_ratios, save, table
+from quality_goodreads import ensure_catalog, recipe_configs
+
+
+@contextlib.contextmanager
+def _every_position(_backbone, _rows):
+    """The head before: logits for every decoder position ([B, T, vocab])."""
+    yield
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="goodreads_cpu")
+    parser.add_argument("--db", type=Path, default=Path("/tmp/embsum-bench/goodreads.duckdb"))
+    parser.add_argument("--data", type=Path, default=ROOT.parent.parent / "shared" / "data" / "goodreads")
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds (each variant once per round)")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per variant per round")
+    args = parser.parse_args()
+
+    import torch
+    from embsum.index.catalog import Catalog
+    from embsum.offline.data import load_catalog_data
+
+    from embsum.evaluation.protocol import train_examples
+    from embsum.inference.encoding import autocast, encode_token_states
+    from embsum.model import embsum_model
+    from embsum.model.checkpoint import build_model
+    from embsum.training.trainer import TrainData, Trainer
+
+    ensure_catalog(args.db, args.data)
+    train_cfg, model_cfg, summary_source = recipe_configs(args.recipe, {})
+    with Catalog(args.db, read_only=True) as cat:
+        data = load_catalog_data(cat, summary_source)
+    examples = train_examples(data.histories, train_cfg.examples, train_cfg.train_users)
+    train_data = TrainData(data.item_ids, data.item_texts, examples, data.histories, data.summaries)
+    model = build_model(model_cfg, seed=train_cfg.seed)
+    trainer = Trainer(model, train_cfg.replace(out="/tmp/embsum-train-step"), train_data, dev=None, progress=False)
+    if trainer.cache is None:
+        sys.exit("this benchmark times the frozen-encoder path (cached token states): the recipe must freeze the encoder")
+    t0 = time.perf_counter()
+    encode_token_states(model, data.item_texts, device=trainer.device, dtype="bf16" if trainer.bf16 else "fp32",
+                        progress=True, cache=trainer.cache)
+    print(f"token states of {len(data.item_texts)} items cached in {time.perf_counter() - t0:.0f} s", flush=True)
+    start_state = copy.deepcopy(model.state_dict())
+    batch = train_cfg.batch_size
+    head_rows: dict[str, list[int]] = {"labelled rows (now)": [], "every position (before)": []}
+    losses: dict[str, list[float]] = {name: [] for name in head_rows}
+
+    def run(name: str, head):
+        """`args.steps` steps from the same weights on the same examples, with `head` as the
+        head's row selection."""
+        model.load_state_dict(start_state)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=train_cfg.new_lr)
+        head_module = model.backbone.get_output_embeddings()
+        hook = head_module.register_forward_hook(lambda _m, _a, out: head_rows[name].append(out.shape[:-1].numel()))
+        embsum_model._head_rows, saved = head, embsum_model._head_rows
+        try:
+            for step in range(args.steps):
+                with autocast(trainer.device, trainer.bf16):
+                    loss, _parts = trainer.loss(trainer._example_ids(step * batch, batch), step, 0)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            losses[name].append(float(loss.detach()))
+        finally:
+            embsum_model._head_rows = saved
+            hook.remove()
+
+    fns = {"labelled rows (now)": lambda: run("labelled rows (now)", saved_head),
+           "every position (before)": lambda: run("every position (before)", _every_position)}
+    saved_head = embsum_model._head_rows
+    results = interleaved_seconds(fns, args.rounds)
+    cpu = cpu_info()
+    now, before = results["labelled rows (now)"], results["every position (before)"]
+    rows = []
+    for name, (median_s, _times, _) in results.items():
+        per_step = median_s / args.steps
+        rows.append([name, round(per_step, 3), round(batch / per_step, 1), round(statistics.median(head_rows[name])),
+                     round(losses[name][-1], 4)])
+    speedup = round_ratios(before[1], now[1])
+    print(f"\nCPU: {cpu['model']} ({', '.join(cpu['matrix_flags'])}), {cpu['threads']} threads; recipe {args.recipe}, "
+          f"batch {batch}, {args.rounds} rounds x {args.steps} steps per variant (round-robin)\n")
+    print(table(["summary LM head", "s/step (median)", "samples/s", "head rows per step", "loss after the steps"],
+                rows))
+    print(f"\nspeed-up of the step (median of per-round ratios): {speedup:.2f}x")
+    agree = abs(losses["labelled rows (now)"][-1] - losses["every position (before)"][-1])
+    print(f"both variants reach the same loss: |difference| = {agree:.2e}")
+    path = save("train_step", {"cpu": cpu, "recipe": args.recipe, "batch": batch, "rounds": args.rounds,
+                               "steps": args.steps, "rows": rows, "speedup": speedup,
+                               "times": {name: r[1] for name, r in results.items()}, "loss_difference": agree})
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()
