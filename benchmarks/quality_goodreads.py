@@ -160,7 +160,8 @@ def align_variants(data, sft_dir: Path, strategies: list[str], recipe: str, over
         label = ALIGNED[strategy]
         cfg = base.with_strategy(strategy).replace(out=str(out / f"align_{strategy}"), resume=False)
         sft, sft_hash = load_checkpoint(sft_dir)
-        print(f"{label}: recipe {recipe}, {cfg.max_steps} steps, beta {cfg.beta}, K {cfg.pool_size}, "
+        length = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs:g} epochs"
+        print(f"{label}: recipe {recipe}, {length}, beta {cfg.beta}, K {cfg.pool_size}, "
               f"negative popularity {cfg.negative_popularity}", flush=True)
         summary = align(sft, sft_hash, data, cfg, progress=None, cache=cache if cfg.lora_scope == "decoder" else None)
         training[label] = {"folder": f"align_{strategy}", "steps": summary["steps"], "wall_s": summary["wall_s"],
@@ -200,8 +201,9 @@ HEADLINE = (("uniform", "ndcg@10", "uniform nDCG@10"), ("pop", "ndcg@10", "pop n
             ("full", "recall@100", "full Recall@100"))
 
 
-def plot(report: dict, training: dict, path: Path) -> Path:
-    """The headline metrics with their 95% intervals (one panel each), and every recipe's dev curve."""
+def plot(report: dict, training: dict, path: Path, catalog: str = "goodreads") -> Path:
+    """The headline metrics with their 95% intervals (one panel each), and every recipe's dev curve;
+    `catalog` names the data in the title (the protocol's name is in the report)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,7 +232,7 @@ def plot(report: dict, training: dict, path: Path) -> Path:
     curves.set_ylabel("dev score: mean of uniform and pop nDCG@10")
     curves.set_title("dev curve of each recipe")
     curves.legend(fontsize=7)
-    fig.suptitle(f"goodreads-v1 {report['split']} ({report['evaluated_users']} users)")
+    fig.suptitle(f"{catalog}, {report['protocol']} {report['split']} ({report['evaluated_users']} users)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -241,6 +243,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="goodreads_cpu")
     parser.add_argument("--db", type=Path, default=Path("/tmp/embsum-bench/goodreads.duckdb"))
+    parser.add_argument("--catalog-name", default=None, help="the data's name in the plot's title (default: --db's stem)")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "goodreads")
     parser.add_argument("--out", type=Path, default=Path("/tmp/embsum-bench/quality"))
     parser.add_argument("--summary-source", default=None, help="any | import | <backend> | none (default: recipe's)")
@@ -312,7 +315,7 @@ def main() -> None:
     print()
     print(markdown_table(report))
     print_training(training)
-    print(f"plot: {plot(report, training, args.plot)}")
+    print(f"plot: {plot(report, training, args.plot, catalog=args.catalog_name or args.db.stem)}")
     print(f"\ntotal wall time {report['total_wall_s']:.0f}s; report: {args.out / 'report.json'}")
 
 

@@ -97,3 +97,17 @@ def test_a_missing_checkpoint_is_one_line(db, tmp_path):
                                       "--out", str(tmp_path / "a")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"checkpoint {tmp_path / 'runs' / 'x'} does not exist" in result.output
+
+
+def test_align_cpu_recipe_counts_epochs_600_steps_on_goodreads_fewer_on_a_small_catalog():
+    """The packaged align_cpu recipe runs 2.4 passes over the train users: the 600 steps its goodreads
+    dev sweep chose (4,000 users, batch 16), and proportionally fewer on MovieLens' 754 users."""
+    from embsum.alignment.align_config import AlignConfig
+    from embsum.offline.recipes import load_recipe
+
+    from embsum.training.loop import schedule_length
+
+    cfg = AlignConfig.from_dict(load_recipe("align_cpu")["align"])
+    assert cfg.max_steps == 0
+    steps = [schedule_length(cfg.max_steps, cfg.epochs, n, cfg.batch_size, epoch_ends_batch=True) for n in (4000, 754)]
+    assert steps == [600, 116]
