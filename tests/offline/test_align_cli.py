@@ -102,9 +102,9 @@ def test_a_missing_checkpoint_is_one_line(db, tmp_path):
 def test_align_cpu_recipe_counts_epochs_600_steps_on_goodreads_fewer_on_a_small_catalog():
     """The packaged align_cpu recipe runs 2.4 passes over the train users: the 600 steps its goodreads
     dev sweep chose (4,000 users, batch 16), and proportionally fewer on MovieLens' 754 users."""
-    from embsum.alignment.align_config import AlignConfig
     from embsum.offline.recipes import load_recipe
 
+    from embsum.alignment.align_config import AlignConfig
     from embsum.training.loop import schedule_length
 
     cfg = AlignConfig.from_dict(load_recipe("align_cpu")["align"])
