@@ -269,9 +269,9 @@ class EmbSumModel(nn.Module):
             dec_in = summaries["decoder_input_ids"].to(memory.device)
             dec_mask = summaries["decoder_attention_mask"].to(memory.device)
             labels = summaries["labels"].to(memory.device)
-        # The LM head only sees the positions that have a label (none at inference): over a
-        # 30k-token vocabulary it was the costliest layer of a frozen-encoder training step, and
-        # most of its rows were padding or, at inference, thrown away.
+        # The LM head only sees the positions that have a label (none at inference): its rows are
+        # 30k-word logits, and those of padding (a third of a goodreads batch) or of an inference
+        # pass were computed only to be thrown away (benchmarks/train_step.py: 1.05x a step).
         scored = labels != -100 if labels is not None else torch.zeros(dec_in.shape, dtype=torch.bool,
                                                                          device=memory.device)
         with _head_rows(self.backbone, scored):
