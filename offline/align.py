@@ -167,6 +167,10 @@ def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None
                           progress=progress is not None and progress_shown(), cache=adata.cache)
     if bank is not None:
         adata.bank = (bank[0].clone(), bank[1].clone())  # updated in place by the steps
+    # The adapters' and the MoE's initial weights come from torch's global generator: seeded here,
+    # so a run does not depend on what its process drew before (the benchmarks align several
+    # models in one process; `embsum align` aligns one in a fresh process: both now agree).
+    torch.manual_seed(cfg.seed)
     policy = Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)).to(device)
     if policy.encoder_adapted == frozen_encoder:
         raise AlignError("LoRA scope and adapted modules disagree (encoder adapted: "

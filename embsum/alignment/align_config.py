@@ -78,7 +78,7 @@ class AlignConfig(_Base):
     save_every: int = field(default=100, metadata={"help": "Write OUT/last (checkpoint + train state) every N steps."})
     dev_users: int = field(default=200, metadata={"help": "Dev users in the evaluation (0: all)."})
     log_every: int = field(default=10, metadata={"help": "Log losses and expert shares every N steps."})
-    seed: int = field(default=0, metadata={"help": "Seed for shuffling and negative sampling."})
+    seed: int = field(default=0, metadata={"help": "Seed for the adapters' and MoE's initial weights, shuffling and negative sampling."})
     resume: bool = field(default=True, metadata={"help": "Continue from OUT/last when it holds a train state."})
 
     def __post_init__(self):

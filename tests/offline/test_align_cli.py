@@ -53,6 +53,21 @@ def test_align_writes_checkpoints_records_the_run_and_resumes(db, tiny_checkpoin
     assert "aligned 4 steps" in result.output
 
 
+def test_an_alignment_does_not_depend_on_what_its_process_drew_before(db, tiny_checkpoint, tmp_path):
+    """The adapters' and the MoE's initial weights are seeded by the run's seed: the same command
+    twice in one process (the benchmarks align several models in one), with torch's generator
+    moved in between, gives the same checkpoint; another seed gives another one."""
+    import torch
+
+    hashes = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        torch.rand(1000)  # what an earlier job in the process might have drawn
+        result = align(db, tiny_checkpoint, tmp_path / name, "--seed", seed)
+        assert result.exit_code == 0, result.output
+        hashes.append((tmp_path / name / "best" / "hash").read_text())
+    assert hashes[0] == hashes[1] != hashes[2]
+
+
 def test_recipe_then_config_then_flags(db, tiny_checkpoint, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('[align]\nstrategy = "hard"\nbeta = 3.0\npool_refresh = 7\n')
