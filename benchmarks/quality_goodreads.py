@@ -201,7 +201,7 @@ HEADLINE = (("uniform", "ndcg@10", "uniform nDCG@10"), ("pop", "ndcg@10", "pop n
             ("full", "recall@100", "full Recall@100"))
 
 
-def plot(report: dict, training: dict, path: Path, catalog: str = "goodreads") -> Path:
+def plot(report: dict, training: dict, path: Path, catalog: str) -> Path:
     """The headline metrics with their 95% intervals (one panel each), and every recipe's dev curve;
     `catalog` names the data in the title (the protocol's name is in the report)."""
     import matplotlib
