@@ -135,9 +135,12 @@ def refit_priors(data, training: dict, out: Path, train_cfg, dtype: str, cache) 
     for label, info in training.items():
         before = info.get("popularity_weight")
         digest, weight, _ = refit_popularity_weight(out / info["folder"] / "best", dev, data.item_texts, cache=cache,
-                                                    dtype=dtype, device=train_cfg.device)
-        info.update(popularity_weight=weight, best_hash=digest, popularity_fit_users=len(dev.users))
-        print(f"{label}: popularity prior w {before} -> {weight} (chosen on {len(dev.users)} dev users)", flush=True)
+                                                    dtype=dtype, device=train_cfg.device,
+                                                    rule=train_cfg.popularity_fit_rule)
+        info.update(popularity_weight=weight, best_hash=digest, popularity_fit_users=len(dev.users),
+                    popularity_fit_rule=train_cfg.popularity_fit_rule)
+        print(f"{label}: popularity prior w {before} -> {weight} (rule {train_cfg.popularity_fit_rule}, "
+              f"chosen on {len(dev.users)} dev users)", flush=True)
 
 
 ALIGNED = {"rodpo": "EmbSum + RoDPO", "hard": "EmbSum + hard-negative DPO", "random": "EmbSum + random-negative DPO"}

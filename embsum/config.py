@@ -196,6 +196,10 @@ class TrainConfig(_Base):
         "Apart from dev_users: w trades pop-list for uniform-list nDCG, and on goodreads-v1 the 200 "
         "users that pick checkpoints chose w = 0.03 for one model and 0.01 for its ablation, where "
         "all 2,255 dev users put both at 0.02.")})
+    popularity_fit_rule: str = field(default="best", metadata={"help": (
+        "How w of the popularity prior is picked from its dev table: 'best' (the highest dev "
+        "score) or 'one_se' (the smallest w whose dev score is within one standard error, paired "
+        "over the dev users, of the best: the least prior the dev users can't tell from the best).")})
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, shuffling and negative sampling."})
     resume: bool = field(default=True, metadata={"help": "Continue from OUT/last when it exists."})
 
@@ -210,6 +214,8 @@ class TrainConfig(_Base):
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
         _check(self.temperature > 0, "temperature must be > 0")
         _check(self.summary_weight >= 0, "summary_weight must be >= 0")
+        _check(self.popularity_fit_rule in ("best", "one_se"),
+               f"popularity_fit_rule must be 'best' or 'one_se', not {self.popularity_fit_rule!r}")
         _check(self.examples in ("prefixes", "last"), f"examples must be 'prefixes' or 'last', not {self.examples!r}")
         _check(self.bf16 in ("auto", "on", "off"), f"bf16 must be auto/on/off, not {self.bf16!r}")
         _check(self.negatives > 0 or self.in_batch_negatives, "need negatives > 0 or in_batch_negatives")

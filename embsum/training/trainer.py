@@ -127,9 +127,9 @@ def _contains(sorted_array: np.ndarray, value: int) -> bool:
 
 
 def refit_popularity_weight(checkpoint: Path, dev: EvalSet, item_texts, cache: StateCache | None = None,
-                            dtype: str = "fp32", device=None) -> tuple[str, float, list[dict]]:
-    """Choose w of a checkpoint's popularity prior on `dev` (`fit_popularity_weight`, from its
-    prior-free scores: a w it already has is ignored) and rewrite the checkpoint with it.
+                            dtype: str = "fp32", device=None, rule: str = "best") -> tuple[str, float, list[dict]]:
+    """Choose w of a checkpoint's popularity prior on `dev` (`fit_popularity_weight` by `rule`, from
+    its prior-free scores: a w it already has is ignored) and rewrite the checkpoint with it.
     -> (its new hash, w, the fit table). config.json keeps the table (popularity_fit) and how
     many dev users it was fit on (popularity_fit_users)."""
     from embsum.model.checkpoint import load_checkpoint, read_meta, save_checkpoint
@@ -137,16 +137,17 @@ def refit_popularity_weight(checkpoint: Path, dev: EvalSet, item_texts, cache: S
     device = resolve_device(device)
     model, _ = load_checkpoint(checkpoint, device)
     scorer = model_scorer(model, dev, item_texts, full_ranking=False, cache=cache, dtype=dtype, device=device)
-    weight, table = fit_popularity_weight(dev, scorer)
+    weight, table = fit_popularity_weight(dev, scorer, rule=rule)
     for row in table:
-        log.info("popularity prior w=%g: dev score %.4f (uniform nDCG@10 %.4f, pop %.4f)", row["weight"],
-                 row["dev_score"], row["uniform_ndcg@10"], row["pop_ndcg@10"])
+        log.info("popularity prior w=%g: dev score %.4f (se of its difference to the best %.4f; uniform nDCG@10 "
+                 "%.4f, pop %.4f)%s", row["weight"], row["dev_score"], row["dev_score_se"], row["uniform_ndcg@10"],
+                 row["pop_ndcg@10"], "  <- chosen" if row["chosen"] else "")
     model.config.popularity_weight = weight
     meta = {k: v for k, v in read_meta(checkpoint).items() if k not in ("format", "model_config")}
-    digest = save_checkpoint(model, checkpoint, extra={**meta, "popularity_fit": table,
+    digest = save_checkpoint(model, checkpoint, extra={**meta, "popularity_fit": table, "popularity_fit_rule": rule,
                                                                "popularity_fit_users": len(dev.users)})
-    log.info("popularity prior: w=%g chosen on %d dev users; %s is now %s", weight, len(dev.users), checkpoint,
-             digest)
+    log.info("popularity prior: w=%g chosen (rule %s) on %d dev users; %s is now %s", weight, rule, len(dev.users),
+             checkpoint, digest)
     return digest, weight, table
 
 
@@ -246,7 +247,8 @@ class Trainer(TrainingMethod):
         if self.cfg.popularity_fit_users != self.cfg.dev_users:
             fit_set = build_eval_set(self.data.histories, self.data.item_ids, "dev", limit=self.cfg.popularity_fit_users)
         digest, _, _ = refit_popularity_weight(best, fit_set, self.data.item_texts, cache=self.cache,
-                                               dtype="bf16" if self.bf16 else "fp32", device=self.device)
+                                               dtype="bf16" if self.bf16 else "fp32", device=self.device,
+                                               rule=self.cfg.popularity_fit_rule)
         return digest
 
     # -- batches ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from embsum.config import ConfigError, ModelConfig, TrainConfig
 from embsum.evaluation.protocol import (
     POPULARITY_WEIGHTS,
     build_eval_set,
+    choose_weight,
     evaluate,
     fit_popularity_weight,
     popularity_prior,
@@ -67,6 +68,63 @@ def test_fit_keeps_w_zero_for_an_oracle():
         return np.stack([(cols == target[int(p)]).astype(float) * 10.0 for p in pos])
     weight, table = fit_popularity_weight(es, oracle)
     assert weight == 0.0 and all(row["dev_score"] == pytest.approx(1.0) for row in table)
+
+
+def test_fit_scores_once_and_matches_evaluating_every_weight():
+    """The fit calls the scorer in one pass (each w only shifts the same candidate scores) and its
+    table equals evaluating the scorer plus each w's prior from scratch."""
+    es = build_eval_set(*_catalog(), "dev")
+    base = _noise_scorer(es)
+    calls = []
+
+    def counted(pos, cols):
+        calls.append(len(pos))
+        return base(pos, cols)
+    _, table = fit_popularity_weight(es, counted)
+    assert sum(calls) == len(es.users)
+    for row in table:
+        report = evaluate(es, with_item_prior(base, popularity_prior(es.popularity, row["weight"])), full_ranking=False)
+        assert row["uniform_ndcg@10"] == pytest.approx(report["uniform"]["ndcg@10"], abs=1e-12)
+        assert row["pop_ndcg@10"] == pytest.approx(report["pop"]["ndcg@10"], abs=1e-12)
+    assert sum(row["chosen"] for row in table) == 1
+
+
+def test_one_se_rule_takes_the_smallest_w_within_one_standard_error_of_the_best():
+    es = build_eval_set(*_catalog(), "dev")
+    best_w, table = fit_popularity_weight(es, _noise_scorer(es), rule="best")
+    one_se_w, same_table = fit_popularity_weight(es, _noise_scorer(es), rule="one_se")
+    assert [r["dev_score"] for r in table] == [r["dev_score"] for r in same_table]
+    best = next(r for r in table if r["weight"] == best_w)
+    assert best["dev_score"] == pytest.approx(max(r["dev_score"] for r in table), abs=1e-12)
+    assert best["dev_score_se"] == 0.0
+    chosen = next(r for r in same_table if r["weight"] == one_se_w)
+    assert chosen["chosen"] and one_se_w <= best_w
+    assert chosen["dev_score"] >= best["dev_score"] - chosen["dev_score_se"]
+    # every smaller w is more than one standard error below the best
+    assert all(r["dev_score"] < best["dev_score"] - r["dev_score_se"] for r in same_table if r["weight"] < one_se_w)
+    # with popularity predicting the targets, w = 0 is far outside the best's standard error
+    assert one_se_w > 0
+    with pytest.raises(ValueError, match="rule"):
+        fit_popularity_weight(es, _noise_scorer(es), rule="median")
+    with pytest.raises(ConfigError, match="popularity_fit_rule"):
+        TrainConfig(popularity_fit_rule="median")
+
+
+def test_one_se_rule_keeps_the_smaller_w_where_the_best_leads_by_noise():
+    """Per-user dev scores where w = 0.02 leads w = 0.01 by far less than the standard error of
+    their paired difference, and w = 0 trails beyond it: 'best' takes 0.02, 'one_se' 0.01."""
+    rng = np.random.default_rng(0)
+    base = rng.random(400)
+    scores = [base - 0.1, base + rng.normal(0, 0.05, 400), base + 0.001 + rng.normal(0, 0.05, 400)]
+    scores[2] += np.mean(scores[1]) - np.mean(scores[2]) + 0.0005  # w = 0.02 leads by 0.0005
+    weights = (0.0, 0.01, 0.02)
+    best, ses = choose_weight(weights, scores, "best")
+    one_se, same_ses = choose_weight(weights, scores, "one_se")
+    assert (best, one_se) == (2, 1) and ses == same_ses
+    assert ses[2] == 0.0 and 0.0005 < ses[1] < 0.01 and ses[0] < 0.1
+    # a lead beyond one standard error keeps the best
+    scores[2] += 0.05
+    assert choose_weight(weights, scores, "one_se")[0] == 2
 
 
 def test_popularity_weight_is_validated_and_left_out_of_the_hash_at_zero():
