@@ -1,7 +1,8 @@
 """The popularity prior on goodreads-v1 DEV users (issue 14): one or more trained checkpoints,
 their scores plus w * log(1 + n_i) for every w of the grid `embsum train --popularity-prior`
 chooses from (embsum.evaluation.protocol.POPULARITY_WEIGHTS), each w's difference to w = 0 with
-95% paired-bootstrap intervals, the w the dev score picks, and the popularity baseline beside.
+95% paired-bootstrap intervals, the w each fit rule picks (POPULARITY_FIT_RULES: the best dev
+score, or the smallest w within one standard error of it), and the popularity baseline beside.
 
     .venv/bin/python benchmarks/popularity_prior.py --checkpoint bench-out/levers-steps/steps_1000/best
     .venv/bin/python benchmarks/popularity_prior.py \
@@ -9,7 +10,8 @@ chooses from (embsum.evaluation.protocol.POPULARITY_WEIGHTS), each w's differenc
         --checkpoint "ablation=bench-out/quality2/single_vector/best" --caps 0,20
 
 With two or more checkpoints it also prints the first one minus each other one at *equal* prior
-(paired over the same users): what a model comparison looks like once both use the same w.
+(paired over the same users): what a model comparison looks like once both use the same w; and,
+per fit rule, at the w that rule picks for each.
 `--caps`: a saturating prior w * log(1 + min(n_i, cap)) besides the plain one (0: no cap), for
 exploring; the product's prior has no cap.
 
@@ -74,6 +76,27 @@ def difference_cell(cell: list[float]) -> str:
     return f"**{text}**" if lo > 0 or hi < 0 else text
 
 
+def rule_choices(models: list[dict], per_user: dict, counts: np.ndarray, confidence: float) -> dict:
+    """Each fit rule (embsum.evaluation.protocol.POPULARITY_FIT_RULES): the w it picked per model
+    and, with several models, the first minus each other one with each at the w its rule picked:
+    what a comparison of two trained recipes reports. Printed; -> rule -> {chosen: label -> w,
+    differences: label -> cells}."""
+    out = {}
+    for rule in models[0]["fits"]:
+        chosen = {entry["label"]: entry["fits"][rule] for entry in models}
+        picks = ", ".join(f"{label} w = {w:g}" for label, w in chosen.items())
+        print(f"\nrule {rule}: {picks}")
+        first, differences = models[0]["label"], {}
+        for entry in models[1:]:
+            other = entry["label"]
+            differences[other] = paired_cells(per_user[first, chosen[first], 0], per_user[other, chosen[other], 0],
+                                              counts, confidence)
+            print(f"  {first} minus {other}, each at its w: " +
+                  "; ".join(f"{name} {difference_cell(cell)}" for name, cell in differences[other].items()))
+        out[rule] = {"chosen": chosen, "differences": differences}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", action="append", required=True, help="[label=]path; repeat to compare")
@@ -83,6 +106,9 @@ def main() -> None:
     parser.add_argument("--caps", default="0", help="comma-separated caps of n_i (0: no cap)")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--grid", choices=("all", "chosen"), default="all", help=(
+        "all: every w of the grid, with full ranking; chosen: w = 0 and the w each fit rule picks for "
+        "any of the checkpoints (the same set for all of them, so equal-w comparisons stay paired)"))
     args = parser.parse_args()
 
     from embsum.index.catalog import Catalog
@@ -91,10 +117,12 @@ def main() -> None:
 
     from embsum.evaluation.bootstrap import BootstrapConfig, resample_counts
     from embsum.evaluation.protocol import (
+        POPULARITY_FIT_RULES,
         POPULARITY_WEIGHTS,
         build_eval_set,
         dev_score,
         evaluate_per_user,
+        fit_popularity_weight,
         model_scorer,
         popularity_scorer,
         summarize,
@@ -114,16 +142,28 @@ def main() -> None:
     boot = BootstrapConfig(resamples=args.resamples)
     counts = resample_counts(len(dev.users), boot.resamples, boot.seed)
     caches: dict[tuple, StateCache] = {}
-    models, per_user = [], {}
+    scorers, models, per_user = {}, [], {}
     for label, path in map(parse_checkpoint, args.checkpoint):
         model, digest = load_checkpoint(path)
         cache = caches.setdefault(state_cache_key(model, args.dtype), StateCache())
         t0 = time.time()
-        plain = model_scorer(model, dev, data.item_texts, dtype=args.dtype, cache=cache, progress=True)
+        scorers[label] = model_scorer(model, dev, data.item_texts, dtype=args.dtype, cache=cache, progress=True)
         print(f"{label}: vectors of {len(dev.item_ids)} items and {len(dev.users)} dev users in "
               f"{time.time() - t0:.0f}s", flush=True)
-        rows = []
+        fits = {}
+        for rule in POPULARITY_FIT_RULES:  # what `embsum train --popularity-prior` runs (candidate lists only)
+            t0 = time.time()
+            fits[rule] = fit_popularity_weight(dev, scorers[label], rule=rule)[0]
+            print(f"{label}: rule {rule} picks w = {fits[rule]:g} (fit in {time.time() - t0:.1f}s)", flush=True)
+        models.append({"label": label, "checkpoint": str(path), "hash": digest, "fits": fits})
+        del model
+    if args.grid == "chosen":
+        picked = {0.0} | {w for entry in models for w in entry["fits"].values()}
+        priors = [(w, c) for w, c in priors if w in picked]
+    for entry in models:
+        label, rows = entry["label"], []
         for weight, cap in priors:
+            plain = scorers[label]
             scorer = with_item_prior(plain, capped_prior(dev.popularity, weight, cap)) if weight else plain
             per_user[label, weight, cap] = evaluate_per_user(dev, scorer)
             report = summarize(per_user[label, weight, cap])
@@ -132,8 +172,8 @@ def main() -> None:
                                               boot.confidence)}
             rows.append(row)
             print(f"{label} w={weight} cap={cap}: dev score {row['dev_score']:.4f}", flush=True)
-        models.append({"label": label, "checkpoint": str(path), "hash": digest, "rows": rows})
-        del model, plain
+        entry["rows"] = rows
+        del scorers[label]
     popularity = summarize(evaluate_per_user(dev, popularity_scorer(dev)))
 
     print(f"\n{cpu_info()['model']}; {len(dev.users)} dev users; difference to w = 0, 95% paired bootstrap "
@@ -144,9 +184,8 @@ def main() -> None:
                   *(interval_cell(r["metrics"][g][m], r["difference"][f"{g} {m}"] if r["weight"] else None)
                     for g, m in HEADLINE)] for r in entry["rows"]]
         lines.append(["popularity", "", f"{dev_score(popularity):.4f}", *(f"{popularity[g][m]:.4f}" for g, m in HEADLINE)])
-        uncapped = [r for r in entry["rows"] if not r["cap"]]
-        entry["chosen"] = max(uncapped, key=lambda r: (r["dev_score"], -r["weight"]))["weight"]
-        print(f"\n{entry['label']} ({entry['checkpoint']}, {entry['hash']}); the dev score picks w = {entry['chosen']:g}\n")
+        picks = ", ".join(f"{rule} w = {w:g}" for rule, w in entry["fits"].items())
+        print(f"\n{entry['label']} ({entry['checkpoint']}, {entry['hash']}); the fit rules pick {picks}\n")
         print(table(head, lines))
 
     comparisons = {}
@@ -161,8 +200,10 @@ def main() -> None:
         print(f"\n{first} minus {other} at equal prior (paired; bold: the interval excludes 0)\n")
         print(table(["w", "cap"] + [f"{g} {m}" for g, m in HEADLINE], lines))
 
+    rules = rule_choices(models, per_user, counts, boot.confidence)
     print(f"\n{time.time() - started:.0f}s in all")
     path = save("popularity_prior", {"dev_users": len(dev.users), "models": models, "comparisons": comparisons,
+                                     "rules": rules,
                                      "popularity": popularity, "cpu": cpu_info(),
                                      "wall_s": round(time.time() - started, 1)})
     print(f"report: {path}")
