@@ -212,3 +212,13 @@ def test_hash_keys_the_model_not_the_save(tiny_model, tmp_path):
     with torch.no_grad():
         loaded.item_poly.codes.add_(1e-3)
     assert model_hash(loaded) != first
+
+
+def test_hash_ignores_the_tokenizers_truncation_and_padding_state(tiny_model):
+    """Tokenizing at another max_length (or with padding) rewrites the fast tokenizer's settings
+    in place; the same weights keep their hash (a refit of the popularity prior at an unchanged w
+    used to get a new one)."""
+    before = model_hash(tiny_model)
+    tiny_model.tokenizer(["a b c", "d"], truncation=True, max_length=3, padding=True)
+    assert tiny_model.tokenizer.backend_tokenizer.truncation["max_length"] == 3
+    assert model_hash(tiny_model) == before
