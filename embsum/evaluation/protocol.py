@@ -216,11 +216,12 @@ def _candidate_positions(eval_set: EvalSet) -> dict[str, np.ndarray]:
             else empty for name in ("uniform", "pop")}
 
 
-def _scored_chunks(eval_set: EvalSet, scorer: Scorer, full_ranking: bool, chunk_users: int):
+def _scored_chunks(eval_set: EvalSet, scorer: Scorer, full_ranking: bool, chunk_users: int,
+                   cands: dict[str, np.ndarray] | None = None):
     """One pass of `scorer` over the eval users, `chunk_users` at a time -> (case positions, score
     rows [cases, columns], name -> candidate scores [cases, 1 + N]). Without full ranking only the
     candidates' columns are scored."""
-    cands = _candidate_positions(eval_set)
+    cands = _candidate_positions(eval_set) if cands is None else cands
     columns = None if full_ranking else np.unique(np.concatenate([c.ravel() for c in cands.values()]))
     local = None if columns is None else np.searchsorted(columns, np.stack(list(cands.values())))
     for start in range(0, len(eval_set.users), chunk_users):
@@ -231,11 +232,12 @@ def _scored_chunks(eval_set: EvalSet, scorer: Scorer, full_ranking: bool, chunk_
         yield pos, rows, picked
 
 
-def candidate_scores(eval_set: EvalSet, scorer: Scorer, chunk_users: int = 256) -> dict[str, np.ndarray]:
+def candidate_scores(eval_set: EvalSet, scorer: Scorer, chunk_users: int = 256,
+                     positions: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """`scorer`'s scores of each case's uniform and pop candidates, target first: name -> [cases, 1 + N]
     (float64). What the impression metrics and the popularity-prior fit need, in one scoring pass."""
     parts = {"uniform": [], "pop": []}
-    for _, _, picked in _scored_chunks(eval_set, scorer, False, chunk_users):
+    for _, _, picked in _scored_chunks(eval_set, scorer, False, chunk_users, positions):
         for name, scores in picked.items():
             parts[name].append(scores)
     return {name: np.concatenate(chunks) if chunks else np.zeros((0, N_NEGATIVES + 1)) for name, chunks in parts.items()}
@@ -377,9 +379,9 @@ def fit_popularity_weight(eval_set: EvalSet, scorer: Scorer, weights=POPULARITY_
     dev_score_se is the standard error of the per-user dev-score difference to the best w."""
     if rule not in POPULARITY_FIT_RULES:
         raise ValueError(f"rule must be one of {POPULARITY_FIT_RULES}, not {rule!r}")
-    scores = candidate_scores(eval_set, scorer)
-    log_counts = np.log1p(np.asarray(eval_set.popularity, dtype=np.float64))
     positions = _candidate_positions(eval_set)
+    scores = candidate_scores(eval_set, scorer, positions=positions)
+    log_counts = np.log1p(np.asarray(eval_set.popularity, dtype=np.float64))
     table, per_user_scores = [], []
     for weight in weights:
         ndcg = {}
