@@ -135,6 +135,20 @@ def _fusion_dict(fusion) -> dict:
 
 # What `optimizer` may name (TrainConfig, AlignConfig, embsum.training.loop.make_optimizer builds them).
 OPTIMIZERS = ("adamw", "apollo", "apollo-mini")
+# What a run's OUT/best holds (best_checkpoint of TrainConfig, AlignConfig and the loop's LoopConfig).
+BEST_CHECKPOINT_RULES = ("dev", "last")
+
+
+def best_checkpoint_field():
+    """The best_checkpoint setting, alike in every config that drives the training loop."""
+    return field(default="dev", metadata={"choices": BEST_CHECKPOINT_RULES, "help": (
+        "What OUT/best holds: 'dev' (the step with the best score on dev_users) or 'last' (the "
+        "final step; dev is still evaluated for the curve). A few hundred dev users can rank "
+        "close steps by noise.")})
+
+
+def check_best_checkpoint(value: str) -> None:
+    _check(value in BEST_CHECKPOINT_RULES, f"best_checkpoint must be one of {', '.join(BEST_CHECKPOINT_RULES)}, not {value!r}")
 
 
 @dataclass
@@ -202,9 +216,11 @@ class TrainConfig(_Base):
         "over the dev users, of the best: the least prior the dev users can't tell from the best).")})
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, shuffling and negative sampling."})
     resume: bool = field(default=True, metadata={"help": "Continue from OUT/last when it exists."})
+    best_checkpoint: str = best_checkpoint_field()
 
     def __post_init__(self):
         _check(self.epochs > 0 or self.max_steps > 0, "epochs or max_steps must be > 0")
+        check_best_checkpoint(self.best_checkpoint)
         for name in ("batch_size", "grad_accum"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1")
         for name in ("max_steps", "negatives", "train_users", "eval_every", "save_every", "dev_users", "log_every",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from embsum.config import OPTIMIZERS, ConfigError, _Base, _check
+from embsum.config import OPTIMIZERS, ConfigError, _Base, _check, best_checkpoint_field, check_best_checkpoint
 
 # The negative strategies of embsum.alignment.dpo (kept here too: that module imports torch).
 STRATEGIES = ("rodpo", "hard", "random")
@@ -80,6 +80,7 @@ class AlignConfig(_Base):
     log_every: int = field(default=10, metadata={"help": "Log losses and expert shares every N steps."})
     seed: int = field(default=0, metadata={"help": "Seed for the adapters' and MoE's initial weights, shuffling and negative sampling."})
     resume: bool = field(default=True, metadata={"help": "Continue from OUT/last when it holds a train state."})
+    best_checkpoint: str = best_checkpoint_field()
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
@@ -97,6 +98,7 @@ class AlignConfig(_Base):
         _check(self.examples in ("prefixes", "last"), f"examples must be 'prefixes' or 'last', not {self.examples!r}")
         _check(self.bf16 in ("auto", "on", "off"), f"bf16 must be auto/on/off, not {self.bf16!r}")
         _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+        check_best_checkpoint(self.best_checkpoint)
         for name in ("nce_negatives", "max_steps", "train_users", "eval_every", "save_every", "dev_users", "log_every"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0")
         try:  # the nested settings validate their own ranges

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embsum.config import OPTIMIZERS, _check
+from embsum.config import OPTIMIZERS, _check, best_checkpoint_field, check_best_checkpoint
 from embsum.errors import EmbsumError
 from embsum.inference.encoding import autocast, bf16_supported, resolve_device
 from embsum.model.checkpoint import save_checkpoint
@@ -78,8 +78,10 @@ class LoopConfig:
     save_every: int = field(default=200, metadata={"help": "Write OUT/last (resumable) every N steps (0: at the end)."})
     log_every: int = field(default=20, metadata={"help": "Log the loss parts and samples/s every N steps (0: never)."})
     resume: bool = field(default=True, metadata={"help": "Continue from OUT/last when it holds a train state."})
+    best_checkpoint: str = best_checkpoint_field()
 
     def __post_init__(self):
+        check_best_checkpoint(self.best_checkpoint)
         _check(self.grad_accum >= 1, "grad_accum must be >= 1")
         _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
@@ -401,7 +403,10 @@ class TrainingLoop:
             if not self.dev_history or self.dev_history[-1]["step"] != self.step:
                 self.final_report = self.evaluate()
             last_hash = self.save_last()
-            if self.best_hash is None:  # no dev evaluation: the last checkpoint is the best we know
+            if self.cfg.best_checkpoint == "last":
+                self.best_score = self.dev_history[-1]["score"] if self.dev_history else None
+                self.best_hash = self._save("best", **({"dev": self.final_report} if self.final_report else {}))
+            elif self.best_hash is None:  # no dev evaluation: the last checkpoint is the best we know
                 self.best_hash = self._save("best")
         self.dist.barrier()  # every rank returns once OUT/best and OUT/last are written
         session_time = self.train_time - time_before
@@ -427,7 +432,7 @@ class TrainingLoop:
         report, score = result
         self.dev_history.append({"step": self.step, "score": score, **flat_report(report)})
         log.info("%s dev step %d: score %.4f (%.0fs)", self.method.name, self.step, score, time.time() - t)
-        if self.best_score is None or score > self.best_score:
+        if self.cfg.best_checkpoint == "dev" and (self.best_score is None or score > self.best_score):
             self.best_score = score
             self.best_hash = self._save("best", dev=report)
         return report

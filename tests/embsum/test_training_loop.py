@@ -129,3 +129,25 @@ def test_a_state_of_another_format_is_a_clear_error(tiny_bert_dir, tmp_path):
     with pytest.raises(ResumeError, match="--no-resume"):
         _trainer(tiny_bert_dir, tmp_path / "old", max_steps=2).fit()
     assert _trainer(tiny_bert_dir, tmp_path / "old", max_steps=2, resume=False).fit().steps == 2
+
+
+@pytest.mark.parametrize("rule, best_step", [("dev", 2), ("last", 4)])
+def test_best_checkpoint_is_the_best_dev_step_or_the_last_one(tiny_bert_dir, tmp_path, rule, best_step):
+    trainer = _trainer(tiny_bert_dir, tmp_path / rule, eval_every=2, best_checkpoint=rule)
+    scores = iter([0.9, 0.1])  # step 2 beats step 4 on dev
+    trainer.evaluate = lambda: ({"uniform": {"ndcg@10": 0.5}}, next(scores))
+    result = trainer.fit()
+
+    assert [row["step"] for row in result.dev_history] == [2, 4]  # dev is evaluated either way
+    meta = json.loads((tmp_path / rule / "best" / "config.json").read_text())
+    assert meta["step"] == best_step and meta["dev"] == {"uniform": {"ndcg@10": 0.5}}
+    assert result.best_score == {"dev": 0.9, "last": 0.1}[rule]
+
+
+def test_an_unknown_best_checkpoint_rule_is_refused():
+    from embsum.alignment.align_config import AlignConfig
+    from embsum.config import ConfigError
+
+    for config in (TrainConfig, AlignConfig, LoopConfig):
+        with pytest.raises((ConfigError, ValueError), match="best_checkpoint must be one of dev, last"):
+            config(best_checkpoint="first")
