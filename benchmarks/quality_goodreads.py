@@ -149,7 +149,7 @@ ALIGNED = {"rodpo": "EmbSum + RoDPO", "hard": "EmbSum + hard-negative DPO", "ran
 def align_variants(data, sft_dir: Path, strategies: list[str], recipe: str, overrides: dict, out: Path,
                    cache) -> dict:
     """Align the SFT checkpoint once per negative strategy with the align recipe (dev users
-    evaluated every `eval_every` steps: OUT/best is chosen on dev). The SFT encoder's token
+    evaluated every `eval_every` steps; OUT/best as the recipe's best_checkpoint says). The SFT encoder's token
     states in `cache` serve every run (lora_scope 'decoder'). Returns training figures per label."""
     from embsum.offline.align import align
     from embsum.offline.commands.align import recipe_values
