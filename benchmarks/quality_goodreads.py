@@ -192,7 +192,7 @@ def evaluate_variants(data, training, out: Path, train_cfg, dtype, key, cache, t
 
 
 def print_training(training: dict) -> None:
-    print("| recipe | steps | samples/s | wall s (this machine) | peak memory MB | best dev score |")
+    print("| recipe | steps | samples/s | wall s (this machine) | peak memory MB | dev score of OUT/best |")
     print("|---|---|---|---|---|---|")
     for label, info in training.items():
         best = "-" if info["best_dev_score"] is None else f"{info['best_dev_score']:.4f}"
