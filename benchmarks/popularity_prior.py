@@ -120,11 +120,12 @@ def main() -> None:
         POPULARITY_FIT_RULES,
         POPULARITY_WEIGHTS,
         build_eval_set,
+        choose_weight,
         dev_score,
         evaluate_per_user,
-        fit_popularity_weight,
         model_scorer,
         popularity_scorer,
+        popularity_weight_table,
         summarize,
         with_item_prior,
     )
@@ -150,11 +151,13 @@ def main() -> None:
         scorers[label] = model_scorer(model, dev, data.item_texts, dtype=args.dtype, cache=cache, progress=True)
         print(f"{label}: vectors of {len(dev.item_ids)} items and {len(dev.users)} dev users in "
               f"{time.time() - t0:.0f}s", flush=True)
-        fits = {}
-        for rule in POPULARITY_FIT_RULES:  # what `embsum train --popularity-prior` runs (candidate lists only)
-            t0 = time.time()
-            fits[rule] = fit_popularity_weight(dev, scorers[label], rule=rule)[0]
-            print(f"{label}: rule {rule} picks w = {fits[rule]:g} (fit in {time.time() - t0:.1f}s)", flush=True)
+        # what `embsum train --popularity-prior` runs (candidate lists only): one scoring pass, every rule
+        t0 = time.time()
+        _, per_user_scores = popularity_weight_table(dev, scorers[label])
+        fits = {rule: POPULARITY_WEIGHTS[choose_weight(POPULARITY_WEIGHTS, per_user_scores, rule)[0]]
+                for rule in POPULARITY_FIT_RULES}
+        print(f"{label}: fit in {time.time() - t0:.1f}s; " + ", ".join(f"rule {rule} picks w = {w:g}"
+                                                                     for rule, w in fits.items()), flush=True)
         models.append({"label": label, "checkpoint": str(path), "hash": digest, "fits": fits})
         del model
     if args.grid == "chosen":

@@ -379,6 +379,18 @@ def fit_popularity_weight(eval_set: EvalSet, scorer: Scorer, weights=POPULARITY_
     dev_score_se is the standard error of the per-user dev-score difference to the best w."""
     if rule not in POPULARITY_FIT_RULES:
         raise ValueError(f"rule must be one of {POPULARITY_FIT_RULES}, not {rule!r}")
+    table, per_user_scores = popularity_weight_table(eval_set, scorer, weights)
+    chosen, ses = choose_weight(weights, per_user_scores, rule)
+    for i, row in enumerate(table):
+        row["dev_score_se"] = ses[i]
+        row["chosen"] = i == chosen
+    return weights[chosen], table
+
+
+def popularity_weight_table(eval_set: EvalSet, scorer: Scorer, weights=POPULARITY_WEIGHTS) -> tuple[list[dict], list[np.ndarray]]:
+    """One scoring pass of `scorer` over the candidate lists, re-ranked at each w of `weights`
+    -> (one {weight, dev_score, uniform ndcg@10, pop ndcg@10} per weight, each weight's per-user
+    dev scores): what every fit rule (`choose_weight`) chooses from."""
     positions = _candidate_positions(eval_set)
     scores = candidate_scores(eval_set, scorer, positions=positions)
     log_counts = np.log1p(np.asarray(eval_set.popularity, dtype=np.float64))
@@ -393,11 +405,7 @@ def fit_popularity_weight(eval_set: EvalSet, scorer: Scorer, weights=POPULARITY_
         means = metrics.means(ndcg)
         table.append({"weight": weight, "dev_score": 0.5 * (means["uniform"] + means["pop"]),
                       "uniform_ndcg@10": means["uniform"], "pop_ndcg@10": means["pop"]})
-    chosen, ses = choose_weight(weights, per_user_scores, rule)
-    for i, row in enumerate(table):
-        row["dev_score_se"] = ses[i]
-        row["chosen"] = i == chosen
-    return weights[chosen], table
+    return table, per_user_scores
 
 
 def choose_weight(weights: Sequence[float], per_user_scores: Sequence[np.ndarray], rule: str = "best") -> tuple[int, list[float]]:

@@ -403,11 +403,10 @@ class TrainingLoop:
             if not self.dev_history or self.dev_history[-1]["step"] != self.step:
                 self.final_report = self.evaluate()
             last_hash = self.save_last()
-            if self.cfg.best_checkpoint == "last":
+            # OUT/best is the final step when asked, or when no dev evaluation chose one
+            if self.cfg.best_checkpoint == "last" or self.best_hash is None:
                 self.best_score = self.dev_history[-1]["score"] if self.dev_history else None
                 self.best_hash = self._save("best", **({"dev": self.final_report} if self.final_report else {}))
-            elif self.best_hash is None:  # no dev evaluation: the last checkpoint is the best we know
-                self.best_hash = self._save("best")
         self.dist.barrier()  # every rank returns once OUT/best and OUT/last are written
         session_time = self.train_time - time_before
         return LoopResult(
