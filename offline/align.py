@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 from embsum.index.catalog import Catalog, run_outcome
@@ -109,8 +110,11 @@ def dev_evaluator(data: CatalogData, cfg: AlignConfig, device, bf16: bool, cache
     return run
 
 
-def run_align(db: str, checkpoint: str, cfg: AlignConfig, progress=None, bank=None, wait_s: float = 0.0) -> dict:
+def run_align(db: str, checkpoint: str, cfg: AlignConfig, progress=None, bank=None, wait_s: float = 0.0,
+              token_states: str | Path | None = None) -> dict:
     """Align the SFT `checkpoint` on the catalog at `db`; returns a summary (also in `runs`).
+    `token_states`: the store of encoder token states (`embsum train` wrote them there) to read
+    instead of encoding the catalog (lora_scope 'decoder'), and to write when it had to encode.
 
     Under torchrun every rank reads the catalog (read-only, waiting up to `wait_s` while another
     process holds it) and only rank 0 writes the `runs` row."""
@@ -131,11 +135,11 @@ def run_align(db: str, checkpoint: str, cfg: AlignConfig, progress=None, bank=No
             bank = stored_bank(cat, sft_hash, data.item_ids)
             log.info("item bank: %s", "precomputed vectors from the catalog" if bank is not None else "encoding the catalog")
     if not main:
-        return align(sft, sft_hash, data, cfg, bank=bank)
+        return align(sft, sft_hash, data, cfg, bank=bank, token_states=token_states)
     with Catalog(db, wait_s=wait_s) as cat:
         run_id = cat.start_run("align", {"checkpoint": checkpoint, "sft_hash": sft_hash, **cfg.to_dict()})
     try:
-        summary = align(sft, sft_hash, data, cfg, progress=progress, bank=bank)
+        summary = align(sft, sft_hash, data, cfg, progress=progress, bank=bank, token_states=token_states)
     except BaseException as err:
         with Catalog(db, wait_s=wait_s) as cat:
             status, error = run_outcome(err)  # 'interrupted' on Ctrl-C/SIGTERM, else 'failed'
@@ -147,11 +151,14 @@ def run_align(db: str, checkpoint: str, cfg: AlignConfig, progress=None, bank=No
 
 
 def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None, bank=None,
-          evaluate_dev: bool = True, cache: StateCache | None = None) -> dict:
+          evaluate_dev: bool = True, cache: StateCache | None = None,
+          token_states: str | Path | None = None) -> dict:
     """The alignment itself, on data already read (the benchmark calls this directly, sharing
     one SFT bank and one encoder state cache between runs: `cache` must hold the SFT encoder's
-    states, valid only with lora_scope 'decoder')."""
+    states, valid only with lora_scope 'decoder'). `token_states`: see `run_align`."""
     from embsum.inference.encoding import bf16_supported, resolve_device
+    from embsum.inference.state_store import fill_token_states
+    from embsum.training import distributed
 
     device = resolve_device(cfg.device)
     bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_supported(device))
@@ -160,6 +167,13 @@ def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None
     adata.negative_weights = negative_weights(data, cfg.negative_popularity)
     frozen_encoder = cfg.lora_scope == "decoder"
     adata.cache = (cache if cache is not None else StateCache()) if frozen_encoder else None
+    if frozen_encoder and token_states is not None:
+        # The encoder is the SFT model's, unchanged: `embsum train` (frozen encoder) stored these
+        # very states, so the catalog needs no second encoder pass.
+        got = fill_token_states(sft.to(device), data.item_texts, token_states, "bf16" if bf16 else "fp32",
+                                adata.cache, cfg.encode_batch, progress=progress is not None and progress_shown(),
+                                write=distributed.context().is_main)
+        log.info("token states: %d read from %s, %d encoded", got["stored"], token_states, got["encoded"])
     if bank is None and (cfg.strategy != "random" or frozen_encoder):
         # The SFT model's item vectors (where the policy starts); with a frozen encoder the same
         # pass keeps every item's token states, so no step runs the encoder again.

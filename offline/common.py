@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import click
 
@@ -14,6 +15,16 @@ log = logging.getLogger("embsum")
 
 def db_path(ctx: click.Context) -> str:
     return ctx.find_root().obj["db"]
+
+
+def token_states_dir(ctx: click.Context) -> Path | None:
+    """Where frozen-encoder jobs keep the catalog's encoder token states between runs
+    (embsum/inference/state_store.py): EMBSUM_TOKEN_STATES (a directory, or 'off' for none), else
+    beside the catalog, <db>.states/."""
+    value = os.environ.get("EMBSUM_TOKEN_STATES", "").strip()
+    if value.lower() == "off":
+        return None
+    return Path(value) if value else Path(f"{db_path(ctx)}.states")
 
 
 def quiet(ctx: click.Context | None = None) -> bool:

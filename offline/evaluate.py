@@ -76,18 +76,11 @@ class EvaluateConfig:
             raise ValueError("reference must name a model, or be 'auto' or 'none'")
 
 
-def encoder_fingerprint(encoder) -> str:
-    """Identity of an encoder's weights: equal fingerprints compute equal token states."""
-    h = hashlib.sha1()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def state_cache_key(model, dtype: str) -> tuple:
     """Key of a StateCache of `model`'s encoder token states: equal keys, equal states (the
     encoder's weights, its token limit, the dtype the states were computed in)."""
+    from embsum.inference.state_store import encoder_fingerprint
+
     return encoder_fingerprint(model.backbone.get_encoder()), model.config.item_max_tokens, dtype
 
 
@@ -194,10 +187,14 @@ def _full_coverage(eval_set, scores: dict[str, dict[str, float]]) -> bool:
 class Evaluation:
     """One evaluation run: the eval set, shared encoder caches, the rows of the report."""
 
-    def __init__(self, data: CatalogData, config: EvaluateConfig, progress: bool = True, caches: dict | None = None):
+    def __init__(self, data: CatalogData, config: EvaluateConfig, progress: bool = True, caches: dict | None = None,
+                 token_states: str | Path | None = None):
+        """`token_states`: a store of encoder token states (embsum/inference/state_store.py) that a
+        checkpoint's cache starts from, so a model whose encoder `embsum train` kept frozen needs
+        no encoder pass over the catalog."""
         from embsum.evaluation.protocol import build_eval_set, build_holdout_eval_set
 
-        self.data, self.cfg, self.progress = data, config, progress
+        self.data, self.cfg, self.progress, self.token_states = data, config, progress, token_states
         if config.holdout:
             pairs = read_holdout_file(config.holdout)
             source = {"path": str(config.holdout), "sha1": _file_sha1(config.holdout), "pairs": len(pairs)}
@@ -225,10 +222,19 @@ class Evaluation:
         return row
 
     def cache_for(self, model):
-        from embsum.inference.encoding import StateCache
+        from embsum.inference.encoding import StateCache, resolve_dtype
+        from embsum.inference.state_store import load_states, store_key
 
         key = state_cache_key(model, self.cfg.dtype)
-        return key, self.caches.setdefault(key, StateCache())
+        if key not in self.caches:
+            self.caches[key] = StateCache()
+            if self.token_states is not None:
+                dtype = resolve_dtype(self.cfg.dtype, self.cfg.device)
+                read = load_states(self.token_states, store_key(model, dtype), self.data.item_texts, self.caches[key])
+                if read:
+                    log.info("token states: %d of %d items read from %s", read, len(self.data.item_texts),
+                             self.token_states)
+        return key, self.caches[key]
 
     def add_checkpoint(self, path: str, name: str | None = None) -> dict:
         from embsum.evaluation.protocol import evaluate_model
@@ -279,6 +285,7 @@ class Evaluation:
         import torch
 
         from embsum.inference.encoding import encode_mean_pooled
+        from embsum.inference.state_store import encoder_fingerprint
         from embsum.model.backbone import load_encoder
 
         encoder, tokenizer = load_encoder(self.cfg.zero_shot_backbone)

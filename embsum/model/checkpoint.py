@@ -88,14 +88,14 @@ def model_hash(model: EmbSumModel) -> str:
     add("model_config", json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     backbone = _without_volatile(model.backbone.config.to_dict())
     add("backbone_config", json.dumps(backbone, sort_keys=True, default=str).encode())
-    add("tokenizer", _tokenizer_identity(model.tokenizer).encode())
+    add("tokenizer", tokenizer_identity(model.tokenizer).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         add(f"{name}|{t.dtype}|{tuple(t.shape)}", t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
-def _tokenizer_identity(tokenizer) -> str:
+def tokenizer_identity(tokenizer) -> str:
     """What decides a tokenizer's ids, as text: its serialised form without the truncation and
     padding settings, which every `tokenizer(..., truncation=True, max_length=n, padding=...)`
     call overwrites in place (the same weights hashed after encoding at another length used to

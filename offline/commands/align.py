@@ -51,7 +51,7 @@ def command(ctx: click.Context, checkpoint: str, recipe: str | None, **options) 
     import logging
 
     from embsum.offline.align import AlignError, run_align
-    from embsum.offline.common import db_path, progress, wait_s
+    from embsum.offline.common import db_path, progress, token_states_dir, wait_s
 
     from embsum.config import ConfigError
     from embsum.training import distributed
@@ -67,7 +67,7 @@ def command(ctx: click.Context, checkpoint: str, recipe: str | None, **options) 
     with distributed.session(cfg.device) as dist:
         try:
             summary = run_align(db_path(ctx), checkpoint, cfg, progress=progress if dist.is_main else None,
-                                wait_s=wait_s(ctx))
+                                wait_s=wait_s(ctx), token_states=token_states_dir(ctx))
         except (AlignError, ConfigError) as err:
             raise click.ClickException(str(err)) from None
     if not dist.is_main:

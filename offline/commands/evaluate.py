@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import click
-from embsum.offline.common import open_catalog, quiet, recorded_run
+from embsum.offline.common import open_catalog, quiet, recorded_run, token_states_dir
 from embsum.offline.evaluate import EvaluateConfig
 from embsum.offline.job_options import config_from, config_options
 
@@ -60,7 +60,7 @@ def command(ctx: click.Context, checkpoints: tuple[str, ...], scores_files: tupl
         with open_catalog(ctx, read_only=True) as cat:
             data = load_catalog_data(cat, summary_source="none")  # evaluation needs no summaries
         try:
-            job = Evaluation(data, config, progress=not quiet(ctx))
+            job = Evaluation(data, config, progress=not quiet(ctx), token_states=token_states_dir(ctx))
             if not job.eval_set.users:
                 raise UserError(f"no users of {config.holdout} with an input history in the catalog" if config.holdout
                                 else f"no {config.split} users with 2+ items in the catalog")

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import click
-from embsum.offline.common import open_catalog, quiet, recorded_run
+from embsum.offline.common import open_catalog, quiet, recorded_run, token_states_dir
 from embsum.offline.job_options import config_from, config_options
 
 from embsum.config import ModelConfig, TrainConfig
@@ -91,6 +91,7 @@ def command(ctx: click.Context, summary_source: str, init_from: str | None, reci
     from embsum.offline.data import load_catalog_data, train_data, training_examples
 
     from embsum.evaluation.protocol import build_eval_set
+    from embsum.inference.state_store import fill_token_states
     from embsum.model.checkpoint import build_model, load_checkpoint
     from embsum.training import distributed
     from embsum.training.trainer import Trainer
@@ -120,6 +121,12 @@ def command(ctx: click.Context, summary_source: str, init_from: str | None, reci
             model = build_model(_resume_model_config(train_cfg.out, model_cfg), seed=train_cfg.seed)
         run.args.update(model.config.to_dict())  # a resumed run or --init-from keeps its own model config
         trainer = Trainer(model, train_cfg, train_data(data, examples), dev, progress=dist.is_main and not quiet(ctx))
+        if trainer.cache is not None:  # frozen encoder: its token states, kept for later jobs and re-runs
+            store = token_states_dir(ctx)
+            got = fill_token_states(trainer.model, trainer.data.item_texts, store, "bf16" if trainer.bf16 else "fp32",
+                                    trainer.cache, progress=dist.is_main and not quiet(ctx), write=dist.is_main)
+            if store is not None:
+                say(f"token states: {got['stored']} read from {store}, {got['encoded']} encoded")
         held_out = "all users, no held-out dev users" if dev is None else f"{len(dev.users)} dev users"
         say(f"training on {len(examples)} examples ({held_out}, "
                    f"{len(data.summaries)} summaries), {trainer.total_steps} steps -> {train_cfg.out}")

@@ -126,3 +126,46 @@ def test_align_cpu_recipe_counts_epochs_600_steps_on_goodreads_fewer_on_a_small_
     assert cfg.max_steps == 0
     steps = [schedule_length(cfg.max_steps, cfg.epochs, n, cfg.batch_size, epoch_ends_batch=True) for n in (4000, 754)]
     assert steps == [600, 116]
+
+
+def test_align_reads_the_token_states_train_stored(db, tiny_checkpoint, tmp_path, monkeypatch):
+    """`embsum train` with a frozen encoder stores the catalog's token states beside the catalog;
+    `embsum align --lora-scope decoder` of its model runs no encoder pass over the catalog."""
+    from embsum.inference import encoding, state_store
+
+    encoded: list[int] = []
+    real = encoding.encode_token_states
+
+    def counting(model, texts, *args, cache=None, **kwargs):
+        encoded.append(len({t for t in texts if cache is None or t not in cache}))
+        return real(model, texts, *args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(encoding, "encode_token_states", counting)
+    monkeypatch.setattr(state_store, "encode_token_states", counting)
+    out = tmp_path / "sft"
+    result = CliRunner().invoke(cli, ["--db", str(db), "train", "--init-from", str(tiny_checkpoint), "--out", str(out),
+                                      "--freeze-encoder", "--max-steps", "2", "--batch-size", "4", "--dev-users", "3",
+                                      "--log-every", "0", "--bf16", "off", "--device", "cpu"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    store = tmp_path / "catalog.duckdb.states"
+    assert "token states: 0 read from" in result.output and len(list(store.glob("*.pt"))) == 1
+    assert encoded[0] == 40  # the 40 items, once
+    written = next(store.glob("*.pt")).stat().st_mtime_ns
+    encoded.clear()
+    result = align(db, out / "best", tmp_path / "aligned", "--lora-scope", "decoder")
+    assert result.exit_code == 0, result.output
+    assert encoded and set(encoded) == {0}  # every text came from the store
+    assert next(store.glob("*.pt")).stat().st_mtime_ns == written  # nothing new to write
+    # `embsum evaluate` of the SFT model (its encoder is the stored one) reads them too.
+    encoded.clear()
+    result = CliRunner().invoke(cli, ["--db", str(db), "evaluate", "--checkpoint", str(out / "best"), "--split", "dev",
+                                      "--no-baselines", "--device", "cpu", "--dtype", "fp32", "--resamples", "0",
+                                      "--report", str(tmp_path / "dev.json")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert encoded and set(encoded) == {0}
+    # EMBSUM_TOKEN_STATES=off: no store; the catalog is encoded again.
+    monkeypatch.setenv("EMBSUM_TOKEN_STATES", "off")
+    encoded.clear()
+    result = align(db, out / "best", tmp_path / "aligned-again", "--lora-scope", "decoder")
+    assert result.exit_code == 0, result.output
+    assert max(encoded) == 40
