@@ -133,7 +133,7 @@ def run_align(db: str, checkpoint: str, cfg: AlignConfig, progress=None, bank=No
         data = read_catalog(cat)
         if bank is None and cfg.strategy != "random":
             bank = stored_bank(cat, sft_hash, data.item_ids)
-            log.info("item bank: %s", "precomputed vectors from the catalog" if bank is not None else "encoding the catalog")
+            log.info("item bank: %s", "precomputed vectors from the catalog" if bank is not None else "computed from the SFT model")
     if not main:
         return align(sft, sft_hash, data, cfg, bank=bank, token_states=token_states)
     with Catalog(db, wait_s=wait_s) as cat:

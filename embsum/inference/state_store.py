@@ -7,7 +7,7 @@ weights, tokenizer, token limit and the dtype the states were computed in), so a
 re-run after a kill, fills its `StateCache` from the file and encodes only the texts it lacks.
 
 A file is written whole (a temporary file, then a rename): a killed job never leaves a torn one.
-A file that cannot be read is skipped with a warning: a cache never fails a run.
+A file that cannot be read, or written, is skipped with a warning: a cache never fails a run.
 """
 
 from __future__ import annotations
@@ -119,5 +119,8 @@ def fill_token_states(model, texts: Sequence[str], directory: str | Path | None,
     if directory is not None:
         path = Path(directory) / f"{key}.pt"
         if missing and write:
-            path = save_states(directory, key, texts, cache)
+            try:
+                path = save_states(directory, key, texts, cache)
+            except OSError as err:  # a full or read-only disk costs the next job an encoder pass, not this run
+                log.warning("token states not stored in %s (%s)", directory, err)
     return {"stored": stored, "encoded": len(missing), "path": None if path is None else str(path)}

@@ -81,3 +81,11 @@ def test_no_directory_no_store_and_readers_do_not_write(tiny_model, tmp_path):
     assert result == {"stored": 0, "encoded": 3, "path": None} and len(cache) == 3
     reader, _ = _fill(tiny_model, TEXTS, tmp_path, write=False)  # torchrun's other ranks
     assert reader["encoded"] == 3 and not list(tmp_path.glob("*.pt"))
+
+
+def test_a_store_that_cannot_be_written_does_not_fail_the_job(tiny_model, tmp_path, caplog):
+    blocked = tmp_path / "a-file-not-a-directory"
+    blocked.write_text("")
+    with caplog.at_level("WARNING"):
+        result, cache = _fill(tiny_model, TEXTS, blocked)
+    assert result["encoded"] == 3 and len(cache) == 3 and "not stored" in caplog.text
