@@ -91,6 +91,8 @@ def save_states(directory: str | Path, key: str, texts: Sequence[str], cache: St
                "lengths": torch.tensor([p.shape[0] for p in parts], dtype=torch.long),
                "states": torch.cat(parts) if parts else torch.zeros(0, 0, dtype=STORAGE_DTYPE)}
     path = directory / f"{key}.pt"
+    for stale in directory.glob(f".{key}.pt.*.tmp"):  # a killed writer's half file (about 0.5 GB each)
+        stale.unlink(missing_ok=True)
     tmp = directory / f".{key}.pt.{os.getpid()}.tmp"
     try:
         torch.save(payload, tmp)

@@ -65,6 +65,8 @@ def test_another_encoder_or_dtype_gets_another_file(tiny_model, tmp_path):
 
 def test_a_torn_file_is_skipped_with_a_warning_and_rewritten(tiny_model, tmp_path, caplog):
     first, encoded = _fill(tiny_model, TEXTS, tmp_path)
+    killed_writer = tmp_path / f".{first['path'].rsplit('/', 1)[1]}.12345.tmp"
+    killed_writer.write_bytes(b"half a file")
     path = tmp_path / first["path"].rsplit("/", 1)[1]
     path.write_bytes(path.read_bytes()[: 100])
     with caplog.at_level("WARNING"):
@@ -74,6 +76,7 @@ def test_a_torn_file_is_skipped_with_a_warning_and_rewritten(tiny_model, tmp_pat
     torch.testing.assert_close(cache[TEXTS[0]].float(), encoded[TEXTS[0]].float(), atol=1e-2, rtol=0)
     healed, _ = _fill(tiny_model, TEXTS, tmp_path)
     assert healed["stored"] == 3
+    assert not killed_writer.exists()  # the next write removed the killed writer's temp file
 
 
 def test_no_directory_no_store_and_readers_do_not_write(tiny_model, tmp_path):
