@@ -230,7 +230,8 @@ class Evaluation:
             self.caches[key] = StateCache()
             if self.token_states is not None:
                 dtype = resolve_dtype(self.cfg.dtype, self.cfg.device)
-                read = load_states(self.token_states, store_key(model, dtype), self.data.item_texts, self.caches[key])
+                read = load_states(self.token_states, store_key(model, dtype, fingerprint=key[0]), self.data.item_texts,
+                                   self.caches[key])
                 if read:
                     log.info("token states: %d of %d items read from %s", read, len(self.data.item_texts),
                              self.token_states)

@@ -39,11 +39,13 @@ def encoder_fingerprint(encoder: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def store_key(model, dtype: str) -> str:
+def store_key(model, dtype: str, fingerprint: str | None = None) -> str:
     """The file name of `model`'s token states computed in `dtype` ('fp32' or 'bf16'): what decides
-    them, hashed (encoder weights, tokenizer, token limit, compute and storage dtypes)."""
+    them, hashed (encoder weights, tokenizer, token limit, compute and storage dtypes).
+    `fingerprint`: the encoder's `encoder_fingerprint` where the caller has it (hashing ~90 MB once)."""
     h = hashlib.sha256()
-    for part in (f"format {STORE_FORMAT}", encoder_fingerprint(model.backbone.get_encoder()),
+    fingerprint = fingerprint or encoder_fingerprint(model.backbone.get_encoder())
+    for part in (f"format {STORE_FORMAT}", fingerprint,
                  tokenizer_identity(model.tokenizer), f"max_tokens {model.config.item_max_tokens}",
                  f"compute {dtype}", f"storage {STORAGE_DTYPE}"):
         h.update(part.encode())
