@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ METRIC_COLUMNS = [("uniform", "auc"), ("uniform", "mrr"), ("uniform", "ndcg@5"),
                   ("pop", "auc"), ("pop", "mrr"), ("pop", "ndcg@5"), ("pop", "ndcg@10"),
                   ("full", "recall@10"), ("full", "recall@100"), ("full", "ndcg@10")]
 RANDOM, POPULARITY = "random", "popularity"
+PER_USER_FORMAT = "embsum-per-user-v1"
 ZERO_SHOT = {"mean": "zero-shot backbone (mean of history)", "max": "zero-shot backbone (max-sim)"}
 AUTO, NO_REFERENCE = "auto", "none"
 
@@ -144,9 +147,10 @@ def scores_name(path: str) -> str:
     return f"scores {path}"
 
 
-def planned_names(config: EvaluateConfig, checkpoints=(), scores_files=()) -> list[str]:
+def planned_names(config: EvaluateConfig, checkpoints=(), scores_files=(), saved=()) -> list[str]:
     """The row names a run will produce, in table order (to check --reference before any work)."""
     names = [checkpoint_name(p) for p in checkpoints] + [scores_name(p) for p in scores_files]
+    names += [name for path in saved for name in saved_row_names(path)]
     if config.baselines:
         names += [RANDOM, POPULARITY] + (list(ZERO_SHOT.values()) if config.zero_shot else [])
     return names
@@ -167,6 +171,23 @@ def resolve_reference(names: list[str], wanted: str) -> str | None:
         problem = "matches no row" if not matches else f"matches {len(matches)} rows"
         raise UserError(f"--reference {wanted!r} {problem} of the table: {'; '.join(names)}")
     return matches[0]
+
+
+def read_saved_rows(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(description, arrays) of a per-user file `Evaluation.save_per_user` wrote."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            meta = json.loads(str(saved["meta"]))
+            arrays = {key: saved[key] for key in saved.files if key != "meta"}
+    except (OSError, KeyError, ValueError) as err:
+        raise UserError(f"{path}: not a per-user file of `embsum evaluate --per-user-out` ({err})") from None
+    if meta.get("format") != PER_USER_FORMAT:
+        raise UserError(f"{path}: format {meta.get('format')!r}, expected {PER_USER_FORMAT!r}")
+    return meta, arrays
+
+
+def saved_row_names(path: str | Path) -> list[str]:
+    return [row["name"] for row in read_saved_rows(path)[0]["rows"]]
 
 
 @dataclass
@@ -279,6 +300,52 @@ class Evaluation:
         if not full:
             row["metrics"]["full"] = None
         return row
+
+    def save_per_user(self, path: str | Path) -> None:
+        """Every row's per-user values, with the eval set's fingerprint, so that another run of
+        the same protocol on the same catalog (another machine: a GPU box) pairs them user by
+        user (`add_saved_rows`). Written whole: a temp file renamed into place."""
+        arrays, rows = {}, []
+        for i, row in enumerate(self.rows):
+            rows.append({k: v for k, v in row.items() if k not in ("metrics", "intervals", "difference")})
+            for group, found in self.per_user[row["name"]].items():
+                for metric, values in found.items():
+                    arrays[f"{i}/{group}/{metric}"] = np.asarray(values, dtype=np.float64)
+        meta = {"format": PER_USER_FORMAT, "eval_set": self.eval_set.fingerprint(), "split": self.eval_set.split,
+                "protocol": self.eval_set.protocol["name"], "users": len(self.eval_set.user_ids), "rows": rows}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+            np.savez_compressed(fh, meta=np.array(json.dumps(meta, default=str)), **arrays)
+        os.replace(tmp, path)
+
+    def prepare_saved_rows(self, path: str | Path) -> tuple[str, dict, dict[str, np.ndarray]]:
+        """A per-user file read and checked: refused unless the run that wrote it evaluated
+        exactly this run's cases (the same eval-set fingerprint). Cheap: runs before any model."""
+        meta, arrays = read_saved_rows(path)
+        if meta["eval_set"] != self.eval_set.fingerprint():
+            raise UserError(f"{path}: its rows were evaluated on other cases ({meta['protocol']}, split "
+                            f"{meta['split']}, {meta['users']} users) than this run ({self.eval_set.protocol['name']}, "
+                            f"split {self.eval_set.split}, {len(self.eval_set.user_ids)} users): they cannot be paired")
+        return str(path), meta, arrays
+
+    def add_saved_rows(self, source: str | Path | tuple) -> list[dict]:
+        """The rows another run saved (`save_per_user`), paired user by user with this run's."""
+        path, meta, arrays = source if isinstance(source, tuple) else self.prepare_saved_rows(source)
+        added = []
+        for i, info in enumerate(meta["rows"]):
+            per_user: dict[str, dict[str, np.ndarray]] = {}
+            for key, values in arrays.items():
+                index, group, metric = key.split("/")
+                if int(index) == i:
+                    per_user.setdefault(group, {})[metric] = values
+            info = dict(info)
+            name, kind, wall_s = info.pop("name"), info.pop("kind"), info.pop("wall_s", None)
+            row = self._add(name, kind, per_user, time.time(), saved_in=str(path), **info)
+            row["wall_s"] = wall_s  # the run that evaluated it, not this import
+            added.append(row)
+        return added
 
     def _zero_shot_vectors(self) -> np.ndarray:
         """Normalised mean-pooled item embeddings of the zero-shot backbone: from a shared cache

@@ -115,6 +115,22 @@ class EvalSet:
     def positions(self, items: Sequence[str]) -> np.ndarray:
         return np.array([self.item_index[i] for i in items], dtype=np.int64)
 
+    def fingerprint(self) -> str:
+        """sha256 of everything a per-user figure depends on besides the model: the catalog's
+        item ids, each case's user, input history, target and candidate lists, and the train
+        popularity. Equal fingerprints: two runs (two machines) evaluated the same cases."""
+        digest = hashlib.sha256()
+
+        def feed(*parts: str) -> None:
+            digest.update("\x1f".join(parts).encode())
+            digest.update(b"\x1e")
+
+        feed(self.split, *self.item_ids)
+        for u in self.users:
+            feed(u.user_id, u.target, *u.history, "|", *u.uniform, "|", *u.pop)
+        digest.update(np.ascontiguousarray(self.popularity, dtype=np.int64).tobytes())
+        return digest.hexdigest()
+
     def per_user(self, case_values: np.ndarray) -> np.ndarray:
         """Values per case (one per EvalUser) -> per distinct user: the mean over its targets."""
         if len(self.user_ids) == len(self.users):

@@ -25,7 +25,13 @@ import torch
 
 from embsum.config import ConfigError, TrainConfig
 from embsum.evaluation.protocol import EvalSet, dev_score, evaluate_model, fit_popularity_weight, model_scorer
-from embsum.inference.encoding import StateCache, encode_token_states, pad_states, resolve_device
+from embsum.inference.encoding import (
+    StateCache,
+    encode_by_length,
+    encode_token_states,
+    pad_states,
+    resolve_device,
+)
 from embsum.model.checkpoint import WEIGHTS
 from embsum.model.embsum_model import EmbSumModel
 from embsum.model.scoring import poly_score_matrix
@@ -273,9 +279,7 @@ class Trainer(TrainingMethod):
         texts = [self.data.item_texts[i] for i in rows]
         if self.cache is not None:
             return self._cached([self.cache[t] for t in texts])
-        batch = self.model.tokenize(texts)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        return self.model.encode_tokens(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"]
+        return encode_by_length(self.model, texts, self.device)
 
     # -- the loss -----------------------------------------------------------------------------
     def _negatives(self, rng: np.random.Generator, user: str) -> np.ndarray:

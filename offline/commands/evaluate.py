@@ -17,12 +17,17 @@ from embsum.offline.job_options import config_from, config_options
               help="A trained checkpoint directory (repeatable: all land in one table).")
 @click.option("--scores", "scores_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A scores file: user, item, score (Parquet/CSV/TSV; repeatable).")
+@click.option("--rows-from", "saved_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Rows another run saved with --per-user-out (say, on a GPU machine), paired user by user "
+                   "with this run's: refused unless both evaluated the same cases (repeatable).")
+@click.option("--per-user-out", type=click.Path(dir_okay=False), default=None,
+              help="Also save every row's per-user values (.npz) for a later run's --rows-from.")
 @config_options(EvaluateConfig)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default="evaluation.json",
               show_default=True, help="JSON report path; the Markdown table goes beside it (.md).")
 @click.pass_context
 def command(ctx: click.Context, checkpoints: tuple[str, ...], scores_files: tuple[str, ...],
-            report_path: str, **values) -> None:
+            saved_files: tuple[str, ...], per_user_out: str | None, report_path: str, **values) -> None:
     """Evaluate checkpoints and/or scores files under goodreads-v1's rules, with the baselines.
 
     \b
@@ -32,6 +37,8 @@ def command(ctx: click.Context, checkpoints: tuple[str, ...], scores_files: tupl
       embsum evaluate --scores my_model_scores.parquet --no-full-ranking
       embsum evaluate --split dev --users 200
       embsum evaluate --checkpoint runs/sft/best --holdout heldout.csv
+      embsum evaluate --checkpoint runs/gpu/best --per-user-out gpu.npz   # on the GPU box
+      embsum evaluate --checkpoint runs/cpu/best --rows-from gpu.npz --reference runs/cpu/best
 
     Protocol leave-last-out-v1 (on Goodreads: goodreads-v1, ../shared/EVAL.md): test users
     are those with sha1 bucket 0 (dev: 1); target = the last positive (by time, then
@@ -51,10 +58,11 @@ def command(ctx: click.Context, checkpoints: tuple[str, ...], scores_files: tupl
     from embsum.offline.evaluate import Evaluation, markdown_table, planned_names, resolve_reference
 
     config = config_from(EvaluateConfig, values)
-    if not (checkpoints or scores_files or config.baselines):
-        raise click.UsageError("nothing to evaluate: give --checkpoint, --scores or keep --baselines")
-    resolve_reference(planned_names(config, checkpoints, scores_files), config.reference)  # fail before any work
-    args = {"checkpoints": list(checkpoints), "scores": list(scores_files), **config.__dict__}
+    if not (checkpoints or scores_files or saved_files or config.baselines):
+        raise click.UsageError("nothing to evaluate: give --checkpoint, --scores, --rows-from or keep --baselines")
+    resolve_reference(planned_names(config, checkpoints, scores_files, saved_files), config.reference)  # fail early
+    args = {"checkpoints": list(checkpoints), "scores": list(scores_files), "rows_from": list(saved_files),
+            **config.__dict__}
     # The run row is opened first, so a failing checkpoint or scores file is recorded too.
     with recorded_run(ctx, "evaluate", args) as run:
         with open_catalog(ctx, read_only=True) as cat:
@@ -66,10 +74,13 @@ def command(ctx: click.Context, checkpoints: tuple[str, ...], scores_files: tupl
                                 else f"no {config.split} users with 2+ items in the catalog")
             # scores files are read and their coverage checked before any model spends minutes
             prepared = [job.prepare_scores_file(path) for path in scores_files]
+            saved = [job.prepare_saved_rows(path) for path in saved_files]
             for path in checkpoints:
                 job.add_checkpoint(path)
             for scores in prepared:
                 job.add_scores_file(scores)
+            for rows in saved:
+                job.add_saved_rows(rows)
             if config.baselines:
                 job.add_baselines()
         except ValueError as err:  # unreadable scores or holdout file columns
@@ -80,6 +91,8 @@ def command(ctx: click.Context, checkpoints: tuple[str, ...], scores_files: tupl
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, default=str))
         out.with_suffix(".md").write_text(table)
+        if per_user_out:
+            job.save_per_user(per_user_out)
         run.args.update(report["config"])
         run.counts.update(users=report["evaluated_users"], models=len(report["models"]), report=str(out))
     click.echo(table)

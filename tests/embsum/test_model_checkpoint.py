@@ -222,3 +222,28 @@ def test_hash_ignores_the_tokenizers_truncation_and_padding_state(tiny_model):
     tiny_model.tokenizer(["a b c", "d"], truncation=True, max_length=3, padding=True)
     assert tiny_model.tokenizer.backend_tokenizer.truncation["max_length"] == 3
     assert model_hash(tiny_model) == before
+
+
+def test_length_sorted_training_encoding_equals_one_padded_batch(tiny_bert_dir):
+    """An unfrozen encoder's batch encoded in length-sorted chunks (encode_by_length) gives each
+    text the states and gradients one padded batch gives, in input order, zeros on padding."""
+    from embsum.inference.encoding import encode_by_length
+
+    model = build_model(ModelConfig(backbone=tiny_bert_dir, item_codes=3, user_codes=2, item_max_tokens=24)).eval()
+    words = ["space", "ship", "crew", "mystery", "murder", "detective", "love", "story", "war", "history", "dragon", "magic"]
+    texts = [" ".join(words[: 1 + (7 * k) % len(words)]) for k in range(9)] + ["x " * 40]  # one truncated
+    batch = model.tokenize(texts)
+    whole = model.encode_tokens(batch["input_ids"], batch["attention_mask"])
+    valid = batch["attention_mask"].bool()
+    whole.masked_fill(~valid.unsqueeze(-1), 0).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    states, mask = encode_by_length(model, texts, "cpu", chunk=3)
+    assert torch.equal(mask, batch["attention_mask"]) and states.shape == whole.shape
+    assert torch.allclose(states[valid], whole[valid], atol=1e-5)
+    assert not states[~valid].any()
+    states.sum().backward()
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if name in grads:
+            assert torch.allclose(p.grad, grads[name], atol=1e-4), name

@@ -206,3 +206,39 @@ def test_holdout_file_replaces_split_and_target(tmp_path, catalog_db):
     missing = CliRunner().invoke(cli, ["--db", str(catalog_db), "evaluate", "--holdout", str(tmp_path / "none.csv"),
                                        "--no-zero-shot", "--report", str(report)])
     assert missing.exit_code == 1 and "no such file" in missing.output
+
+
+def test_rows_saved_on_one_machine_pair_user_by_user_in_another_run(tmp_path, catalog_db):
+    """--per-user-out then --rows-from (a model evaluated on a GPU box, compared here): the
+    imported popularity row equals this run's own, so their paired difference is exactly 0;
+    rows of other cases (another split) are refused before any work."""
+    saved = tmp_path / "gpu" / "rows.npz"
+    base = ["--db", str(catalog_db), "evaluate", "--no-zero-shot"]
+    first = CliRunner().invoke(cli, base + ["--report", str(tmp_path / "a.json"), "--per-user-out", str(saved)])
+    assert first.exit_code == 0, first.output
+    assert saved.exists() and not list(saved.parent.glob(".*.tmp"))
+    second = CliRunner().invoke(cli, base + ["--report", str(tmp_path / "b.json"), "--rows-from", str(saved)])
+    assert second.exit_code == 0, second.output
+    before = {r["name"]: r for r in json.loads((tmp_path / "a.json").read_text())["models"]}
+    report = json.loads((tmp_path / "b.json").read_text())
+    rows = {r["name"]: r for r in report["models"]}
+    # imported rows come before this run's baselines, which get "#2"; the reference is the imported popularity
+    assert set(rows) == {"random", "popularity", "random #2", "popularity #2"} and report["reference"] == "popularity"
+    imported = rows["popularity"]
+    assert imported["saved_in"] == str(saved) and imported["wall_s"] == before["popularity"]["wall_s"]
+    assert imported["metrics"] == before["popularity"]["metrics"] == rows["popularity #2"]["metrics"]
+    for group, found in rows["popularity #2"]["difference"]["metrics"].items():
+        for metric, delta in found.items():
+            assert delta["value"] == 0 and delta["interval"] == [0, 0], (group, metric)
+    # random vs popularity: the same paired difference whichever run computed the random row
+    mine = rows["random #2"]["difference"]["metrics"]["uniform"]["auc"]
+    theirs = rows["random"]["difference"]["metrics"]["uniform"]["auc"]
+    assert mine == theirs
+    refused = CliRunner().invoke(cli, base + ["--split", "dev", "--report", str(tmp_path / "c.json"),
+                                              "--rows-from", str(saved)])
+    assert refused.exit_code == 1 and "cannot be paired" in refused.output and "Traceback" not in refused.output
+    assert not (tmp_path / "c.json").exists()
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    bad = CliRunner().invoke(cli, base + ["--report", str(tmp_path / "d.json"), "--rows-from", str(junk)])
+    assert bad.exit_code == 1 and "not a per-user file" in bad.output and "Traceback" not in bad.output
