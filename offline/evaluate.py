@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -179,7 +180,7 @@ def read_saved_rows(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         with np.load(path, allow_pickle=False) as saved:
             meta = json.loads(str(saved["meta"]))
             arrays = {key: saved[key] for key in saved.files if key != "meta"}
-    except (OSError, KeyError, ValueError) as err:
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
         raise UserError(f"{path}: not a per-user file of `embsum evaluate --per-user-out` ({err})") from None
     if meta.get("format") != PER_USER_FORMAT:
         raise UserError(f"{path}: format {meta.get('format')!r}, expected {PER_USER_FORMAT!r}")
@@ -340,9 +341,9 @@ class Evaluation:
                 index, group, metric = key.split("/")
                 if int(index) == i:
                     per_user.setdefault(group, {})[metric] = values
-            info = dict(info)
+            info = {**info, "saved_in": path}  # a row re-saved from an earlier import names its latest file
             name, kind, wall_s = info.pop("name"), info.pop("kind"), info.pop("wall_s", None)
-            row = self._add(name, kind, per_user, time.time(), saved_in=str(path), **info)
+            row = self._add(name, kind, per_user, time.time(), **info)
             row["wall_s"] = wall_s  # the run that evaluated it, not this import
             added.append(row)
         return added

@@ -37,6 +37,7 @@ from embsum.alignment.dpo import NegativeSampler, dpo_loss, dpo_stats, scores_to
 from embsum.alignment.policy import Policy
 from embsum.inference.encoding import (
     StateCache,
+    encode_by_length,
     encode_token_states,
     pad_states,
     resolve_device,
@@ -122,28 +123,25 @@ class Batch:
         self.pos_w, self.pos_l = inverse[:b], inverse[b:2 * b]
 
     def _inputs(self, model, texts: list[str], max_tokens: int, device):
-        """(token states [B, L, d], mask) from the cache, or tokens for a full forward."""
+        """(token states [B, L, d], mask): from the cache, or the encoder's forward (with grad:
+        adapters on the encoder), in length-sorted chunks as SFT encodes an unfrozen encoder."""
         if self.cache is None:
-            tok = model.tokenize(texts, max_tokens=max_tokens)
-            return None, tok["input_ids"].to(device), tok["attention_mask"].to(device)
+            return encode_by_length(model, texts, device, max_tokens=max_tokens)
         missing = [t for t in texts if t not in self.cache]
         if missing:  # (encode_token_states fails on an empty list: only call it with work to do)
             with preserve_modes(model):
                 encode_token_states(model, missing, device=device, progress=False, max_tokens=max_tokens,
                                     cache=self.cache)
         padded, mask = pad_states([self.cache[t] for t in texts])
-        return padded.to(device, torch.float32), None, mask.to(device)
+        return padded.to(device, torch.float32), mask.to(device)
 
     def encode_users(self, model, device):
-        states, ids, mask = self._inputs(model, self.session_texts, self.session_limit, device)
-        if states is None:
-            return model.encode_users(ids, mask, self.user_sessions.to(device))
+        states, mask = self._inputs(model, self.session_texts, self.session_limit, device)
         return model.user_embeddings(states, mask, self.user_sessions.to(device)).upe
 
     def encode_items(self, model, device):
         texts = [self.item_texts[i] for i in self.item_ids.tolist()]
-        states, ids, mask = self._inputs(model, texts, model.config.item_max_tokens, device)
-        return model.encode_items(ids, mask) if states is None else model.item_embeddings(states, mask)
+        return model.item_embeddings(*self._inputs(model, texts, model.config.item_max_tokens, device))
 
     def pair_scores(self, upe, cpe, cpe_prime):
         """(s(w), s(l)) per example."""

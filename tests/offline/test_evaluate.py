@@ -217,8 +217,16 @@ def test_rows_saved_on_one_machine_pair_user_by_user_in_another_run(tmp_path, ca
     first = CliRunner().invoke(cli, base + ["--report", str(tmp_path / "a.json"), "--per-user-out", str(saved)])
     assert first.exit_code == 0, first.output
     assert saved.exists() and not list(saved.parent.glob(".*.tmp"))
-    second = CliRunner().invoke(cli, base + ["--report", str(tmp_path / "b.json"), "--rows-from", str(saved)])
+    resaved = tmp_path / "resaved.npz"  # imported rows saved again, then imported again
+    second = CliRunner().invoke(cli, base + ["--report", str(tmp_path / "b.json"), "--rows-from", str(saved),
+                                             "--per-user-out", str(resaved)])
     assert second.exit_code == 0, second.output
+    third = CliRunner().invoke(cli, base + ["--no-baselines", "--report", str(tmp_path / "t.json"),
+                                            "--rows-from", str(resaved)])
+    assert third.exit_code == 0, third.output
+    chained = {r["name"]: r for r in json.loads((tmp_path / "t.json").read_text())["models"]}
+    assert set(chained) == {"random", "popularity", "random #2", "popularity #2"}
+    assert all(r["saved_in"] == str(resaved) for r in chained.values())
     before = {r["name"]: r for r in json.loads((tmp_path / "a.json").read_text())["models"]}
     report = json.loads((tmp_path / "b.json").read_text())
     rows = {r["name"]: r for r in report["models"]}
