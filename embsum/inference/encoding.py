@@ -135,6 +135,8 @@ def encode_by_length(model: EmbSumModel, texts: Sequence[str], device, chunk: in
     batch would spend most of the encoder's work on padding (goodreads book texts: mean 41
     tokens, a 400-text batch's longest 120-200). Attention is masked, so a text's states do not
     depend on its chunk (up to float rounding)."""
+    if not len(texts):
+        raise ValueError("encode_by_length needs at least one text")
     parts, masks, order = [], [], []
     for pos, batch in length_batches(model.tokenizer, texts, max_tokens or model.config.item_max_tokens, chunk):
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)

@@ -116,7 +116,8 @@ def test_whole_flow_on_real_goodreads(goodreads_dir, tmp_path):
     assert len(recs) >= 10 * 50
     assert not [r for r in recs if r["item_id"] in set(seen.get(r["user_id"], []))]
 
-    result = cli(*base, "evaluate", "--checkpoint", served, "--split", "dev", "--no-zero-shot")
+    result = cli(*base, "evaluate", "--checkpoint", served, "--split", "dev", "--no-zero-shot",
+                 "--report", str(tmp_path / "evaluation.json"))  # not into the working directory
     assert "nDCG" in result.output or "ndcg" in result.output
 
     # Edit one item's text; refresh re-encodes it and exactly the users whose history holds it.
