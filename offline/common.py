@@ -27,6 +27,20 @@ def token_states_dir(ctx: click.Context) -> Path | None:
     return Path(value) if value else Path(f"{db_path(ctx)}.states")
 
 
+def write_atomically(path: str | Path, write) -> Path:
+    """`write(tmp)` into a temp file beside `path`, then rename it into place: a reader never sees
+    half a file, and a failed write leaves neither a half file nor its temp behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def quiet(ctx: click.Context | None = None) -> bool:
     ctx = ctx or click.get_current_context(silent=True)
     return bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("quiet"))

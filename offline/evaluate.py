@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from embsum.offline.common import write_atomically
 from embsum.offline.data import CatalogData
 from embsum.offline.errors import UserError
 
@@ -149,9 +149,10 @@ def scores_name(path: str) -> str:
 
 
 def planned_names(config: EvaluateConfig, checkpoints=(), scores_files=(), saved=()) -> list[str]:
-    """The row names a run will produce, in table order (to check --reference before any work)."""
+    """The row names a run will produce, in table order (to check --reference before any work).
+    `saved`: the (description, arrays) of per-user files, as `read_saved_rows` returns them."""
     names = [checkpoint_name(p) for p in checkpoints] + [scores_name(p) for p in scores_files]
-    names += [name for path in saved for name in saved_row_names(path)]
+    names += [row["name"] for meta, _ in saved for row in meta["rows"]]
     if config.baselines:
         names += [RANDOM, POPULARITY] + (list(ZERO_SHOT.values()) if config.zero_shot else [])
     return names
@@ -185,10 +186,6 @@ def read_saved_rows(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     if meta.get("format") != PER_USER_FORMAT:
         raise UserError(f"{path}: format {meta.get('format')!r}, expected {PER_USER_FORMAT!r}")
     return meta, arrays
-
-
-def saved_row_names(path: str | Path) -> list[str]:
-    return [row["name"] for row in read_saved_rows(path)[0]["rows"]]
 
 
 @dataclass
@@ -314,17 +311,17 @@ class Evaluation:
                     arrays[f"{i}/{group}/{metric}"] = np.asarray(values, dtype=np.float64)
         meta = {"format": PER_USER_FORMAT, "eval_set": self.eval_set.fingerprint(), "split": self.eval_set.split,
                 "protocol": self.eval_set.protocol["name"], "users": len(self.eval_set.user_ids), "rows": rows}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
-            np.savez_compressed(fh, meta=np.array(json.dumps(meta, default=str)), **arrays)
-        os.replace(tmp, path)
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+                np.savez_compressed(fh, meta=np.array(json.dumps(meta, default=str)), **arrays)
 
-    def prepare_saved_rows(self, path: str | Path) -> tuple[str, dict, dict[str, np.ndarray]]:
-        """A per-user file read and checked: refused unless the run that wrote it evaluated
-        exactly this run's cases (the same eval-set fingerprint). Cheap: runs before any model."""
-        meta, arrays = read_saved_rows(path)
+        write_atomically(path, write)
+
+    def prepare_saved_rows(self, path: str | Path, saved: tuple | None = None) -> tuple[str, dict, dict[str, np.ndarray]]:
+        """A per-user file (or `saved`, what `read_saved_rows` already read of it) checked: refused
+        unless the run that wrote it evaluated exactly this run's cases (the same eval-set
+        fingerprint). Cheap: runs before any model."""
+        meta, arrays = saved or read_saved_rows(path)
         if meta["eval_set"] != self.eval_set.fingerprint():
             raise UserError(f"{path}: its rows were evaluated on other cases ({meta['protocol']}, split "
                             f"{meta['split']}, {meta['users']} users) than this run ({self.eval_set.protocol['name']}, "
@@ -334,13 +331,13 @@ class Evaluation:
     def add_saved_rows(self, source: str | Path | tuple) -> list[dict]:
         """The rows another run saved (`save_per_user`), paired user by user with this run's."""
         path, meta, arrays = source if isinstance(source, tuple) else self.prepare_saved_rows(source)
+        per_row: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+        for key, values in arrays.items():  # "row/group/metric", in the order they were saved
+            index, group, metric = key.split("/")
+            per_row.setdefault(int(index), {}).setdefault(group, {})[metric] = values
         added = []
         for i, info in enumerate(meta["rows"]):
-            per_user: dict[str, dict[str, np.ndarray]] = {}
-            for key, values in arrays.items():
-                index, group, metric = key.split("/")
-                if int(index) == i:
-                    per_user.setdefault(group, {})[metric] = values
+            per_user = per_row.get(i, {})
             info = {**info, "saved_in": path}  # a row re-saved from an earlier import names its latest file
             name, kind, wall_s = info.pop("name"), info.pop("kind"), info.pop("wall_s", None)
             row = self._add(name, kind, per_user, time.time(), **info)

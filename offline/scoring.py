@@ -703,11 +703,7 @@ def score_job(db_path: str | Path, model_hash: str | None, cfg: ScoreConfig, *, 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
     """Temp file + rename: a reader never sees half a Parquet file."""
-    import os
-
     import pyarrow.parquet as pq
+    from embsum.offline.common import write_atomically
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: pq.write_table(table, tmp))

@@ -55,12 +55,19 @@ def command(ctx: click.Context, checkpoints: tuple[str, ...], scores_files: tupl
     """
     from embsum.offline.data import load_catalog_data
     from embsum.offline.errors import UserError
-    from embsum.offline.evaluate import Evaluation, markdown_table, planned_names, resolve_reference
+    from embsum.offline.evaluate import (
+        Evaluation,
+        markdown_table,
+        planned_names,
+        read_saved_rows,
+        resolve_reference,
+    )
 
     config = config_from(EvaluateConfig, values)
     if not (checkpoints or scores_files or saved_files or config.baselines):
         raise click.UsageError("nothing to evaluate: give --checkpoint, --scores, --rows-from or keep --baselines")
-    resolve_reference(planned_names(config, checkpoints, scores_files, saved_files), config.reference)  # fail early
+    saved_read = [read_saved_rows(path) for path in saved_files]  # read once: names now, rows later
+    resolve_reference(planned_names(config, checkpoints, scores_files, saved_read), config.reference)  # fail early
     args = {"checkpoints": list(checkpoints), "scores": list(scores_files), "rows_from": list(saved_files),
             **config.__dict__}
     # The run row is opened first, so a failing checkpoint or scores file is recorded too.
@@ -74,7 +81,7 @@ def command(ctx: click.Context, checkpoints: tuple[str, ...], scores_files: tupl
                                 else f"no {config.split} users with 2+ items in the catalog")
             # scores files are read and their coverage checked before any model spends minutes
             prepared = [job.prepare_scores_file(path) for path in scores_files]
-            saved = [job.prepare_saved_rows(path) for path in saved_files]
+            saved = [job.prepare_saved_rows(path, read) for path, read in zip(saved_files, saved_read)]
             for path in checkpoints:
                 job.add_checkpoint(path)
             for scores in prepared:
