@@ -98,6 +98,50 @@ def _head_rows(backbone: nn.Module, rows: torch.Tensor):
         handle.remove()
 
 
+# The decoder's cross-attention projections of its memory (keys and values), by backbone family:
+# BERT2BERT (the packaged MiniLM), T5, BART.
+MEMORY_PROJECTIONS = ("crossattention.self.key", "crossattention.self.value", "EncDecAttention.k",
+                      "EncDecAttention.v", "encoder_attn.k_proj", "encoder_attn.v_proj")
+
+
+@contextmanager
+def _memory_rows(backbone: nn.Module, memory_mask: torch.Tensor):
+    """Within the block the decoder's cross-attention key and value projections run over the
+    memory's real tokens only (`memory_mask` [B, T], 1 = token); padded positions get zeros.
+
+    A batch's memory is padded to its longest user (goodreads_cpu: 5,526 real tokens of 12,208
+    rows, a median step of benchmarks/train_step.py), and those rows cost two d x d products a
+    layer forward and two backward for keys and values the attention mask weighs with exactly 0:
+    1.14x a whole step there. The same math up to float rounding. Not used when
+    a user has no token at all (the attention then spreads evenly over padding, whose keys and
+    values would change)."""
+    valid = memory_mask.bool()
+    if bool(valid.all()) or not bool(valid.any(1).all()):
+        yield
+        return
+    layers = [m for name, m in backbone.named_modules() if name.endswith(MEMORY_PROJECTIONS)]
+
+    def packed(layer_forward):
+        def forward(x, *args, **kwargs):
+            if x.shape[:-1] != valid.shape:  # not this memory (e.g. a layer shared with self-attention)
+                return layer_forward(x, *args, **kwargs)
+            rows = layer_forward(x[valid], *args, **kwargs)
+            return rows.new_zeros((*valid.shape, rows.shape[-1])).index_put((valid,), rows)
+        return forward
+
+    before = [layer.__dict__.get("forward") for layer in layers]  # an instance's own forward, if any
+    for layer in layers:
+        layer.forward = packed(layer.forward)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, before):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
 def _append_column(vectors: torch.Tensor, value) -> torch.Tensor:
     """[B, k, d] -> [B, k, d + 1]: `value` (a number, or [B, 1, 1] per row) as the last column."""
     column = vectors.new_zeros((*vectors.shape[:-1], 1)) + value
@@ -274,7 +318,7 @@ class EmbSumModel(nn.Module):
         # pass were computed only to be thrown away (benchmarks/train_step.py: 1.05x a step).
         scored = labels != -100 if labels is not None else torch.zeros(dec_in.shape, dtype=torch.bool,
                                                                          device=memory.device)
-        with _head_rows(self.backbone, scored):
+        with _head_rows(self.backbone, scored), _memory_rows(self.backbone, memory_mask):
             out = self.backbone(
                 encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=memory_mask,
                 decoder_input_ids=dec_in, decoder_attention_mask=dec_mask,

@@ -97,6 +97,48 @@ def test_summary_nll_scores_only_the_labelled_positions_and_matches_the_full_hea
     assert any(name.startswith("backbone.") for name in grads)
 
 
+@pytest.mark.parametrize("backbone", ["tiny_bert_dir", "tiny_t5_dir"])
+def test_decoder_projects_only_the_real_memory_tokens_to_keys_and_values(backbone, request):
+    """decode() runs the cross-attention key/value projections over the memory's real tokens
+    (the test above checks the NLL, global vector and gradients against HF's own padded forward).
+    Here: every key/value projection saw exactly the real tokens, the projections are plain again
+    afterwards, and a user with no memory token at all keeps the padded path (its attention spreads
+    over padding, so packing would change its vector)."""
+    from embsum.config import ModelConfig
+    from embsum.model.checkpoint import build_model
+    from embsum.model.embsum_model import MEMORY_PROJECTIONS
+
+    model = build_model(ModelConfig(backbone=request.getfixturevalue(backbone), item_codes=2, user_codes=2,
+                                    item_max_tokens=24)).eval()
+    projections = {name: m for name, m in model.backbone.named_modules() if name.endswith(MEMORY_PROJECTIONS)}
+    assert len(projections) == 2 * 2  # keys and values of both decoder layers of the tiny backbones
+    rows = []
+
+    def recording(forward):
+        def record(x, *args, **kwargs):
+            rows.append(tuple(x.shape[:-1]))
+            return forward(x, *args, **kwargs)
+        return record
+
+    recorders = {}
+    for name, m in projections.items():
+        recorders[name] = m.forward = recording(m.forward)  # the rows each projection really computes
+    tok = model.tokenize(["space ships and aliens on a long journey", "a cookbook of soups", "robots"])
+    mask = tok["attention_mask"]
+    with torch.inference_mode():
+        states = model.encode_tokens(**tok)
+        packed_vec, _ = model.decode(states, mask)
+        assert 0 < int(mask.sum()) < mask.numel()  # the batch has padding to skip
+        assert rows == [(int(mask.sum()),)] * len(projections)
+        assert all(m.forward is recorders[name] for name, m in projections.items())  # restored as they were
+        rows.clear()
+        empty = mask.clone()
+        empty[2] = 0  # the third user has no memory token
+        empty_vec, _ = model.decode(states, empty)
+        assert rows == [tuple(mask.shape)] * len(projections)
+    assert torch.allclose(empty_vec[:2], packed_vec[:2], atol=1e-5)
+
+
 def test_decode_without_summaries_returns_no_nll_and_the_same_global_vector(tiny_model):
     tok = tiny_model.tokenize(["robots on mars", "soup"])
     with torch.inference_mode():
