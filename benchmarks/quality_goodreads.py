@@ -95,14 +95,34 @@ def train_variants(data, train_cfg, model_cfg, variants, out: Path, cache):
 
 
 def reused_training(out: Path, variants) -> dict:
-    """Training figures of the variants an earlier run of this script trained into `out` (its
-    report.json, each OUT/<folder>/best still there): `--reuse-trained` skips training them."""
+    """Training figures of the variants already trained into `out`: `--reuse-trained` skips
+    training them. An earlier run of this script lists them in its report.json; a model trained
+    by `embsum train --out OUT/<folder>` (as a user trains one) brings them in its
+    OUT/<folder>/last/trainer_state.json. Each needs its OUT/<folder>/best."""
     report = out / "report.json"
-    if not report.exists():
-        return {}
-    earlier = json.loads(report.read_text()).get("training", {})
-    return {label: earlier[label] for label, folder, _, _ in variants
-            if label in earlier and earlier[label].get("folder") == folder and (out / folder / "best").is_dir()}
+    earlier = json.loads(report.read_text()).get("training", {}) if report.exists() else {}
+    reused = {}
+    for label, folder, _, _ in variants:
+        if not (out / folder / "best").is_dir():
+            continue
+        if label in earlier and earlier[label].get("folder") == folder:
+            reused[label] = earlier[label]
+        elif (out / folder / "last" / "trainer_state.json").is_file():
+            reused[label] = cli_training(out, folder)
+    return reused
+
+
+def cli_training(out: Path, folder: str) -> dict:
+    """The training figures of a model `embsum train --out OUT/<folder>` trained, from its final
+    trainer state (wall time and peak memory are in that command's own output, not here)."""
+    state = json.loads((out / folder / "last" / "trainer_state.json").read_text())
+    train_s = state["train_time"]
+    return {"folder": folder, "trained_by": "embsum train", "steps": state["step"],
+            "examples": state["examples_seen"], "samples_per_s": round(state["examples_seen"] / train_s, 2),
+            "train_s": round(train_s, 1), "wall_s": None, "peak_memory_mb": None,
+            "best_dev_score": state["best_score"], "best_hash": (out / folder / "best" / "hash").read_text().strip(),
+            "first_losses": state["losses"][:3], "last_losses": state["losses"][-3:],
+            "dev_history": state["dev_history"], "popularity_weight": _popularity_weight(out / folder / "best")}
 
 
 def cache_key(checkpoint: Path, train_cfg) -> tuple[str, tuple]:
@@ -196,7 +216,7 @@ def print_training(training: dict) -> None:
     print("|---|---|---|---|---|---|")
     for label, info in training.items():
         best = "-" if info["best_dev_score"] is None else f"{info['best_dev_score']:.4f}"
-        print(f"| {label} | {info['steps']} | {info['samples_per_s']} | {info['wall_s']} | "
+        print(f"| {label} | {info['steps']} | {info['samples_per_s']} | {info['wall_s'] or '-'} | "
               f"{info['peak_memory_mb'] or '-'} | {best} |")
 
 
@@ -257,8 +277,9 @@ def main() -> None:
     parser.add_argument("--test-users", type=int, default=0, help="evaluate only the first N test users (0: all)")
     parser.add_argument("--no-ablation", action="store_true", help="skip the single-vector ablation")
     parser.add_argument("--reuse-trained", action="store_true", help=(
-        "keep the SFT models an earlier run trained into --out (their figures from its report.json) "
-        "instead of training them again: alignment and evaluation still run"))
+        "keep the SFT models already in --out instead of training them again: an earlier run's (figures "
+        "from its report.json) or `embsum train --out OUT/embsum` / `OUT/single_vector`'s (figures from "
+        "their last/trainer_state.json); alignment and evaluation still run"))
     parser.add_argument("--refit-prior", action="store_true", help=(
         "with --reuse-trained: choose each reused SFT model's popularity prior w again with the "
         "recipe's popularity_fit_users (before alignment, which starts from it)"))
@@ -293,7 +314,7 @@ def main() -> None:
     cache = StateCache()
     reused = reused_training(args.out, variants) if args.reuse_trained else {}
     if reused:
-        print(f"reusing the trained {', '.join(reused)} from {args.out / 'report.json'}", flush=True)
+        print(f"reusing the trained {', '.join(reused)} from {args.out}", flush=True)
     trained, dtype, key = train_variants(data, train_cfg, model_cfg, [v for v in variants if v[0] not in reused],
                                          args.out, cache)
     if key is None:
