@@ -87,7 +87,7 @@ def main() -> None:
                         progress=True, cache=trainer.cache)
     print(f"token states of {len(data.item_texts)} items cached in {time.perf_counter() - t0:.0f} s", flush=True)
     start_state = copy.deepcopy(model.state_dict())
-    today = {name: getattr(embsum_model, name) for name in ("_head_rows", "_memory_rows")}
+    today = {attr: getattr(embsum_model, attr) for swaps in VARIANTS.values() for attr in swaps}
     batch = train_cfg.batch_size
     head_rows: dict[str, list[int]] = {name: [] for name in VARIANTS}
     memory_rows: dict[str, list[int]] = {name: [] for name in VARIANTS}

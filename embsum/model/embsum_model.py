@@ -315,7 +315,7 @@ class EmbSumModel(nn.Module):
             labels = summaries["labels"].to(memory.device)
         # The LM head only sees the positions that have a label (none at inference): its rows are
         # 30k-word logits, and those of padding (a third of a goodreads batch) or of an inference
-        # pass were computed only to be thrown away (benchmarks/train_step.py: 1.05x a step).
+        # pass were computed only to be thrown away (benchmarks/train_step.py times the step without it).
         scored = labels != -100 if labels is not None else torch.zeros(dec_in.shape, dtype=torch.bool,
                                                                          device=memory.device)
         with _head_rows(self.backbone, scored), _memory_rows(self.backbone, memory_mask):
