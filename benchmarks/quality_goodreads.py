@@ -286,8 +286,9 @@ def main() -> None:
     parser.add_argument("--align-recipe", default="align_cpu")
     parser.add_argument("--align", default="rodpo,hard,random", help="negative strategies to align with ('': none)")
     parser.add_argument("--align-steps", type=int, default=None, help="override the align recipe's max_steps")
-    parser.add_argument("--align-eval-every", type=int, default=None, help=(
-        "dev evaluation (and selection) every N steps (default: the align recipe's eval_every)"))
+    parser.add_argument("--align-eval-every", type=int, default=100, help=(
+        "dev evaluation every N steps, the plot's curves (align_cpu itself evaluates once, at the "
+        "end: it keeps the final step); 0: the align recipe's eval_every"))
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "quality_goodreads.png")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -22,6 +22,11 @@ class AlignConfig(_Base):
         "trains with NCE temperature 0.05, i.e. 20).")})
     pool_size: int = field(default=50, metadata={"help": "K: size of each user's top-K negative pool."})
     pool_refresh: int = field(default=50, metadata={"help": "A user's pool is rebuilt once it is this many steps old."})
+    pool_shortlist: int = field(default=0, metadata={"help": (
+        "Rank each pool exactly among the S items of highest mean-vector score (the mean of the "
+        "m x n dots, plus the prior): 1/(2mn) of the exact score's cost to shortlist, then exact "
+        "scores for S items instead of the catalog. 0: exact over the whole catalog. Not a bound: "
+        "benchmarks/pool_shortlist.py measures how much of the exact pool a shortlist holds.")})
     pool_temperature: float = field(default=0.0, metadata={"help": (
         "rodpo sampling inside the pool: 0 uniform, > 0 softmax(score / temperature).")})
     pool_prior: bool = field(default=False, metadata={"help": (
@@ -86,6 +91,8 @@ class AlignConfig(_Base):
         _check(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
         _check(self.beta > 0, "beta must be > 0")
         _check(self.pool_size >= 1 and self.pool_refresh >= 1, "pool_size and pool_refresh must be >= 1")
+        _check(self.pool_shortlist == 0 or self.pool_shortlist >= self.pool_size,
+               f"pool_shortlist must be 0 (exact) or >= pool_size ({self.pool_size}), not {self.pool_shortlist}")
         _check(self.pool_temperature >= 0, "pool_temperature must be >= 0")
         _check(self.negative_popularity >= 0, "negative_popularity must be >= 0")
         _check(0.0 <= self.dislike_share <= 1.0, "dislike_share must be in [0, 1]")

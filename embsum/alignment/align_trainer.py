@@ -45,7 +45,7 @@ from embsum.inference.encoding import (
     user_sessions,
 )
 from embsum.model.lora import save_adapters
-from embsum.model.scoring import poly_score, poly_score_matrix
+from embsum.model.scoring import poly_score, poly_score_matrix, shortlist_poly_scores
 from embsum.training.distributed import as_shard
 from embsum.training.loop import LoopConfig, ResumeError, TrainingLoop, TrainingMethod, schedule_length
 from embsum.training.losses import nce_loss
@@ -149,6 +149,26 @@ class Batch:
                 poly_score(upe, cpe[self.pos_l], cpe_prime[self.pos_l]))
 
 
+def pool_candidates(upe: torch.Tensor, bank: tuple[torch.Tensor, torch.Tensor], excluded: list[list[int]], k: int,
+                    prior: torch.Tensor | None = None, shortlist: int = 0,
+                    centres: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best-first (items, scores) [U, c] of users `upe` against the bank (cpe, cpe_prime), the
+    `prior` [I] added, enough to fill a top-k pool once each row's `excluded` items are removed.
+    `shortlist` > 0 scores exactly only the union of the users' shortlists (`shortlist_poly_scores`,
+    from the bank's `centres`), else the whole bank."""
+    cpe, cpe_prime = bank
+    with torch.no_grad():
+        if shortlist:
+            size = shortlist + max((len(p) for p in excluded), default=0)  # room for the exclusion
+            items, scores = shortlist_poly_scores(upe, cpe, cpe_prime, centres, size, prior)
+            top, top_scores = scores_to_candidates(scores, excluded, k)
+            return items[top], top_scores
+        scores = poly_score_matrix(upe, cpe, cpe_prime)
+        if prior is not None:
+            scores += prior
+    return scores_to_candidates(scores, excluded, k)
+
+
 class AlignTrainer(TrainingMethod):
     name = "align"
     progress_keys = ("loss", "reward_acc")
@@ -165,6 +185,7 @@ class AlignTrainer(TrainingMethod):
                                        seed=config.seed, dislike_share=config.dislike_share,
                                        item_weights=data.negative_weights)
         self.bank_rows: set[int] = set()  # bank rows the steps rewrote (saved: a resumed run needs them)
+        self._bank_centres: torch.Tensor | None = None  # bank_centres(), computed on first use
         self._order: tuple[int, list[int]] | None = None  # (epoch, shuffled example order)
         self.device = resolve_device(config.device)
         policy.to(self.device)  # before the loop builds the optimizer over its parameters
@@ -237,19 +258,23 @@ class AlignTrainer(TrainingMethod):
             self.data.bank[0][bank["rows"]] = bank["cpe"]
             self.data.bank[1][bank["rows"]] = bank["cpe_prime"]
             self.bank_rows = set(bank["rows"].tolist())
+            self._bank_centres = None
 
     # -- one step ------------------------------------------------------------------------------
     def pool_fn(self, upe: torch.Tensor, positives: list[list[int]]):
         """Top candidates of the batch rows that need a new pool, from the item bank."""
-        cpe, cpe_prime = self.data.bank
-
         def fn(rows, k):
-            with torch.no_grad():
-                scores = poly_score_matrix(upe[rows].detach().float().cpu(), cpe, cpe_prime)
-                if self.data.pool_prior is not None:
-                    scores += self.data.pool_prior
-            return scores_to_candidates(scores, [positives[r] for r in rows], k)
+            return pool_candidates(upe[rows].detach().float().cpu(), self.data.bank, [positives[r] for r in rows], k,
+                                   self.data.pool_prior, self.config.pool_shortlist,
+                                   self.bank_centres() if self.config.pool_shortlist else None)
         return fn
+
+    def bank_centres(self) -> torch.Tensor:
+        """Each bank item's mean CPE vector [I, d] (the pool shortlist's), kept current with the
+        bank rows the steps rewrite."""
+        if self._bank_centres is None:
+            self._bank_centres = self.data.bank[0].mean(dim=1)
+        return self._bank_centres
 
     def loss(self, examples, step: int, micro: int = 0) -> tuple[torch.Tensor | None, dict]:
         """DPO (+ aux, + NCE) of this rank's rows. On several processes the sampler (pools, RNG)
@@ -308,6 +333,8 @@ class AlignTrainer(TrainingMethod):
             if part is not None:
                 ids, cpe, cpe_prime = part
                 self.data.bank[0][ids], self.data.bank[1][ids] = cpe, cpe_prime
+                if self._bank_centres is not None:
+                    self._bank_centres[ids] = cpe.mean(dim=1)
                 self.bank_rows.update(ids.tolist())
 
     def train_step(self, examples) -> dict:

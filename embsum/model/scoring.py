@@ -53,21 +53,33 @@ def poly_score(upe, cpe, cpe_prime):
 _SAFE_LOGIT = 60.0
 
 
+# At most this many user rows (users x m), a block's GEMMs put the items on the long side ([B*n, U*m]):
+# 1.2-1.45x the user-major layout for 1 to 48 users on a 2-core AVX2 EPYC (RoDPO's pool refresh
+# scores 16), slower from 64 users on.
+_ITEMS_MAJOR_ROWS = 256
+
+
 def _fused_block(flat_u: torch.Tensor, c: torch.Tensor, cp: torch.Tensor, n_users: int, m: int, n: int,
                  safe: bool) -> torch.Tensor:
     """Scores [U, B] of U users (flat_u [U*m, d]) against B items (c, cp [B*n, d]): the two GEMMs
-    write [U, m, B, n] blocks that the softmax and weighted sum then reduce in place (no
-    permuted copies), while the block is still in cache."""
-    size = c.shape[0] // n
-    k = (flat_u @ c.T).view(n_users, m, size, n)
-    a = (flat_u @ cp.T).view(n_users, m, size, n)
+    write [U, m, B, n] blocks (or [B, n, U, m] for few users) that the softmax and weighted sum
+    then reduce in place (no permuted copies), while the block is still in cache."""
+    size, items_major = c.shape[0] // n, n_users * m <= _ITEMS_MAJOR_ROWS
+    if items_major:
+        k = (c @ flat_u.T).view(size, n, n_users, m)
+        a = (cp @ flat_u.T).view(size, n, n_users, m)
+    else:
+        k = (flat_u @ c.T).view(n_users, m, size, n)
+        a = (flat_u @ cp.T).view(n_users, m, size, n)
     if k.dtype != torch.float32:  # bf16 GEMMs: reduce in fp32
         k, a = k.float(), a.float()
-    return _softmax_weighted_sum(k, a, safe)
+    out = _softmax_weighted_sum(k, a, safe)  # the (m, n) dims are 1 and 3 in either layout
+    return out.T if items_major else out
 
 
 def _softmax_weighted_sum(k: torch.Tensor, a: torch.Tensor, safe: bool = False) -> torch.Tensor:
-    """sum over (m, n) of softmax_(m, n)(a) * k, for k, a [U, m, B, n] -> [U, B]. In place when
+    """sum over (m, n) of softmax_(m, n)(a) * k, for k, a [U, m, B, n] -> [U, B] (or [B, n, U, m]
+    -> [B, U]: the reduced dims are 1 and 3 either way). In place when
     no gradient flows (inference: no extra [U, m, B, n] buffers); out of place when training
     backpropagates through the score (autograd needs a and exp(a) as they were)."""
     if torch.is_grad_enabled() and (k.requires_grad or a.requires_grad):
@@ -131,6 +143,27 @@ def poly_score_gathered(upe: torch.Tensor, cpe: torch.Tensor, cpe_prime: torch.T
     k = torch.bmm(upe, c.transpose(1, 2)).view(n_users, m, cands, n)
     a = torch.bmm(upe, cp.transpose(1, 2)).view(n_users, m, cands, n)
     return _softmax_weighted_sum(k, a)
+
+
+def shortlist_poly_scores(upe: torch.Tensor, cpe: torch.Tensor, cpe_prime: torch.Tensor, centres: torch.Tensor,
+                          size: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact scores of a batch of users against the union of their shortlists: upe [U, m, d],
+    cpe/cpe_prime [I, n, d], centres [I, d] (cpe.mean(1)), bias [I] or None -> (items [C],
+    scores [U, C]), the bias added to every score. Each user's shortlist is its `size` items of
+    highest <mean_i Gamma_i, centre> + bias; every user is scored on the union (one blocked matrix,
+    as poly_score_matrix; it holds each user's own shortlist and more).
+
+    That ranking is the mean of the m*n dots K_ij: the poly-score when its softmax weights are
+    uniform (close to what trained models show), at 1/(2mn) of its cost. Not a bound: an item of
+    the exact top can fall outside the union; `benchmarks/pool_shortlist.py` measures how often."""
+    proxy = upe.mean(dim=1) @ centres.T
+    if bias is not None:
+        proxy += bias
+    items = torch.unique(torch.topk(proxy, min(size, proxy.shape[1]), dim=1).indices)
+    scores = poly_score_matrix(upe, cpe.index_select(0, items), cpe_prime.index_select(0, items))
+    if bias is not None:
+        scores += bias[items]
+    return items, scores
 
 
 # -- upper bounds for certified top-N -------------------------------------------------------------

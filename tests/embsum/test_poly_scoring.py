@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from embsum.model import scoring
 from embsum.model.poly_attention import PolyAttention
 from embsum.model.scoring import (
     item_spheres,
@@ -13,7 +14,12 @@ from embsum.model.scoring import (
     poly_score_gathered,
     poly_score_matrix,
     score_upper_bound,
+    shortlist_poly_scores,
 )
+
+# Both GEMM layouts of the matrix scorer at the same shapes: items-major for every block (a
+# threshold above any test's user rows) and user-major for every block (0).
+LAYOUTS = pytest.mark.parametrize("items_major_rows", [0, 1 << 20], ids=["user-major", "items-major"])
 
 
 def test_poly_attention_shape_and_padding_changes_nothing():
@@ -76,10 +82,12 @@ def _normalised(rng, shape):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+@LAYOUTS
 @pytest.mark.parametrize("logit_scale", [0.1, 40.0])  # 40: past the no-max-subtraction bound
 @pytest.mark.parametrize("chunk_size", [0, 1, 7])
-def test_fused_matrix_equals_paired_score_at_real_shapes(logit_scale, chunk_size):
-    """The blocked matrix scorer (fused in-place softmax) equals THE paired score."""
+def test_fused_matrix_equals_paired_score_at_real_shapes(logit_scale, chunk_size, items_major_rows, monkeypatch):
+    """The blocked matrix scorer (fused in-place softmax) equals THE paired score, in either layout."""
+    monkeypatch.setattr(scoring, "_ITEMS_MAJOR_ROWS", items_major_rows)
     rng = np.random.default_rng(2)
     upe, cpe = _normalised(rng, (5, 8, 64)), _normalised(rng, (23, 8, 64))
     cpe_p = rng.normal(size=(23, 8, 64)).astype(np.float32) * logit_scale / 8
@@ -120,9 +128,11 @@ def test_upper_bound_holds_and_is_the_max_dot_for_single_vectors():
                                upe[:, 0] @ single[:, 0].T, atol=1e-5)
 
 
-def test_matrix_score_backpropagates_like_the_paired_score():
+@LAYOUTS
+def test_matrix_score_backpropagates_like_the_paired_score(items_major_rows, monkeypatch):
     """Training backpropagates through poly_score_matrix (in-batch negatives): its gradients
     equal the paired form's (the fused in-place path is for inference only)."""
+    monkeypatch.setattr(scoring, "_ITEMS_MAJOR_ROWS", items_major_rows)
     torch.manual_seed(0)
     upe = torch.randn(3, 2, 8, requires_grad=True)
     cpe = torch.randn(5, 4, 8, requires_grad=True)
@@ -134,3 +144,27 @@ def test_matrix_score_backpropagates_like_the_paired_score():
     poly_score(upe[:, None], cpe[None], cpe_p[None]).square().sum().backward()
     for got, t in zip(grads, (upe, cpe, cpe_p)):
         torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_shortlist_scores_the_union_of_each_users_best_mean_vector_items_exactly():
+    """Each user's `size` items of highest <mean UPE, mean CPE> + bias are in the union, every
+    union item gets its exact poly-score plus the bias; a shortlist as large as the catalog is the
+    exact matrix."""
+    rng = np.random.default_rng(5)
+    upe, cpe = torch.from_numpy(_normalised(rng, (4, 3, 16))), torch.from_numpy(_normalised(rng, (50, 2, 16)))
+    cpe_p = torch.from_numpy(rng.normal(size=(50, 2, 16)).astype(np.float32))
+    bias = torch.from_numpy(rng.normal(size=50).astype(np.float32)) * 0.1
+    centres = cpe.mean(dim=1)
+    items, scores = shortlist_poly_scores(upe, cpe, cpe_p, centres, 5, bias)
+    exact = poly_score_matrix(upe, cpe, cpe_p) + bias
+    assert scores.shape == (4, len(items)) and len(set(items.tolist())) == len(items) <= 20
+    torch.testing.assert_close(scores, exact[:, items], atol=1e-5, rtol=0)
+    mean_scores = upe.mean(dim=1) @ centres.T + bias
+    for user in range(4):
+        assert set(mean_scores[user].topk(5).indices.tolist()) <= set(items.tolist())
+    # the mean-vector score is the poly-score with uniform softmax weights: equal when cpe' is 0
+    _, flat = shortlist_poly_scores(upe, cpe, torch.zeros_like(cpe_p), centres, 50, bias)
+    torch.testing.assert_close(flat, mean_scores, atol=1e-5, rtol=0)
+    everything, all_scores = shortlist_poly_scores(upe, cpe, cpe_p, centres, 80)
+    assert everything.tolist() == list(range(50))
+    torch.testing.assert_close(all_scores, exact - bias, atol=1e-5, rtol=0)

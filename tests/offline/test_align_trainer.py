@@ -111,7 +111,8 @@ def test_nce_term_and_expert_utilisation(sft, tmp_path):
     assert util["no_expert_starved"] == (util["min"] > 0.05)
 
 
-@pytest.mark.parametrize("bad", [{"strategy": "hardest"}, {"beta": 0}, {"top_k": 5}, {"lora_r": 0}])
+@pytest.mark.parametrize("bad", [{"strategy": "hardest"}, {"beta": 0}, {"top_k": 5}, {"lora_r": 0},
+                                 {"pool_shortlist": 10}, {"pool_shortlist": -1}])
 def test_config_errors_are_one_line(bad):
     with pytest.raises(ConfigError):
         AlignConfig(**bad)
@@ -226,3 +227,24 @@ def test_negative_popularity_reaches_the_sampler_as_train_counts_plus_one(sft, t
     recipe = AlignConfig(pool_size=200, negative_popularity=1.0)
     assert [recipe.with_strategy(s).negative_popularity for s in ("rodpo", "hard", "random")] == [1.0, 0.0, 0.0]
     assert recipe.with_strategy("hard").pool_size == 200
+
+
+def test_pool_shortlist_covering_the_catalog_gives_the_exact_pools_and_tracks_the_bank(sft, tmp_path):
+    """`pool_shortlist` as large as the catalog: the same pools as ranking the whole bank exactly
+    (the shortlist path end to end); the bank's centres follow the rows the steps rewrite."""
+    import copy
+
+    def first_pools(shortlist: int) -> tuple[AlignTrainer, dict]:
+        torch.manual_seed(0)  # the same adapters and MoE for both
+        cfg = config(tmp_path, strategy="hard", pool_shortlist=shortlist)
+        model = copy.deepcopy(sft)  # the policy wraps its model in place
+        trainer = AlignTrainer(Policy(model, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, tiny_data(model))
+        trainer.train_step(trainer.data.examples[:4])
+        trainer.train_step(trainer.data.examples[4:8])  # a second step: centres of rewritten rows in use
+        return trainer, {u: p.items.tolist() for u, p in trainer.sampler.pools.items()}
+
+    _, exact = first_pools(0)
+    trainer, covered = first_pools(len(TEXTS))
+    assert covered == exact and len(exact) >= 2
+    assert trainer.bank_rows
+    torch.testing.assert_close(trainer.bank_centres(), trainer.data.bank[0].mean(dim=1), atol=1e-6, rtol=0)
