@@ -53,9 +53,10 @@ def poly_score(upe, cpe, cpe_prime):
 _SAFE_LOGIT = 60.0
 
 
-# At most this many user rows (users x m), a block's GEMMs put the items on the long side ([B*n, U*m]):
-# 1.2-1.45x the user-major layout for 1 to 48 users on a 2-core AVX2 EPYC (RoDPO's pool refresh
-# scores 16), slower from 64 users on.
+# At most this many user rows (users x m), an inference block's GEMMs put the items on the long side
+# ([B*n, U*m]): 1.2-1.45x the user-major layout for 1 to 48 users on a 2-core AVX2 EPYC (RoDPO's
+# pool refresh scores 16), slower from 64 users on. Training (gradients) keeps the user-major
+# layout, so a trained model's float rounding does not depend on it.
 _ITEMS_MAJOR_ROWS = 256
 
 
@@ -64,7 +65,9 @@ def _fused_block(flat_u: torch.Tensor, c: torch.Tensor, cp: torch.Tensor, n_user
     """Scores [U, B] of U users (flat_u [U*m, d]) against B items (c, cp [B*n, d]): the two GEMMs
     write [U, m, B, n] blocks (or [B, n, U, m] for few users) that the softmax and weighted sum
     then reduce in place (no permuted copies), while the block is still in cache."""
-    size, items_major = c.shape[0] // n, n_users * m <= _ITEMS_MAJOR_ROWS
+    size = c.shape[0] // n
+    training = torch.is_grad_enabled() and (flat_u.requires_grad or c.requires_grad or cp.requires_grad)
+    items_major = n_users * m <= _ITEMS_MAJOR_ROWS and not training
     if items_major:
         k = (c @ flat_u.T).view(size, n, n_users, m)
         a = (cp @ flat_u.T).view(size, n, n_users, m)

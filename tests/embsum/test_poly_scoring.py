@@ -128,11 +128,9 @@ def test_upper_bound_holds_and_is_the_max_dot_for_single_vectors():
                                upe[:, 0] @ single[:, 0].T, atol=1e-5)
 
 
-@LAYOUTS
-def test_matrix_score_backpropagates_like_the_paired_score(items_major_rows, monkeypatch):
+def test_matrix_score_backpropagates_like_the_paired_score():
     """Training backpropagates through poly_score_matrix (in-batch negatives): its gradients
     equal the paired form's (the fused in-place path is for inference only)."""
-    monkeypatch.setattr(scoring, "_ITEMS_MAJOR_ROWS", items_major_rows)
     torch.manual_seed(0)
     upe = torch.randn(3, 2, 8, requires_grad=True)
     cpe = torch.randn(5, 4, 8, requires_grad=True)
@@ -168,3 +166,17 @@ def test_shortlist_scores_the_union_of_each_users_best_mean_vector_items_exactly
     everything, all_scores = shortlist_poly_scores(upe, cpe, cpe_p, centres, 80)
     assert everything.tolist() == list(range(50))
     torch.testing.assert_close(all_scores, exact - bias, atol=1e-5, rtol=0)
+
+
+def test_training_keeps_the_user_major_layout(monkeypatch):
+    """With gradients the blocks stay user-major whatever the size (a trained model's rounding does
+    not depend on the inference layout); without, few users go items-major."""
+    seen = []
+    real = scoring._softmax_weighted_sum
+    monkeypatch.setattr(scoring, "_softmax_weighted_sum", lambda k, a, safe=False: seen.append(k.shape) or real(k, a, safe))
+    upe = torch.randn(3, 2, 8, requires_grad=True)
+    cpe, cpe_p = torch.randn(5, 4, 8), torch.randn(5, 4, 8)
+    poly_score_matrix(upe, cpe, cpe_p)
+    with torch.no_grad():
+        poly_score_matrix(upe, cpe, cpe_p)
+    assert seen == [(3, 2, 5, 4), (5, 4, 3, 2)]
