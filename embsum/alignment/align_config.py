@@ -23,10 +23,10 @@ class AlignConfig(_Base):
     pool_size: int = field(default=50, metadata={"help": "K: size of each user's top-K negative pool."})
     pool_refresh: int = field(default=50, metadata={"help": "A user's pool is rebuilt once it is this many steps old."})
     pool_shortlist: int = field(default=0, metadata={"help": (
-        "Rank each pool exactly among the S items of highest mean-vector score (the mean of the "
-        "m x n dots, plus the prior): 1/(2mn) of the exact score's cost to shortlist, then exact "
-        "scores for S items instead of the catalog. 0: exact over the whole catalog. Not a bound: "
-        "benchmarks/pool_shortlist.py measures how much of the exact pool a shortlist holds.")})
+        "Rank pools exactly only among the union of each refreshed user's S items of highest "
+        "mean-vector score (the mean of the m x n dots, plus the prior; 1/(2mn) of the exact "
+        "score's cost), not the whole catalog. 0: exact over the catalog. Not a bound: "
+        "benchmarks/pool_shortlist.py measures how much of the exact pool a shortlist keeps.")})
     pool_temperature: float = field(default=0.0, metadata={"help": (
         "rodpo sampling inside the pool: 0 uniform, > 0 softmax(score / temperature).")})
     pool_prior: bool = field(default=False, metadata={"help": (
