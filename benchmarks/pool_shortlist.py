@@ -51,7 +51,7 @@ def main() -> None:
     from embsum.alignment.align_config import AlignConfig
     from embsum.alignment.align_trainer import build_bank, pool_candidates
     from embsum.alignment.dpo import topk_excluding
-    from embsum.inference.encoding import StateCache, encode_user_histories
+    from embsum.inference.encoding import StateCache, encode_user_histories, resolve_dtype
     from embsum.inference.state_store import fill_token_states
     from embsum.model.checkpoint import load_checkpoint
 
@@ -61,8 +61,10 @@ def main() -> None:
         data = read_catalog(cat)
     adata = align_data(data, cfg)
     cache = StateCache()
-    fill_token_states(model, data.item_texts, f"{args.db}.states", "fp32", cache, progress=False)
-    bank = build_bank(model, data.item_texts, 64, "cpu", False, progress=False, cache=cache)
+    # The compute dtype align resolves from the recipe's bf16 (so the store train wrote is the one read).
+    dtype = resolve_dtype({"on": "bf16", "off": "fp32"}.get(cfg.bf16, "auto"), "cpu")
+    fill_token_states(model, data.item_texts, f"{args.db}.states", dtype, cache, progress=False)
+    bank = build_bank(model, data.item_texts, 64, "cpu", dtype == "bf16", progress=False, cache=cache)
     centres = bank[0].mean(dim=1)
     prior = pool_prior(model, data) if cfg.pool_prior else None
     examples = adata.examples[:args.users]  # (user, history, next item): what a step encodes
@@ -99,12 +101,13 @@ def main() -> None:
         rows.append(["exact (whole catalog)" if not size else f"S = {size}", f"{seconds * 1000:.1f}",
                      f"{result['speedup']:.2f}x", f"{result['pool_held_mean']:.5f}", f"{result['pool_held_min']:.3f}",
                      f"{result['same_pool_share']:.4f}"])
-    print(cpu_info())
+    cpu = cpu_info()
+    print(cpu)
     print(f"{args.checkpoint} ({model_hash}), {len(data.item_ids)} items, {len(users)} train users, K {k}, "
           f"{args.batch} users per refresh, prior {'on' if prior is not None else 'off'}")
     print(table(["pool", f"ms per refresh of {args.batch} users (median)", "speed vs exact",
                  "exact pool held (mean)", "worst user", "users with the same pool"], rows))
-    save(args.name, {"cpu": cpu_info(), "checkpoint": str(args.checkpoint), "hash": model_hash, "users": len(users),
+    save(args.name, {"cpu": cpu, "checkpoint": str(args.checkpoint), "hash": model_hash, "users": len(users),
                     "k": k, "batch": args.batch, "results": results})
 
 
