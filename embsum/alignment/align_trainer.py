@@ -6,7 +6,8 @@ One step, for a batch of (user, history, chosen item w):
 2. one rejected item l per user from the negative sampler: `rodpo`/`hard` take it from the
    user's top-K pool, computed from the user's current (detached) UPE against the item bank;
 3. the policy encodes the distinct w and l items; their fresh vectors replace the bank rows;
-4. the reference (adapters disabled, MoE bypassed, no gradients) scores the same pairs;
+4. the reference (adapters disabled, MoE bypassed, no gradients) scores the same pairs, from
+   vectors it computes once a run (`ReferenceVectors`: it never changes);
 5. loss = DPO + aux_weight * MoE load balancing (+ nce_weight * NCE over the batch's items).
 
 The item bank is the catalog's precomputed CPE (the SFT model's, which is where the policy
@@ -139,14 +140,45 @@ class Batch:
         states, mask = self._inputs(model, self.session_texts, self.session_limit, device)
         return model.user_embeddings(states, mask, self.user_sessions.to(device)).upe
 
-    def encode_items(self, model, device):
-        texts = [self.item_texts[i] for i in self.item_ids.tolist()]
+    def encode_items(self, model, device, ids: Sequence[int] | None = None):
+        """(cpe, cpe_prime) of `ids` (default: the batch's items, `item_ids`)."""
+        ids = self.item_ids.tolist() if ids is None else ids
+        texts = [self.item_texts[i] for i in ids]
         return model.item_embeddings(*self._inputs(model, texts, model.config.item_max_tokens, device))
 
     def pair_scores(self, upe, cpe, cpe_prime):
         """(s(w), s(l)) per example."""
         return (poly_score(upe, cpe[self.pos_w], cpe_prime[self.pos_w]),
                 poly_score(upe, cpe[self.pos_l], cpe_prime[self.pos_l]))
+
+
+class ReferenceVectors:
+    """The reference model's vectors, each computed once a run. The reference (the SFT model) never
+    changes, yet every epoch encodes the same histories again and a step's chosen, rejected and
+    NCE items recur across steps; each step now encodes only the histories and items it has not
+    seen (a user's UPE depends only on the history, an item's vectors only on the item)."""
+
+    def __init__(self) -> None:
+        self.users: dict[tuple[int, ...], torch.Tensor] = {}  # history -> UPE [m, d]
+        self.items: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # item -> (cpe, cpe_prime) [n, d]
+
+    def upe(self, batch: Batch, examples, ref, device) -> torch.Tensor:
+        """The reference UPE [B, m, d] of the batch's examples."""
+        keys = [tuple(ex[1]) for ex in examples]
+        missing = list({k: ex for k, ex in zip(keys, examples) if k not in self.users}.values())
+        if missing:
+            fresh = Batch(ref, batch.item_texts, missing, batch.cache).encode_users(ref, device)
+            self.users.update((tuple(ex[1]), v) for ex, v in zip(missing, fresh))
+        return torch.stack([self.users[k] for k in keys])
+
+    def cpe(self, batch: Batch, ref, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference (cpe, cpe_prime) [I, n, d] of the batch's items (`item_ids`)."""
+        ids = batch.item_ids.tolist()
+        missing = [i for i in ids if i not in self.items]
+        if missing:
+            cpe, cpe_prime = batch.encode_items(ref, device, missing)
+            self.items.update(zip(missing, zip(cpe, cpe_prime)))
+        return (torch.stack([self.items[i][0] for i in ids]), torch.stack([self.items[i][1] for i in ids]))
 
 
 def pool_candidates(upe: torch.Tensor, bank: tuple[torch.Tensor, torch.Tensor], excluded: list[list[int]], k: int,
@@ -187,6 +219,7 @@ class AlignTrainer(TrainingMethod):
         self.bank_rows: set[int] = set()  # bank rows the steps rewrote (saved: a resumed run needs them)
         self._bank_centres: torch.Tensor | None = None  # bank_centres(), computed on first use
         self._order: tuple[int, list[int]] | None = None  # (epoch, shuffled example order)
+        self.reference = ReferenceVectors()
         self.device = resolve_device(config.device)
         policy.to(self.device)  # before the loop builds the optimizer over its parameters
         total = schedule_length(config.max_steps, config.epochs, len(data.examples), config.batch_size,
@@ -306,8 +339,8 @@ class AlignTrainer(TrainingMethod):
         s_w, s_l = batch.pair_scores(upe, cpe, cpe_prime)
         aux = self.policy.pop_aux()
         with self.policy.reference() as ref:
-            r_upe = batch.encode_users(ref, device)
-            r_w, r_l = batch.pair_scores(r_upe, *batch.encode_items(ref, device))
+            r_w, r_l = batch.pair_scores(self.reference.upe(batch, list(shard), ref, device),
+                                         *self.reference.cpe(batch, ref, device))
         self._update_bank((batch.item_ids, cpe.detach().float().cpu(), cpe_prime.detach().float().cpu()))
         dpo = dpo_loss(s_w.float(), s_l.float(), r_w.float(), r_l.float(), c.beta)
         loss = dpo + c.aux_weight * aux

@@ -11,6 +11,7 @@ from embsum.alignment.align_trainer import (
     AlignConfig,
     AlignData,
     AlignTrainer,
+    Batch,
     build_bank,
     expert_utilisation,
 )
@@ -136,6 +137,32 @@ def test_decoder_scope_steps_reuse_cached_encoder_states(sft, tmp_path, monkeypa
     first = trainer.train_step(data.examples[:4])
     assert first["dpo"] == pytest.approx(math.log(2), abs=1e-6)
     assert min(trainer.train_step(data.examples[:4])["dpo"] for _ in range(4)) < math.log(2)
+
+
+def test_reference_vectors_are_computed_once_and_stay_the_sft_models(sft, tmp_path, monkeypatch):
+    cfg = config(tmp_path, beta=5.0, nce_weight=0.0)
+    data = tiny_data(sft)
+    trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, data)
+    examples = data.examples[:4]
+    encoded = []  # users per encode_users call (the policy's and the reference's)
+    encode_users = Batch.encode_users
+    monkeypatch.setattr(Batch, "encode_users", lambda self, *a: encoded.append(len(self.users)) or encode_users(self, *a))
+    trainer.train_step(examples)
+    assert encoded == [4, 4]  # the policy's pass, then the reference's for the four histories
+    for _ in range(3):
+        trainer.train_step(examples)
+    assert encoded[2:] == [4, 4, 4]  # the policy's passes only: the reference's vectors were kept
+    # The kept vectors are what a fresh reference pass gives, while the policy has moved away.
+    batch = Batch(trainer.policy.model, TEXTS, examples)
+    batch.with_rejected(torch.tensor([11, 10, 9, 8]))
+    with trainer.policy.reference() as ref:
+        fresh = batch.encode_users(ref, "cpu"), *batch.encode_items(ref, "cpu")
+        kept = trainer.reference.upe(batch, examples, ref, "cpu"), *trainer.reference.cpe(batch, ref, "cpu")
+    for k, f in zip(kept, fresh):
+        torch.testing.assert_close(k, f, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        policy_upe = batch.encode_users(trainer.policy.model, "cpu")
+    assert (policy_upe - fresh[0]).abs().max() > 1e-3
 
 
 def rejected_items(trainer, monkeypatch) -> list:
