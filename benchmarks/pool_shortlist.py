@@ -51,9 +51,10 @@ def main() -> None:
     from embsum.alignment.align_config import AlignConfig
     from embsum.alignment.align_trainer import build_bank, pool_candidates
     from embsum.alignment.dpo import topk_excluding
-    from embsum.inference.encoding import StateCache, encode_user_histories, resolve_dtype
+    from embsum.inference.encoding import StateCache, encode_user_histories
     from embsum.inference.state_store import fill_token_states
     from embsum.model.checkpoint import load_checkpoint
+    from embsum.training.loop import use_bf16
 
     cfg = AlignConfig(**recipe_values(args.recipe))
     model, model_hash = load_checkpoint(str(args.checkpoint), "cpu")
@@ -62,7 +63,7 @@ def main() -> None:
     adata = align_data(data, cfg)
     cache = StateCache()
     # The compute dtype align resolves from the recipe's bf16 (so the store train wrote is the one read).
-    dtype = resolve_dtype({"on": "bf16", "off": "fp32"}.get(cfg.bf16, "auto"), "cpu")
+    dtype = "bf16" if use_bf16(cfg.bf16, torch.device("cpu")) else "fp32"
     fill_token_states(model, data.item_texts, f"{args.db}.states", dtype, cache, progress=False)
     bank = build_bank(model, data.item_texts, 64, "cpu", dtype == "bf16", progress=False, cache=cache)
     centres = bank[0].mean(dim=1)

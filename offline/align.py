@@ -156,12 +156,13 @@ def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None
     """The alignment itself, on data already read (the benchmark calls this directly, sharing
     one SFT bank and one encoder state cache between runs: `cache` must hold the SFT encoder's
     states, valid only with lora_scope 'decoder'). `token_states`: see `run_align`."""
-    from embsum.inference.encoding import bf16_supported, resolve_device
+    from embsum.inference.encoding import resolve_device
     from embsum.inference.state_store import fill_token_states
     from embsum.training import distributed
+    from embsum.training.loop import use_bf16
 
     device = resolve_device(cfg.device)
-    bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_supported(device))
+    bf16 = use_bf16(cfg.bf16, device)  # what the training loop's autocast will use
     adata = align_data(data, cfg)
     adata.pool_prior = pool_prior(sft, data) if cfg.pool_prior and cfg.strategy != "random" else None
     adata.negative_weights = negative_weights(data, cfg.negative_popularity)

@@ -167,10 +167,10 @@ class ReferenceVectors:
     def upe(self, batch: Batch, examples, ref, device) -> torch.Tensor:
         """The reference UPE [B, m, d] of the batch's examples."""
         keys = [tuple(ex[1]) for ex in examples]
-        missing = list({k: ex for k, ex in zip(keys, examples) if k not in self.users}.values())
+        missing = {k: ex for k, ex in zip(keys, examples) if k not in self.users}  # each history once
         if missing:
-            fresh = Batch(ref, batch.item_texts, missing, batch.cache).encode_users(ref, device)
-            self.users.update((tuple(ex[1]), v) for ex, v in zip(missing, fresh))
+            fresh = Batch(ref, batch.item_texts, list(missing.values()), batch.cache).encode_users(ref, device)
+            self.users.update(zip(missing, fresh))
         return torch.stack([self.users[k] for k in keys])
 
     def cpe(self, batch: Batch, ref, device) -> tuple[torch.Tensor, torch.Tensor]:
