@@ -1,8 +1,10 @@
 """Training-step throughput of a recipe on the real Goodreads catalog: today's step against the
 same step with one of its row packings undone, run round-robin so machine drift hits all alike.
 
-- the summary's LM head on the labelled decoder positions only, against every position of the
-  padded batch (`_head_rows`);
+- the summary's LM head scored by `linear_nll` (vocabulary slices, no [N, vocab] logits kept) on
+  the labelled decoder positions only (`_head_inputs`), against [N, vocab] logits and a
+  cross-entropy on those positions (`_head_rows`, the step before linear_nll), and against
+  logits on every position of the padded batch;
 - the decoder's cross-attention keys and values over the memory's real tokens only, against
   every position of the memory padded to the batch's longest user (`_memory_rows`).
 
@@ -40,8 +42,18 @@ def _every_position(_backbone, _rows):
     yield
 
 
+@contextlib.contextmanager
+def _logits_on_labelled_rows(backbone, rows):
+    """The LM head as [N, vocab] logits on the labelled rows, scored by a cross-entropy over them."""
+    from embsum.model.embsum_model import _head_rows
+
+    with _head_rows(backbone, rows):
+        yield
+
+
 NOW = "today's step"
-VARIANTS = {NOW: {}, "LM head on every position": {"_head_rows": _every_position},
+VARIANTS = {NOW: {}, "LM head as [N, vocab] logits": {"_head_inputs": _logits_on_labelled_rows},
+            "LM head on every position": {"_head_inputs": _every_position},
             "memory keys/values on every position": {"_memory_rows": _every_position}}
 
 

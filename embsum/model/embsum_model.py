@@ -98,6 +98,43 @@ def _head_rows(backbone: nn.Module, rows: torch.Tensor):
         handle.remove()
 
 
+@contextmanager
+def _head_inputs(backbone: nn.Module, rows: torch.Tensor):
+    """Within the block the backbone's LM head computes no logits at all: its input at the
+    positions where `rows` [B, T] is True is kept ([N, d], in the list this yields) and it returns
+    a [N, vocab] view of one zero, so that `losses.linear_nll` can score those rows in vocabulary
+    slices (a quarter of a goodreads_cpu train step was this head: see linear_nll).
+
+    Only for a head that is a plain nn.Linear (BERT2BERT, T5, BART; BART's final_logits_bias,
+    added after the head, is `head_bias` below); any other head (a LoRA-wrapped one, say)
+    computes its logits on those rows as `_head_rows` does, and the list stays empty."""
+    head = backbone.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        with _head_rows(backbone, rows):
+            yield []
+        return
+    kept: list[torch.Tensor] = []
+
+    def forward(x):
+        kept.append(x[rows])
+        return x.new_zeros(()).expand(len(kept[-1]), head.out_features)
+
+    head.forward = forward
+    try:
+        yield kept
+    finally:
+        del head.forward
+
+
+def head_bias(backbone: nn.Module) -> torch.Tensor | None:
+    """The bias the LM head's logits get: its own, plus a bias the model adds after it (BART)."""
+    bias = backbone.get_output_embeddings().bias
+    extra = getattr(backbone, "final_logits_bias", None)
+    if extra is None:
+        return bias
+    return extra[0] if bias is None else bias + extra[0]
+
+
 # The decoder's cross-attention projections of its memory (keys and values), by backbone family:
 # BERT2BERT (the packaged MiniLM), T5, BART.
 MEMORY_PROJECTIONS = ("crossattention.self.key", "crossattention.self.value", "EncDecAttention.k",
@@ -315,10 +352,11 @@ class EmbSumModel(nn.Module):
             labels = summaries["labels"].to(memory.device)
         # The LM head only sees the positions that have a label (none at inference): its rows are
         # 30k-word logits, and those of padding (a third of a goodreads batch) or of an inference
-        # pass were computed only to be thrown away (benchmarks/train_step.py times the step without it).
+        # pass were computed only to be thrown away (benchmarks/train_step.py times the step without
+        # it). Those it sees are scored by linear_nll, vocabulary slice by slice.
         scored = labels != -100 if labels is not None else torch.zeros(dec_in.shape, dtype=torch.bool,
                                                                          device=memory.device)
-        with _head_rows(self.backbone, scored), _memory_rows(self.backbone, memory_mask):
+        with _head_inputs(self.backbone, scored) as head_input, _memory_rows(self.backbone, memory_mask):
             out = self.backbone(
                 encoder_outputs=BaseModelOutput(last_hidden_state=memory), attention_mask=memory_mask,
                 decoder_input_ids=dec_in, decoder_attention_mask=dec_mask,
@@ -327,10 +365,13 @@ class EmbSumModel(nn.Module):
         global_vec = self.global_proj(out.decoder_hidden_states[-1][:, 0])
         nll = None
         if labels is not None and bool(scored.any()):
-            from embsum.training.losses import summary_nll
+            from embsum.training.losses import linear_nll, summary_nll
 
-            # [N scored positions, vocab]; [B, T, vocab] from a backbone without an output layer
-            nll = summary_nll(out.logits, labels[scored] if out.logits.dim() == 2 else labels)
+            if head_input:
+                head = self.backbone.get_output_embeddings()
+                nll = linear_nll(head_input[0], head.weight, head_bias(self.backbone), labels[scored])
+            else:  # [N scored positions, vocab]; [B, T, vocab] from a backbone without an output layer
+                nll = summary_nll(out.logits, labels[scored] if out.logits.dim() == 2 else labels)
         return global_vec, nll
 
     def user_embeddings(self, states: torch.Tensor, mask: torch.Tensor, user_sessions: torch.Tensor,

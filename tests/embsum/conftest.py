@@ -37,6 +37,22 @@ def tiny_t5_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_bart_dir(tmp_path_factory) -> str:
+    """A 2-layer BART whose final_logits_bias (added after its LM head) is not zero."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=30522, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                        pad_token_id=0, bos_token_id=101, eos_token_id=102, decoder_start_token_id=101)
+    model = BartForConditionalGeneration(config)
+    with torch.no_grad():
+        model.final_logits_bias.normal_(0.0, 0.5)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-bart"), model)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_bert_dir):
     from embsum.config import ModelConfig
     from embsum.model.checkpoint import build_model

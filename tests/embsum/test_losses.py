@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from embsum.training.losses import nce_loss, summary_nll
+from embsum.training.losses import linear_nll, nce_loss, summary_nll
 
 
 def test_nce_matches_hand_computation_and_excludes():
@@ -28,6 +28,39 @@ def test_summary_nll_ignores_padding():
     labels = torch.tensor([[2, -100, -100]])
     expected = -math.log(math.exp(5) / (math.exp(5) + 3))
     assert abs(summary_nll(logits, labels).item() - expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_nll_equals_the_logits_cross_entropy_with_its_gradients(dtype):
+    """linear_nll (the vocabulary in slices, no [N, vocab] tensor) gives the NLL of F.linear's
+    logits and the same gradients for the rows, the weight and the bias; in fp32 and under bf16
+    autocast (where both compute the logits in bf16), with a last slice shorter than the rest."""
+    torch.manual_seed(0)
+    n, d, vocab = 7, 16, 1000
+    labels = torch.tensor([0, 999, 5, 256, 257, 511, 512])  # both ends, and either side of a slice edge
+    leaves = (torch.randn(n, d), torch.randn(vocab, d) * 0.3, torch.randn(vocab) * 0.1)
+
+    def run(loss_fn):
+        h, w, b = (t.clone().requires_grad_(True) for t in leaves)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = loss_fn(torch.tanh(h), w, b)  # a computed input, as the head's is
+        loss.backward()
+        return loss.detach(), h.grad, w.grad, b.grad
+
+    reference = run(lambda h, w, b: summary_nll(torch.nn.functional.linear(h, w, b), labels))
+    sliced = run(lambda h, w, b: linear_nll(h, w, b, labels, chunk=256))
+    atol = 1e-5 if dtype == torch.float32 else 2e-3  # bf16: each path rounds its own sums
+    for got, want in zip(sliced, reference):
+        assert torch.allclose(got, want, atol=atol), (got - want).abs().max()
+    assert reference[0].item() > 1.0 and reference[2].abs().max() > 1e-3  # not a trivial case
+    # without a bias, and with the weight frozen (the recipe's tied, fixed word embeddings)
+    h = torch.randn(n, d, requires_grad=True)
+    loss = linear_nll(h, leaves[1], None, labels, chunk=300)
+    assert torch.allclose(loss, summary_nll(h @ leaves[1].T, labels), atol=1e-5)
+    loss.backward(retain_graph=True)
+    assert h.grad is not None
+    with pytest.raises(RuntimeError, match="runs once"):  # its logits became gradients: no silent reuse
+        loss.backward()
 
 
 def test_losses_fall_on_a_tiny_model(tiny_bert_dir):
@@ -60,11 +93,12 @@ def test_losses_fall_on_a_tiny_model(tiny_bert_dir):
     assert history[-1][1] < history[0][1]
 
 
-@pytest.mark.parametrize("backbone", ["tiny_bert_dir", "tiny_t5_dir"])
+@pytest.mark.parametrize("backbone", ["tiny_bert_dir", "tiny_t5_dir", "tiny_bart_dir"])
 def test_summary_nll_scores_only_the_labelled_positions_and_matches_the_full_head(backbone, request):
-    """decode() runs the LM head on the labelled positions only: its NLL and global vector equal
-    those of the full [B, T, vocab] logits (HF's own forward, no hook), gradients included, and
-    the hook is gone afterwards (the backbone's own forward gives full logits again)."""
+    """decode() scores the LM head's labelled positions only, with linear_nll: its NLL and global
+    vector equal those of the full [B, T, vocab] logits (HF's own forward, no hook; BART's adds
+    its final_logits_bias), gradients included (the head's bias and tied weight among them), and
+    the swap is gone afterwards (the backbone's own forward gives full logits again)."""
     from transformers.modeling_outputs import BaseModelOutput
 
     from embsum.config import ModelConfig
@@ -95,9 +129,12 @@ def test_summary_nll_scores_only_the_labelled_positions_and_matches_the_full_hea
         if name in grads and name.startswith("backbone."):
             assert torch.allclose(grads[name], p.grad, atol=1e-5), name
     assert any(name.startswith("backbone.") for name in grads)
+    head = model.backbone.get_output_embeddings()
+    assert type(head) is torch.nn.Linear and "forward" not in head.__dict__  # linear_nll's path, undone
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in head.parameters())
 
 
-@pytest.mark.parametrize("backbone", ["tiny_bert_dir", "tiny_t5_dir"])
+@pytest.mark.parametrize("backbone", ["tiny_bert_dir", "tiny_t5_dir", "tiny_bart_dir"])
 def test_decoder_projects_only_the_real_memory_tokens_to_keys_and_values(backbone, request):
     """decode() runs the cross-attention key/value projections over the memory's real tokens
     (the test above checks the NLL, global vector and gradients against HF's own padded forward).
