@@ -369,7 +369,11 @@ class EmbSumModel(nn.Module):
 
             if head_input:
                 head = self.backbone.get_output_embeddings()
-                nll = linear_nll(head_input[0], head.weight, head_bias(self.backbone), labels[scored])
+                # 1,024-word slices keep each one's logits in a CPU core's cache; a GPU gains
+                # nothing from that and pays ~500 more kernel launches a step (its step is bound by
+                # launching: README, GPU recipe), so there the vocabulary is one slice (unmeasured).
+                chunk = 1024 if head.weight.device.type == "cpu" else head.weight.shape[0]
+                nll = linear_nll(head_input[0], head.weight, head_bias(self.backbone), labels[scored], chunk)
             else:  # [N scored positions, vocab]; [B, T, vocab] from a backbone without an output layer
                 nll = summary_nll(out.logits, labels[scored] if out.logits.dim() == 2 else labels)
         return global_vec, nll
