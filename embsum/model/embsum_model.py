@@ -119,11 +119,8 @@ def _head_inputs(backbone: nn.Module, rows: torch.Tensor):
         kept.append(x[rows])
         return x.new_zeros(()).expand(len(kept[-1]), head.out_features)
 
-    head.forward = forward
-    try:
+    with _forwards_swapped([head], lambda _own: forward):
         yield kept
-    finally:
-        del head.forward
 
 
 def head_bias(backbone: nn.Module) -> torch.Tensor | None:
@@ -166,17 +163,25 @@ def _memory_rows(backbone: nn.Module, memory_mask: torch.Tensor):
             return rows.new_zeros((*valid.shape, rows.shape[-1])).index_put((valid,), rows)
         return forward
 
-    before = [layer.__dict__.get("forward") for layer in layers]  # an instance's own forward, if any
-    for layer in layers:
-        layer.forward = packed(layer.forward)
+    with _forwards_swapped(layers, packed):
+        yield
+
+
+@contextmanager
+def _forwards_swapped(modules: list[nn.Module], make_forward):
+    """Within the block each module's forward is `make_forward(its forward)`; afterwards each has
+    the forward it had before (an instance's own, if one was set, else its class's)."""
+    before = [module.__dict__.get("forward") for module in modules]
+    for module in modules:
+        module.forward = make_forward(module.forward)
     try:
         yield
     finally:
-        for layer, forward in zip(layers, before):
+        for module, forward in zip(modules, before):
             if forward is None:
-                del layer.forward
+                del module.forward
             else:
-                layer.forward = forward
+                module.forward = forward
 
 
 def _append_column(vectors: torch.Tensor, value) -> torch.Tensor:
