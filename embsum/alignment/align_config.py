@@ -42,6 +42,11 @@ class AlignConfig(_Base):
         "Probability that an example whose user has explicit dislikes (label-0 interactions) takes "
         "one of them as its rejected item instead of the strategy's pick: a dislike is a sure "
         "negative. 0: off (catalogs without dislikes are unaffected either way).")})
+    catalog_share: float = field(default=0.0, metadata={"help": (
+        "Probability that an example's rejected item is drawn uniformly over the catalog (positives "
+        "excluded, as 'random' draws) instead of from the strategy's pool: the pool's near-misses "
+        "teach the pop list, uniform draws keep the target above far-away items (the uniform list). "
+        "0: off. No effect for 'random'.")})
     aux_weight: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss."})
     nce_weight: float = field(default=0.0, metadata={"help": "Weight of the SFT NCE loss kept during alignment (0: off)."})
     nce_temperature: float = field(default=0.05, metadata={"help": "NCE softmax temperature (as in training)."})
@@ -95,7 +100,8 @@ class AlignConfig(_Base):
                f"pool_shortlist must be 0 (exact) or >= pool_size ({self.pool_size}), not {self.pool_shortlist}")
         _check(self.pool_temperature >= 0, "pool_temperature must be >= 0")
         _check(self.negative_popularity >= 0, "negative_popularity must be >= 0")
-        _check(0.0 <= self.dislike_share <= 1.0, "dislike_share must be in [0, 1]")
+        for name in ("dislike_share", "catalog_share"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]")
         _check(self.aux_weight >= 0 and self.nce_weight >= 0, "aux_weight and nce_weight must be >= 0")
         _check(self.nce_temperature > 0, "nce_temperature must be > 0")
         _check(self.epochs > 0 or self.max_steps > 0, "epochs or max_steps must be > 0")
@@ -117,9 +123,10 @@ class AlignConfig(_Base):
     def with_strategy(self, strategy: str) -> AlignConfig:
         """The same recipe with another negative strategy, drawn as that strategy is named: the
         baselines RoDPO is compared with ('hard': the pool's top-1, 'random': uniform over the
-        catalog) take no popularity weighting of their draws."""
-        return self.replace(strategy=strategy,
-                            negative_popularity=self.negative_popularity if strategy == "rodpo" else 0.0)
+        catalog) take no popularity weighting of their draws and no share of catalog draws."""
+        if strategy == "rodpo":
+            return self.replace(strategy=strategy)
+        return self.replace(strategy=strategy, negative_popularity=0.0, catalog_share=0.0)
 
     def lora_settings(self):
         from embsum.model.lora import LoraSettings

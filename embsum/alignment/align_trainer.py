@@ -217,7 +217,7 @@ class AlignTrainer(TrainingMethod):
         self.sampler = NegativeSampler(config.strategy, num_items=len(data.item_texts), pool_size=config.pool_size,
                                        refresh=config.pool_refresh, temperature=config.pool_temperature,
                                        seed=config.seed, dislike_share=config.dislike_share,
-                                       item_weights=data.negative_weights)
+                                       item_weights=data.negative_weights, catalog_share=config.catalog_share)
         self.bank_rows: set[int] = set()  # bank rows the steps rewrote (saved: a resumed run needs them)
         self._bank_centres: torch.Tensor | None = None  # bank_centres(), computed on first use
         self._order: tuple[int, list[int]] | None = None  # (epoch, shuffled example order)

@@ -24,6 +24,12 @@ Explicit dislikes (`dislike_share`): with that probability, an example whose use
 dislikes (label-0 interactions) gets one of them, uniformly, as its rejected item instead; a
 dislike is a sure negative, unlike an unseen top-K item. 0 (the default) draws nothing extra.
 
+Catalog draws (`catalog_share`): with that probability, an example's rejected item is drawn
+uniformly over the catalog (positives excluded) instead of from its pool. The pool's near-misses
+teach the ranking among items the recommender would show (the pop candidate list); they are
+mostly popular, so DPO on them alone also pushes popular items below far-away ones, and the
+target loses ground on a list of uniformly drawn candidates. Uniform draws keep that list in view.
+
 The pool is computed by a caller-supplied `pool_fn` from precomputed item embeddings (a matmul
 over an item bank, or a FAISS search in the offline layer: this module knows neither) and is
 reused for `refresh` steps before it is recomputed: no forward pass over the catalog per step.
@@ -119,6 +125,7 @@ class NegativeSampler:
         seed: int = 0,
         dislike_share: float = 0.0,
         item_weights: torch.Tensor | None = None,
+        catalog_share: float = 0.0,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown negative strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -126,11 +133,13 @@ class NegativeSampler:
             raise ValueError(f"need at least 2 items to sample negatives, got {num_items}")
         if pool_size < 1 or refresh < 1 or temperature < 0:
             raise ValueError("pool_size and refresh must be >= 1 and temperature >= 0")
-        if not 0.0 <= dislike_share <= 1.0:
-            raise ValueError(f"dislike_share must be in [0, 1], not {dislike_share}")
+        for name, share in (("dislike_share", dislike_share), ("catalog_share", catalog_share)):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], not {share}")
         if item_weights is not None and (item_weights.shape != (num_items,) or not bool((item_weights > 0).all())):
             raise ValueError(f"item_weights must be {num_items} positive weights, one per item")
         self.dislike_share = dislike_share
+        self.catalog_share = catalog_share
         self.item_weights = None if item_weights is None else item_weights.float()
         self.strategy = strategy
         self.num_items = num_items
@@ -173,17 +182,24 @@ class NegativeSampler:
         """keys: one per example (the user); positives: item indices never to pick for that row;
         dislikes: each row's explicit dislikes (item indices), picked with `dislike_share`."""
         picks = self._sample(keys, positives, step, pool_fn)
+        if self.catalog_share > 0 and self.strategy != "random":
+            picks = self._swap_in(picks, self.catalog_share, range(len(picks)),
+                                  lambda row: int(self._from_catalog([positives[row]], weighted=False)[0]))
         if dislikes is not None and self.dislike_share > 0:
-            picks = self._swap_in_dislikes(picks, dislikes)
+            picks = self._swap_in(picks, self.dislike_share, [r for r, items in enumerate(dislikes) if len(items)],
+                                  lambda row: int(dislikes[row][self._randint(len(dislikes[row]))]))
         return picks
 
-    def _swap_in_dislikes(self, picks: torch.Tensor, dislikes: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Each row with dislikes: with probability `dislike_share`, one of them (uniformly)."""
+    def _swap_in(self, picks: torch.Tensor, share: float, rows, draw: Callable[[int], int]) -> torch.Tensor:
+        """With probability `share`, each of `rows` gets draw(row) as its rejected item instead."""
         out = picks.clone()
-        for row, items in enumerate(dislikes):
-            if len(items) and float(torch.rand((), generator=self.generator)) < self.dislike_share:
-                out[row] = int(items[int(torch.randint(len(items), (1,), generator=self.generator))])
+        for row in rows:
+            if float(torch.rand((), generator=self.generator)) < share:
+                out[row] = draw(row)
         return out
+
+    def _randint(self, n: int) -> int:
+        return int(torch.randint(n, (1,), generator=self.generator))
 
     def _sample(self, keys, positives, step, pool_fn) -> torch.Tensor:
         if self.strategy == "random":
@@ -221,22 +237,22 @@ class NegativeSampler:
             weights = weights * self.item_weights[pool.items]
         return int(pool.items[torch.multinomial(weights, 1, generator=self.generator)])
 
-    def _from_catalog(self, positives: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Over the catalog minus each row's positives, uniformly or by `item_weights` (rejection
-        sampling: positives are few)."""
+    def _from_catalog(self, positives: Sequence[Sequence[int]], weighted: bool = True) -> torch.Tensor:
+        """Over the catalog minus each row's positives, by `item_weights` where given and `weighted`,
+        else uniformly (rejection sampling: positives are few)."""
         out = []
         for pos in positives:
             pos = set(pos)
             if len(pos) >= self.num_items:
                 raise ValueError("a user has every catalog item as a positive: no negative to sample")
             while True:
-                i = self._draw_item()
+                i = self._draw_item(weighted)
                 if i not in pos:
                     out.append(i)
                     break
         return torch.tensor(out, dtype=torch.long)
 
-    def _draw_item(self) -> int:
-        if self.item_weights is None:
-            return int(torch.randint(self.num_items, (1,), generator=self.generator))
+    def _draw_item(self, weighted: bool = True) -> int:
+        if self.item_weights is None or not weighted:
+            return self._randint(self.num_items)
         return int(torch.multinomial(self.item_weights, 1, generator=self.generator))

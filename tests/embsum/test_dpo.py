@@ -115,6 +115,30 @@ def test_item_weights_tilt_pool_draws_and_stay_inside_the_pool():
     assert counts[5] > 200  # 40 / 44 of the pool's weight
 
 
+def test_catalog_share_mixes_uniform_catalog_draws_into_the_pool_picks():
+    """`catalog_share`: about that share of the rejected items come from the whole catalog, drawn
+    uniformly (not by the popularity weights), never a positive; 0 keeps the pool sampler's stream."""
+    scores = torch.arange(20, dtype=torch.float).flip(0).repeat(1, 1)  # pool 1..5 (0 a positive)
+    fn, _ = _pool_fn(scores)
+    weights = torch.ones(20)
+    weights[19] = 1e4  # a popularity weight the catalog draws must ignore
+    mixed = NegativeSampler("rodpo", num_items=20, pool_size=5, refresh=1000, seed=2, item_weights=weights,
+                            catalog_share=0.5)
+    counts = torch.zeros(20)
+    for step in range(800):
+        counts[mixed.sample(["u"], [[0]], step, fn).item()] += 1
+    outside = counts[6:].sum().item()  # only a catalog draw lands outside the pool
+    assert counts[0] == 0
+    assert 0.5 * 15 / 19 * 800 * 0.8 < outside < 0.5 * 15 / 19 * 800 * 1.2  # share x P(outside the pool)
+    assert counts[19] < 60  # uniform: ~21 expected; weighted it would be nearly all 400
+    off = NegativeSampler("rodpo", num_items=20, pool_size=5, refresh=1000, seed=2, catalog_share=0.0)
+    plain = NegativeSampler("rodpo", num_items=20, pool_size=5, refresh=1000, seed=2)
+    for step in range(20):
+        assert off.sample(["u"], [[0]], step, fn).item() == plain.sample(["u"], [[0]], step, fn).item()
+    with pytest.raises(ValueError, match="catalog_share"):
+        NegativeSampler("rodpo", num_items=20, catalog_share=1.5)
+
+
 def test_item_weights_are_checked():
     with pytest.raises(ValueError, match="positive weights"):
         NegativeSampler("random", num_items=4, item_weights=torch.tensor([1.0, 0.0, 1.0, 1.0]))

@@ -254,6 +254,10 @@ def test_negative_popularity_reaches_the_sampler_as_train_counts_plus_one(sft, t
     recipe = AlignConfig(pool_size=200, negative_popularity=1.0)
     assert [recipe.with_strategy(s).negative_popularity for s in ("rodpo", "hard", "random")] == [1.0, 0.0, 0.0]
     assert recipe.with_strategy("hard").pool_size == 200
+    mixed = recipe.replace(catalog_share=0.25)
+    assert [mixed.with_strategy(s).catalog_share for s in ("rodpo", "hard", "random")] == [0.25, 0.0, 0.0]
+    with pytest.raises(ConfigError, match="catalog_share"):
+        AlignConfig(catalog_share=-0.1)
 
 
 def test_pool_shortlist_covering_the_catalog_gives_the_exact_pools_and_tracks_the_bank(sft, tmp_path):
@@ -275,3 +279,9 @@ def test_pool_shortlist_covering_the_catalog_gives_the_exact_pools_and_tracks_th
     assert covered == exact and len(exact) >= 2
     assert trainer.bank_rows
     torch.testing.assert_close(trainer.bank_centres(), trainer.data.bank[0].mean(dim=1), atol=1e-6, rtol=0)
+
+
+def test_catalog_share_reaches_the_sampler(sft, tmp_path):
+    cfg = config(tmp_path, catalog_share=0.3)
+    trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, tiny_data(sft))
+    assert trainer.sampler.catalog_share == 0.3
