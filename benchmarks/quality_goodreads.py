@@ -184,7 +184,7 @@ def align_variants(data, sft_dir: Path, strategies: list[str], recipe: str, over
         cfg = base.with_strategy(strategy).replace(out=str(out / f"align_{strategy}"), resume=False)
         sft, sft_hash = load_checkpoint(sft_dir)
         length = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs:g} epochs"
-        print(f"{label}: recipe {recipe}, {length}, beta {cfg.beta}, K {cfg.pool_size}, "
+        print(f"{label}: recipe {recipe}, {length}, beta {cfg.beta}, K {cfg.pool_size_for(len(data.item_ids))}, "
               f"negative popularity {cfg.negative_popularity}", flush=True)
         summary = align(sft, sft_hash, data, cfg, progress=None, cache=cache if cfg.lora_scope == "decoder" else None)
         training[label] = {"folder": f"align_{strategy}", "steps": summary["steps"], "wall_s": summary["wall_s"],

@@ -21,6 +21,10 @@ class AlignConfig(_Base):
         "DPO beta. Scores are cosines in [-1, 1]: beta plays the role of 1/temperature (SFT "
         "trains with NCE temperature 0.05, i.e. 20).")})
     pool_size: int = field(default=50, metadata={"help": "K: size of each user's top-K negative pool."})
+    pool_fraction: float = field(default=0.0, metadata={"help": (
+        "Cap K at this fraction of the catalog: K = min(pool_size, round(fraction x items)), at "
+        "least 1. A pool as deep as the top tenth of a small catalog holds the items a user reads "
+        "next and rejects them. 0: K is pool_size whatever the catalog.")})
     pool_refresh: int = field(default=50, metadata={"help": "A user's pool is rebuilt once it is this many steps old."})
     pool_shortlist: int = field(default=0, metadata={"help": (
         "Rank pools exactly only among the union of each refreshed user's S items of highest "
@@ -98,6 +102,7 @@ class AlignConfig(_Base):
         _check(self.pool_size >= 1 and self.pool_refresh >= 1, "pool_size and pool_refresh must be >= 1")
         _check(self.pool_shortlist == 0 or self.pool_shortlist >= self.pool_size,
                f"pool_shortlist must be 0 (exact) or >= pool_size ({self.pool_size}), not {self.pool_shortlist}")
+        _check(0.0 <= self.pool_fraction <= 1.0, "pool_fraction must be in [0, 1]")
         _check(self.pool_temperature >= 0, "pool_temperature must be >= 0")
         _check(self.negative_popularity >= 0, "negative_popularity must be >= 0")
         for name in ("dislike_share", "catalog_share"):
@@ -127,6 +132,12 @@ class AlignConfig(_Base):
         if strategy == "rodpo":
             return self.replace(strategy=strategy)
         return self.replace(strategy=strategy, negative_popularity=0.0, catalog_share=0.0)
+
+    def pool_size_for(self, num_items: int) -> int:
+        """K on a catalog of num_items items: pool_size, capped at pool_fraction of the catalog."""
+        if self.pool_fraction == 0:
+            return self.pool_size
+        return max(1, min(self.pool_size, round(self.pool_fraction * num_items)))
 
     def lora_settings(self):
         from embsum.model.lora import LoraSettings

@@ -214,7 +214,8 @@ class AlignTrainer(TrainingMethod):
         self.evaluate_fn = evaluate_fn  # model -> (report dict, score to maximise)
         self.run_meta = run_meta or {}
         self.out = Path(config.out)
-        self.sampler = NegativeSampler(config.strategy, num_items=len(data.item_texts), pool_size=config.pool_size,
+        self.sampler = NegativeSampler(config.strategy, num_items=len(data.item_texts),
+                                       pool_size=config.pool_size_for(len(data.item_texts)),
                                        refresh=config.pool_refresh, temperature=config.pool_temperature,
                                        seed=config.seed, dislike_share=config.dislike_share,
                                        item_weights=data.negative_weights, catalog_share=config.catalog_share)

@@ -285,3 +285,17 @@ def test_catalog_share_reaches_the_sampler(sft, tmp_path):
     cfg = config(tmp_path, catalog_share=0.3)
     trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, tiny_data(sft))
     assert trainer.sampler.catalog_share == 0.3
+
+
+def test_pool_fraction_caps_k_on_a_small_catalog(sft, tmp_path):
+    """`pool_fraction`: K = min(pool_size, round(fraction x items)), at least 1; goodreads' 16,833
+    books keep K 200 at 0.012, MovieLens' 1,682 movies get 20; 0 leaves pool_size as it is."""
+    recipe = AlignConfig(pool_size=200, pool_fraction=0.012)
+    assert [recipe.pool_size_for(n) for n in (16_833, 1_682, 10)] == [200, 20, 1]
+    assert AlignConfig(pool_size=200).pool_size_for(1_682) == 200
+    with pytest.raises(ConfigError, match="pool_fraction"):
+        AlignConfig(pool_fraction=1.5)
+    cfg = config(tmp_path, pool_size=8, pool_fraction=0.25)
+    data = tiny_data(sft)
+    trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, data)
+    assert trainer.sampler.pool_size == max(1, round(0.25 * len(data.item_texts))) < 8
