@@ -180,11 +180,12 @@ class NegativeSampler:
         dislikes: Sequence[Sequence[int]] | None = None,
     ) -> torch.Tensor:
         """keys: one per example (the user); positives: item indices never to pick for that row;
-        dislikes: each row's explicit dislikes (item indices), picked with `dislike_share`."""
+        dislikes: each row's explicit dislikes (item indices), picked with `dislike_share`; a row's
+        pool pick is swapped for a uniform catalog item with `catalog_share` first."""
         picks = self._sample(keys, positives, step, pool_fn)
         if self.catalog_share > 0 and self.strategy != "random":
             picks = self._swap_in(picks, self.catalog_share, range(len(picks)),
-                                  lambda row: int(self._from_catalog([positives[row]], weighted=False)[0]))
+                                  lambda row: self._catalog_item(positives[row], weighted=False))
         if dislikes is not None and self.dislike_share > 0:
             picks = self._swap_in(picks, self.dislike_share, [r for r, items in enumerate(dislikes) if len(items)],
                                   lambda row: int(dislikes[row][self._randint(len(dislikes[row]))]))
@@ -237,20 +238,20 @@ class NegativeSampler:
             weights = weights * self.item_weights[pool.items]
         return int(pool.items[torch.multinomial(weights, 1, generator=self.generator)])
 
-    def _from_catalog(self, positives: Sequence[Sequence[int]], weighted: bool = True) -> torch.Tensor:
-        """Over the catalog minus each row's positives, by `item_weights` where given and `weighted`,
-        else uniformly (rejection sampling: positives are few)."""
-        out = []
-        for pos in positives:
-            pos = set(pos)
-            if len(pos) >= self.num_items:
-                raise ValueError("a user has every catalog item as a positive: no negative to sample")
-            while True:
-                i = self._draw_item(weighted)
-                if i not in pos:
-                    out.append(i)
-                    break
-        return torch.tensor(out, dtype=torch.long)
+    def _from_catalog(self, positives: Sequence[Sequence[int]]) -> torch.Tensor:
+        """One item per row over the catalog minus that row's positives, by `item_weights` where given."""
+        return torch.tensor([self._catalog_item(pos) for pos in positives], dtype=torch.long)
+
+    def _catalog_item(self, positives: Sequence[int], weighted: bool = True) -> int:
+        """An item outside `positives`, by `item_weights` where given and `weighted`, else uniformly
+        (rejection sampling: positives are few)."""
+        positives = set(positives)
+        if len(positives) >= self.num_items:
+            raise ValueError("a user has every catalog item as a positive: no negative to sample")
+        while True:
+            i = self._draw_item(weighted)
+            if i not in positives:
+                return i
 
     def _draw_item(self, weighted: bool = True) -> int:
         if self.item_weights is None or not weighted:
