@@ -13,6 +13,13 @@ dev users), and its best checkpoint is evaluated the way `embsum evaluate` does
 dev user. Never test users: this table is where the align recipe's defaults come from. The
 frozen encoder's token states are computed once and shared by every run (lora_scope 'decoder').
 The table is rewritten after every run, so a partial sweep still reports.
+
+A catalog whose users are all trained on (MovieLens' holdout catalogs, benchmarks/movielens_holdouts.py)
+is measured on held-out targets instead of dev users: `--holdout targets2.tsv --eval-db trunc1.duckdb`
+aligns on --db (the catalog without those targets) and evaluates every holdout user on --eval-db
+(protocol holdout-v1, as `embsum evaluate --holdout`). `--seeds 0,1,2` runs every setting once per
+align seed (the adapters' initial weights, the shuffling, the rejected items: a noise the bootstrap
+over users does not see) and ends with each setting's seed means.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 from quality_goodreads import ensure_catalog
 
 REFERENCE = "SFT (unaligned)"
+# The columns the seed-mean summary shows: (group, metric).
+SUMMARY_COLUMNS = [("uniform", "ndcg@10"), ("pop", "ndcg@5"), ("pop", "ndcg@10"), ("full", "recall@100")]
 
 
 def parse_run(spec: str, fields: dict) -> tuple[str, dict]:
@@ -46,6 +55,34 @@ def parse_run(spec: str, fields: dict) -> tuple[str, dict]:
     return label.strip() or "recipe", changes
 
 
+def expand_seeds(runs: list[tuple[str, dict]], seeds: list[int]) -> list[tuple[str, str, dict]]:
+    """(setting label, run label, changes) for every setting at every seed; no seeds: each run as given."""
+    if not seeds:
+        return [(label, label, changes) for label, changes in runs]
+    return [(label, f"{label} s{seed}", {**changes, "seed": seed}) for label, changes in runs for seed in seeds]
+
+
+def seed_means(report: dict, settings: dict[str, list[str]]) -> list[str]:
+    """Markdown: per setting, the mean over its runs of each summary column's difference to the SFT
+    model, and how many runs are beyond noise above / below 0."""
+    rows = {row["name"]: row for row in report["models"] if "difference" in row}
+    head = ["setting (runs)"] + [f"{g} {m}" for g, m in SUMMARY_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for setting, names in settings.items():
+        found = [rows[n]["difference"]["metrics"] for n in names if n in rows]
+        if not found:
+            continue
+        cells = []
+        for group, metric in SUMMARY_COLUMNS:
+            diffs = [f[group][metric] for f in found if metric in (f.get(group) or {})]
+            mean = sum(d["value"] for d in diffs) / len(diffs)
+            up = sum(d["interval"][0] > 0 for d in diffs)
+            down = sum(d["interval"][1] < 0 for d in diffs)
+            cells.append(f"{mean:+.4f} ({up} up, {down} down)")
+        lines.append(f"| {setting} ({len(found)}) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft", type=Path, required=True, help="SFT checkpoint (embsum train's OUT/best).")
@@ -54,6 +91,13 @@ def main() -> None:
     parser.add_argument("--db", type=Path, default=Path("/tmp/embsum-bench/goodreads.duckdb"))
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "goodreads")
     parser.add_argument("--dev-users", type=int, default=0, help="Evaluate the first N dev users (0: all).")
+    parser.add_argument("--holdout", type=Path, default=None, help=(
+        "Evaluate these (user, item) targets (holdout-v1) instead of dev users."))
+    parser.add_argument("--eval-db", type=Path, default=None, help=(
+        "Catalog the --holdout targets are evaluated on (default: --db)."))
+    parser.add_argument("--seeds", default="", help="Comma-separated align seeds: every --run once per seed.")
+    parser.add_argument("--per-user-out", type=Path, default=None, help=(
+        "Also save every row's per-user metrics (embsum evaluate --per-user-out's format)."))
     parser.add_argument("--out", type=Path, default=Path("bench-out/align-sweep"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -71,18 +115,29 @@ def main() -> None:
     ensure_catalog(args.db, args.data)
     with Catalog(args.db, read_only=True) as cat:
         data = load_catalog_data(cat, "none")
+    eval_data = data
+    if args.eval_db is not None:
+        with Catalog(args.eval_db, read_only=True) as cat:
+            eval_data = load_catalog_data(cat, "none")
+        if eval_data.item_ids != data.item_ids:
+            raise SystemExit(f"{args.eval_db} and {args.db} hold different items: the token states are not shared")
     base = AlignConfig(**recipe_values(args.recipe))
     defaults = {name: getattr(base, name) for name in base.__dataclass_fields__}
-    runs = [parse_run(spec, defaults) for spec in (args.run or ["recipe:"])]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    runs = expand_seeds([parse_run(spec, defaults) for spec in (args.run or ["recipe:"])], seeds)
+    settings: dict[str, list[str]] = {}
+    for setting, label, _ in runs:
+        settings.setdefault(setting, []).append(label)
 
-    evaluation = Evaluation(data, EvaluateConfig(split="dev", users=args.dev_users, reference=REFERENCE),
-                            progress=True)
+    eval_cfg = EvaluateConfig(split="dev", users=args.dev_users, reference=REFERENCE,
+                              holdout=str(args.holdout) if args.holdout else "")
+    evaluation = Evaluation(eval_data, eval_cfg, progress=True)
     evaluation.add_checkpoint(str(args.sft), name=REFERENCE)
     sft, sft_hash = load_checkpoint(args.sft)
     _, cache = evaluation.cache_for(sft)  # filled by the SFT row: every run reuses it
     training = {}
     args.out.mkdir(parents=True, exist_ok=True)
-    for label, changes in runs:
+    for _, label, changes in runs:
         folder = args.out / label.replace(" ", "_").replace("=", "").replace("/", "_")
         cfg = base.replace(out=str(folder), resume=False, **changes)
         fresh, _ = load_checkpoint(args.sft)
@@ -98,6 +153,13 @@ def main() -> None:
         (args.out / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (args.out / "report.md").write_text(markdown_table(report))
         print(markdown_table(report), flush=True)
+        if args.per_user_out is not None:
+            evaluation.save_per_user(args.per_user_out)
+    if seeds:
+        summary = seed_means(report, settings)
+        (args.out / "seed_means.md").write_text("\n".join(summary) + "\n")
+        print("\nmean over seeds " + ",".join(map(str, seeds)) + " of the difference to the SFT model:")
+        print("\n".join(summary))
     for label, info in training.items():
         print(f"{label}: {info['steps']} steps in {info['wall_s']:.0f}s, best align-dev score {info['best_dev_score']}")
     print(f"\ntotal wall time {time.time() - started:.0f}s; report: {args.out / 'report.json'}")
