@@ -128,10 +128,11 @@ class AlignConfig(_Base):
     def with_strategy(self, strategy: str) -> AlignConfig:
         """The same recipe with another negative strategy, drawn as that strategy is named: the
         baselines RoDPO is compared with ('hard': the pool's top-1, 'random': uniform over the
-        catalog) take no popularity weighting of their draws and no share of catalog draws."""
+        catalog) take no popularity weighting of their draws, no share of catalog draws and no share
+        of explicit dislikes: each stays the one strategy its name says."""
         if strategy == "rodpo":
             return self.replace(strategy=strategy)
-        return self.replace(strategy=strategy, negative_popularity=0.0, catalog_share=0.0)
+        return self.replace(strategy=strategy, negative_popularity=0.0, catalog_share=0.0, dislike_share=0.0)
 
     def pool_size_for(self, num_items: int) -> int:
         """K on a catalog of num_items items: pool_size, capped at pool_fraction of the catalog."""

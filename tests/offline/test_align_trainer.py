@@ -254,8 +254,9 @@ def test_negative_popularity_reaches_the_sampler_as_train_counts_plus_one(sft, t
     recipe = AlignConfig(pool_size=200, negative_popularity=1.0)
     assert [recipe.with_strategy(s).negative_popularity for s in ("rodpo", "hard", "random")] == [1.0, 0.0, 0.0]
     assert recipe.with_strategy("hard").pool_size == 200
-    mixed = recipe.replace(catalog_share=0.25)
+    mixed = recipe.replace(catalog_share=0.25, dislike_share=0.5)
     assert [mixed.with_strategy(s).catalog_share for s in ("rodpo", "hard", "random")] == [0.25, 0.0, 0.0]
+    assert [mixed.with_strategy(s).dislike_share for s in ("rodpo", "hard", "random")] == [0.5, 0.0, 0.0]
     with pytest.raises(ConfigError, match="catalog_share"):
         AlignConfig(catalog_share=-0.1)
 
