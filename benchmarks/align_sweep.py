@@ -19,7 +19,8 @@ is measured on held-out targets instead of dev users: `--holdout targets2.tsv --
 aligns on --db (the catalog without those targets) and evaluates every holdout user on --eval-db
 (protocol holdout-v1, as `embsum evaluate --holdout`). `--seeds 0,1,2` runs every setting once per
 align seed (the adapters' initial weights, the shuffling, the rejected items: a noise the bootstrap
-over users does not see) and ends with each setting's seed means.
+over users does not see) and ends with each setting's seed means. The dev holdouts (depths 2 and 3)
+are where such choices are made; the test holdout (depth 1) is for reading a choice afterwards.
 """
 
 from __future__ import annotations

@@ -94,7 +94,8 @@ def test_whole_flow_on_real_goodreads(goodreads_dir, tmp_path):
     assert best["step"] == last["step"] == 3  # the saved adapters are the final policy's
     model_hash = checkpoint_hash(served)
 
-    cli(*base, "precompute", "--checkpoint", served)
+    # fp32: compared with an fp32 forward pass below ('auto' runs bf16 on an AVX512-BF16 or AMX CPU)
+    cli(*base, "precompute", "--checkpoint", served, "--dtype", "fp32")
     cli(*base, "index", "--checkpoint", served)
 
     # The served vectors are the policy's own (adapters unmerged + MoE), not a lookalike.

@@ -28,7 +28,9 @@ def test_scores_from_stored_vectors_equal_forward_pass(catalog, tiny_checkpoint,
     from embsum.model.checkpoint import load_checkpoint
     from embsum.model.scoring import poly_score
 
-    cli("--db", catalog, "precompute", "--checkpoint", tiny_checkpoint, "--chunk-size", 10, "--batch-size", 4)
+    # fp32, as the forward pass below ('auto' runs bf16 on an AVX512-BF16 or AMX CPU)
+    cli("--db", catalog, "precompute", "--checkpoint", tiny_checkpoint, "--chunk-size", 10, "--batch-size", 4,
+        "--dtype", "fp32")
     with Catalog(catalog) as cat:
         histories = cat.histories()
         items = cat.items()
