@@ -14,9 +14,9 @@ target's own row is the only thing it never saw), with the evaluation's input hi
 before the target (`embsum evaluate --holdout`, protocol holdout-v1). A truncated catalog leaves out
 each such user's every row from its target on (by time, then file position): the later positives,
 and the later dislikes too, so nothing after the target (an explicit dislike that RoDPO's
-`dislike_share` could learn from) reaches training. Other users' rows all stay. Every catalog is a fresh `embsum ingest --format movielens` of
-the demo's ml-100k files (`embsum demo`'s cache) with those rows left out, so the item table is
-the same in all of them. Users with fewer than d positives get no depth-d target. Files that exist
+`dislike_share` could learn from) reaches training. Other users' rows all stay. Every catalog is
+a fresh `embsum ingest --format movielens` of the demo's ml-100k files (`embsum demo`'s cache) with
+those rows left out, so the item table is the same in all of them. Users with fewer than d positives get no depth-d target. Files that exist
 are kept (delete them to rebuild).
 """
 
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="ml-100k folder or recbole wheel (default: the demo's cache)")
     args = parser.parse_args()
 
+    import duckdb
     from embsum.index.catalog import Catalog
     from embsum.offline.commands.demo import default_cache, fetch_movielens
 
@@ -92,9 +93,7 @@ def main() -> None:
     if not full.exists():
         ingest(folder, full)
     with Catalog(full, read_only=True) as cat:
-        histories = cat.histories()
-    import duckdb
-
+        histories = cat.histories()  # the order "last" means; rows_from orders the same way
     with duckdb.connect(str(full), read_only=True) as con:
         rows = con.execute("SELECT user_id, item_id, epoch(ts), position FROM interactions").fetchall()
     for depth in range(1, args.depth + 1):
