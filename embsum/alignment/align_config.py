@@ -20,6 +20,10 @@ class AlignConfig(_Base):
     beta: float = field(default=20.0, metadata={"help": (
         "DPO beta. Scores are cosines in [-1, 1]: beta plays the role of 1/temperature (SFT "
         "trains with NCE temperature 0.05, i.e. 20).")})
+    label_smoothing: float = field(default=0.0, metadata={"help": (
+        "Conservative DPO: each pair's label counts as wrong with this probability, so the loss has "
+        "its minimum at a finite margin, log((1 - eps) / eps) / beta, and a rejected item that was a "
+        "false negative is pushed down only so far. 0: plain DPO. Below 0.5.")})
     pool_size: int = field(default=50, metadata={"help": "K: size of each user's top-K negative pool."})
     pool_fraction: float = field(default=0.0, metadata={"help": (
         "Cap K at this fraction of the catalog: K = min(pool_size, round(fraction x items)), at "
@@ -99,6 +103,7 @@ class AlignConfig(_Base):
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
         _check(self.beta > 0, "beta must be > 0")
+        _check(0.0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)")
         _check(self.pool_size >= 1 and self.pool_refresh >= 1, "pool_size and pool_refresh must be >= 1")
         _check(self.pool_shortlist == 0 or self.pool_shortlist >= self.pool_size,
                f"pool_shortlist must be 0 (exact) or >= pool_size ({self.pool_size}), not {self.pool_shortlist}")

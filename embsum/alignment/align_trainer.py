@@ -345,7 +345,7 @@ class AlignTrainer(TrainingMethod):
             r_w, r_l = batch.pair_scores(self.reference.upe(batch, list(shard), ref, device),
                                          *self.reference.cpe(batch, ref, device))
         self._update_bank((batch.item_ids, cpe.detach().float().cpu(), cpe_prime.detach().float().cpu()))
-        dpo = dpo_loss(s_w.float(), s_l.float(), r_w.float(), r_l.float(), c.beta)
+        dpo = dpo_loss(s_w.float(), s_l.float(), r_w.float(), r_l.float(), c.beta, c.label_smoothing)
         loss = dpo + c.aux_weight * aux
         stats = {"dpo": dpo.item(), "aux": aux.item(), **dpo_stats(s_w.float(), s_l.float(), r_w.float(), r_l.float())}
         if c.nce_weight > 0:

@@ -7,6 +7,12 @@ the reference (the SFT model):
 
 At the start policy == reference, every margin is 0 and the loss is exactly log 2.
 
+Label smoothing eps (conservative DPO): each pair's label is taken as wrong with probability eps,
+    loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h),
+whose minimum sits at a finite margin h* = log((1 - eps) / eps) / beta instead of at infinity: a
+rejected item that was a false negative (the user's own next item, drawn from the top-K pool) is
+pushed below the chosen one only so far. eps = 0 is the loss above.
+
 Negatives (`strategy`):
 - `rodpo`: sampled from the policy's current top-K items for the user, positives excluded,
   uniformly (temperature 0) or from softmax(score / temperature). The hardest negative is often
@@ -56,10 +62,14 @@ def dpo_loss(
     ref_w: torch.Tensor,
     ref_l: torch.Tensor,
     beta: float,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Mean DPO loss over the batch; every argument is a [B] score tensor."""
-    margin = (policy_w - ref_w) - (policy_l - ref_l)
-    return -F.logsigmoid(beta * margin).mean()
+    """Mean DPO loss over the batch; every score argument is a [B] tensor."""
+    logits = beta * ((policy_w - ref_w) - (policy_l - ref_l))
+    loss = -F.logsigmoid(logits)
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-logits)
+    return loss.mean()
 
 
 @torch.no_grad()

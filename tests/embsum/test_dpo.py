@@ -22,6 +22,24 @@ def test_dpo_loss_matches_the_formula_and_falls_when_w_rises():
     assert dpo_stats(pw, pl, rw, rl)["reward_acc"] == 1.0
 
 
+def test_label_smoothing_mixes_both_labels_and_has_its_minimum_at_a_finite_margin():
+    beta, eps = 20.0, 0.1
+    zero = torch.zeros(1)
+
+    def loss(margin, smoothing):  # policy_w - ref_w = margin, the rejected side unmoved
+        return dpo_loss(torch.tensor([margin]), zero, zero, zero, beta, smoothing).item()
+
+    h = 0.05
+    expected = -(1 - eps) * math.log(1 / (1 + math.exp(-beta * h))) - eps * math.log(1 / (1 + math.exp(beta * h)))
+    assert loss(h, eps) == pytest.approx(expected, abs=1e-6)
+    assert loss(h, 0.0) == pytest.approx(-math.log(1 / (1 + math.exp(-beta * h))), abs=1e-6)
+    # Plain DPO keeps falling as the margin grows; the smoothed loss turns up past h*.
+    h_star = math.log((1 - eps) / eps) / beta
+    assert loss(3 * h_star, 0.0) < loss(h_star, 0.0)
+    assert loss(3 * h_star, eps) > loss(h_star, eps) + 0.05
+    assert loss(h_star, eps) < min(loss(h_star - 0.02, eps), loss(h_star + 0.02, eps))
+
+
 def test_topk_pool_excludes_positives():
     scores = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0, 4.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
     positives = [[0, 2], [5]]

@@ -113,7 +113,8 @@ def test_nce_term_and_expert_utilisation(sft, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"strategy": "hardest"}, {"beta": 0}, {"top_k": 5}, {"lora_r": 0},
-                                 {"pool_shortlist": 10}, {"pool_shortlist": -1}])
+                                 {"pool_shortlist": 10}, {"pool_shortlist": -1}, {"label_smoothing": 0.5},
+                                 {"label_smoothing": -0.1}])
 def test_config_errors_are_one_line(bad):
     with pytest.raises(ConfigError):
         AlignConfig(**bad)
