@@ -134,7 +134,8 @@ class AlignConfig(_Base):
         """The same recipe with another negative strategy, drawn as that strategy is named: the
         baselines RoDPO is compared with ('hard': the pool's top-1, 'random': uniform over the
         catalog) take no popularity weighting of their draws, no share of catalog draws and no share
-        of explicit dislikes: each stays the one strategy its name says."""
+        of explicit dislikes: each stays the one strategy its name says. The loss (beta,
+        label_smoothing) is theirs too."""
         if strategy == "rodpo":
             return self.replace(strategy=strategy)
         return self.replace(strategy=strategy, negative_popularity=0.0, catalog_share=0.0, dislike_share=0.0)

@@ -191,6 +191,21 @@ def test_dislike_share_one_makes_every_dislike_holder_reject_a_dislike(sft, tmp_
     assert {u for u, _, _ in batch} == {"u1", "u2", "u3"}
 
 
+def test_label_smoothing_reaches_the_loss_and_the_baselines_keep_it(sft, tmp_path, monkeypatch):
+    """A loss setting, not a negative draw: RoDPO and the baselines it is compared with share it."""
+    from embsum.alignment import align_trainer
+
+    seen = []
+    loss = align_trainer.dpo_loss
+    monkeypatch.setattr(align_trainer, "dpo_loss", lambda *a: seen.append(a[-1]) or loss(*a))
+    cfg = config(tmp_path, label_smoothing=0.25)
+    trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, tiny_data(sft))
+    stats = trainer.train_step(trainer.data.examples[:4])
+    assert seen == [0.25]
+    assert stats["dpo"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the first step
+    assert [cfg.with_strategy(s).label_smoothing for s in ("rodpo", "hard", "random")] == [0.25] * 3
+
+
 def test_pool_prior_ranks_pools_by_the_served_score(sft, tmp_path, monkeypatch):
     """`pool_prior`: the pools are ranked by score + prior, so a large prior on two items puts them
     at the top of every pool (positives still excluded); the hard strategy then rejects them."""
