@@ -140,7 +140,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for _, label, changes in runs:
         folder = args.out / label.replace(" ", "_").replace("=", "").replace("/", "_")
-        cfg = base.replace(out=str(folder), resume=False, **changes)
+        # strategy=hard/random names a baseline: it draws as named (no popularity weights, catalog or dislike
+        # shares; AlignConfig.with_strategy) unless the run sets those too.
+        start = base.with_strategy(changes["strategy"]) if "strategy" in changes else base
+        cfg = start.replace(out=str(folder), resume=False, **changes)
         fresh, _ = load_checkpoint(args.sft)
         print(f"{label}: {changes or 'recipe as is'}", flush=True)
         summary = align(fresh, sft_hash, data, cfg, progress=None,
