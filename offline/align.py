@@ -193,9 +193,9 @@ def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None
     evaluate_fn = dev_evaluator(data, cfg, device, bf16, adata.cache) if evaluate_dev else None
     trainer = AlignTrainer(policy, cfg, adata, evaluate_fn=evaluate_fn, progress=progress,
                            run_meta={"sft_hash": sft_hash})
-    log.info("align %s: %d examples from %d train users, %d items, strategy %s, beta %g, K %d",
+    log.info("align %s: %d examples from %d train users, %d items, strategy %s, beta %g, label smoothing %g, K %d",
              sft_hash, len(adata.examples), len(adata.positives), len(data.item_ids), cfg.strategy, cfg.beta,
-             trainer.sampler.pool_size)
+             cfg.label_smoothing, trainer.sampler.pool_size)
     start = time.perf_counter()
     summary = trainer.fit()
     summary["wall_s"] = round(time.perf_counter() - start, 1)
