@@ -345,9 +345,10 @@ class AlignTrainer(TrainingMethod):
             r_w, r_l = batch.pair_scores(self.reference.upe(batch, list(shard), ref, device),
                                          *self.reference.cpe(batch, ref, device))
         self._update_bank((batch.item_ids, cpe.detach().float().cpu(), cpe_prime.detach().float().cpu()))
-        dpo = dpo_loss(s_w.float(), s_l.float(), r_w.float(), r_l.float(), c.beta, c.label_smoothing)
+        pair = [t.float() for t in (s_w, s_l, r_w, r_l)]  # policy w, l; reference w, l
+        dpo = dpo_loss(*pair, c.beta, c.label_smoothing)
         loss = dpo + c.aux_weight * aux
-        stats = {"dpo": dpo.item(), "aux": aux.item(), **dpo_stats(s_w.float(), s_l.float(), r_w.float(), r_l.float())}
+        stats = {"dpo": dpo.item(), "aux": aux.item(), **dpo_stats(*pair)}
         if c.nce_weight > 0:
             # The SFT objective: each user's w against every other item of the batch (the others'
             # chosen and rejected items, and nce_negatives uniform ones), the user's positives excluded.
