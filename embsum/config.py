@@ -76,6 +76,12 @@ class ModelConfig(_Base):
         "A linear map (identity at init) on every poly-attention output, as the mean-pooling "
         "ablation has on its mean. With a frozen encoder, poly vectors are otherwise convex "
         "combinations of the frozen token states: the map lets training reshape that space.")})
+    pair_weight_init: float = field(default=0.0, metadata={"help": (
+        "Initial W_s of Lambda' = gelu(Lambda W_s), whose dots with Gamma are the logits of the "
+        "softmax over the m*n pair dots. 0: the default random linear init (trained goodreads models "
+        "then keep those weights nearly uniform, so the score is close to <mean Gamma, mean Lambda>). "
+        "a > 0: W_s = a * I, so the pair logits start as <Gamma_i, gelu(a Lambda_j)> ~ a <Gamma_i, "
+        "max(Lambda_j, 0)>: sharp weights that follow how the codes match (larger a, sharper).")})
     item_prior: str = field(default="none", metadata={"choices": ["none", "content"], "help": (
         "Per-item score prior b. 'content': a linear head on the item's mean-pooled token states, "
         "appended as one extra dimension to every CPE vector (and 1 to every UPE vector), so "
@@ -96,6 +102,7 @@ class ModelConfig(_Base):
         _check(self.decoder_layers >= 0, "decoder_layers must be >= 0")
         _check(self.poly_init in ("random", "uniform"), f"poly_init must be 'random' or 'uniform', not {self.poly_init!r}")
         _check(self.poly_init_noise >= 0, "poly_init_noise must be >= 0")
+        _check(self.pair_weight_init >= 0, "pair_weight_init must be >= 0")
         _check(self.item_prior in ("none", "content"), f"item_prior must be 'none' or 'content', not {self.item_prior!r}")
         _check(self.popularity_weight >= 0, "popularity_weight must be >= 0")
         if self.pooling == "mean":
@@ -115,7 +122,8 @@ class ModelConfig(_Base):
         return values
 
 
-_LEVERS_OMITTED_AT_DEFAULT = ("poly_init", "poly_init_noise", "poly_out_proj", "item_prior", "popularity_weight")
+_LEVERS_OMITTED_AT_DEFAULT = ("poly_init", "poly_init_noise", "poly_out_proj", "pair_weight_init", "item_prior",
+                              "popularity_weight")
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 

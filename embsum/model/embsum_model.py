@@ -209,6 +209,10 @@ class EmbSumModel(nn.Module):
             self.item_proj = _identity_linear(d)
             self.user_proj = _identity_linear(d)
         self.item_ws = nn.Linear(d, d, bias=False)  # W_s of Lambda' = gelu(Lambda W_s)
+        if config.pair_weight_init:
+            # After the default init, so every later draw is the same with or without it.
+            with torch.no_grad():
+                self.item_ws.weight.copy_(torch.eye(d) * config.pair_weight_init)
         self.item_prior: nn.Linear | None = None
         if config.item_prior == "content":
             # Zero-initialised: b = 0 at first, so the model starts where the one without a prior is.

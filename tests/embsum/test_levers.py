@@ -105,6 +105,38 @@ def test_output_map_model_round_trips_through_a_checkpoint(tiny_bert_dir, tmp_pa
     assert "poly_out_proj" not in ModelConfig().to_dict() and config.to_dict()["poly_out_proj"] is True
 
 
+def test_pair_weight_init_starts_the_pair_weights_as_a_soft_max_sim(tiny_bert_dir):
+    """pair_weight_init a: W_s = a * I, so the pair logits start as <Gamma_i, gelu(a Lambda_j)>, about
+    a * <Gamma_i, max(Lambda_j, 0)>: far from uniform weights, where the default init starts close to
+    them; every other weight of the model is the one drawn without the lever."""
+    from embsum.model.checkpoint import build_model
+
+    config = ModelConfig(backbone=tiny_bert_dir, item_codes=3, user_codes=2, item_max_tokens=24)
+    plain = build_model(config, seed=0).eval()
+    sharp = build_model(config.replace(pair_weight_init=40.0), seed=0).eval()
+    torch.testing.assert_close(sharp.item_ws.weight, torch.eye(sharp.d) * 40.0)
+    rest = lambda m: {k: v for k, v in m.state_dict().items() if not k.startswith("item_ws.")}
+    torch.testing.assert_close(rest(sharp), rest(plain), atol=0, rtol=0)
+
+    g = torch.Generator().manual_seed(0)
+    gamma = torch.nn.functional.normalize(torch.randn(2, sharp.d, generator=g), dim=-1)
+    lam = torch.nn.functional.normalize(torch.randn(3, sharp.d, generator=g), dim=-1)
+
+    def pair_weights(model):
+        with torch.no_grad():
+            logits = gamma @ torch.nn.functional.gelu(model.item_ws(lam)).T
+        return torch.softmax(logits.flatten(), dim=0)
+
+    relu_dots = (gamma @ lam.clamp_min(0).T).flatten()
+    w_sharp, w_plain = pair_weights(sharp), pair_weights(plain)
+    assert w_sharp.argmax() == relu_dots.argmax()
+    assert w_plain.max() < 1.5 / 6 < 0.5 < w_sharp.max()  # 6 pairs: plain close to uniform, sharp not
+    assert "pair_weight_init" not in config.to_dict()
+    assert ModelConfig.from_dict(config.replace(pair_weight_init=40.0).to_dict()).pair_weight_init == 40.0
+    with pytest.raises(ConfigError, match="pair_weight_init"):
+        ModelConfig(pair_weight_init=-1.0)
+
+
 def test_lever_configs_are_validated_and_left_out_of_config_json_at_their_defaults():
     with pytest.raises(ConfigError, match="poly_init"):
         ModelConfig(poly_init="zeros")
