@@ -157,7 +157,8 @@ def shortlist_poly_scores(upe: torch.Tensor, cpe: torch.Tensor, cpe_prime: torch
     as poly_score_matrix; it holds each user's own shortlist and more).
 
     That ranking is the mean of the m*n dots K_ij: the poly-score when its softmax weights are
-    uniform (close to what trained models show), at 1/(2mn) of its cost. Not a bound: an item of
+    uniform (close to what models trained from the default W_s show; further from those whose pair
+    weights start sharp, `ModelConfig.pair_weight_init`), at 1/(2mn) of its cost. Not a bound: an item of
     the exact top can fall outside the union; `benchmarks/pool_shortlist.py` measures how often."""
     proxy = upe.mean(dim=1) @ centres.T
     if bias is not None:
