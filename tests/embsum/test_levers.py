@@ -105,7 +105,7 @@ def test_output_map_model_round_trips_through_a_checkpoint(tiny_bert_dir, tmp_pa
     assert "poly_out_proj" not in ModelConfig().to_dict() and config.to_dict()["poly_out_proj"] is True
 
 
-def test_pair_weight_init_starts_the_pair_weights_as_a_soft_max_sim(tiny_bert_dir):
+def test_pair_weight_init_starts_the_pair_weights_sharp(tiny_bert_dir):
     """pair_weight_init a: W_s = a * I, so the pair logits start as <Gamma_i, gelu(a Lambda_j)>, about
     a * <Gamma_i, max(Lambda_j, 0)>: far from uniform weights, where the default init starts close to
     them; every other weight of the model is the one drawn without the lever."""
