@@ -9,6 +9,8 @@ from embsum.config import OPTIMIZERS, ConfigError, _Base, _check, best_checkpoin
 
 # The negative strategies of embsum.alignment.dpo (kept here too: that module imports torch).
 STRATEGIES = ("rodpo", "hard", "random")
+# Which batch items the NCE anchor takes as negatives (AlignConfig.nce_in_batch).
+NCE_IN_BATCH = ("all", "chosen", "none")
 
 
 @dataclass
@@ -58,9 +60,15 @@ class AlignConfig(_Base):
     aux_weight: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss."})
     nce_weight: float = field(default=0.0, metadata={"help": "Weight of the SFT NCE loss kept during alignment (0: off)."})
     nce_temperature: float = field(default=0.05, metadata={"help": "NCE softmax temperature (as in training)."})
+    nce_in_batch: str = field(default="all", metadata={"choices": NCE_IN_BATCH, "help": (
+        "The NCE anchor's negatives besides its nce_negatives uniform draws: 'all' the batch's other "
+        "chosen and rejected items, 'chosen' the other chosen items only, 'none' no batch item. "
+        "Batch items come by popularity (chosen items follow the users, rejected ones the top-K "
+        "pools), so as negatives they push popular items down; uniform draws alone keep each target "
+        "above random items, what a list of uniformly drawn candidates asks.")})
     nce_negatives: int = field(default=32, metadata={"help": (
-        "Uniform catalog items added to each batch for the NCE term (beside the batch's chosen and "
-        "rejected items), so it also keeps read items above random ones.")})
+        "Uniform catalog items added to each batch for the NCE term (beside the batch items "
+        "nce_in_batch keeps), so it also keeps read items above random ones.")})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input."})
@@ -114,6 +122,8 @@ class AlignConfig(_Base):
             _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]")
         _check(self.aux_weight >= 0 and self.nce_weight >= 0, "aux_weight and nce_weight must be >= 0")
         _check(self.nce_temperature > 0, "nce_temperature must be > 0")
+        _check(self.nce_in_batch in NCE_IN_BATCH,
+               f"nce_in_batch must be one of {', '.join(NCE_IN_BATCH)}, not {self.nce_in_batch!r}")
         _check(self.epochs > 0 or self.max_steps > 0, "epochs or max_steps must be > 0")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.lr > 0 and self.moe_lr > 0, "learning rates must be > 0")

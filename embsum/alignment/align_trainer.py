@@ -122,6 +122,11 @@ class Batch:
         self.item_ids, inverse = torch.unique(torch.cat(parts), return_inverse=True)
         b = len(self.chosen)
         self.pos_w, self.pos_l = inverse[:b], inverse[b:2 * b]
+        # which of item_ids are uniform draws (`extra`) or chosen items: the NCE anchor's negatives
+        # (AlignConfig.nce_in_batch); an item drawn twice counts as both
+        self.is_extra = (torch.isin(self.item_ids, extra) if extra is not None
+                         else torch.zeros_like(self.item_ids, dtype=torch.bool))
+        self.is_chosen = torch.isin(self.item_ids, self.chosen)
 
     def _inputs(self, model, texts: list[str], max_tokens: int, device):
         """(token states [B, L, d], mask): from the cache, or the encoder's forward (with grad:
@@ -350,12 +355,16 @@ class AlignTrainer(TrainingMethod):
         loss = dpo + c.aux_weight * aux
         stats = {"dpo": dpo.item(), "aux": aux.item(), **dpo_stats(*pair)}
         if c.nce_weight > 0:
-            # The SFT objective: each user's w against every other item of the batch (the others'
-            # chosen and rejected items, and nce_negatives uniform ones), the user's positives excluded.
+            # The SFT objective: each user's w against the other items of the batch (the others' chosen
+            # and rejected items as nce_in_batch keeps them, and nce_negatives uniform ones), the
+            # user's positives excluded.
             all_scores = poly_score(upe.unsqueeze(1), cpe.unsqueeze(0), cpe_prime.unsqueeze(0))
             ids = batch.item_ids.tolist()
             positive_sets = [set(p) for p in positives]  # once per user, not once per (user, item)
             exclude = torch.tensor([[i in p for i in ids] for p in positive_sets], device=all_scores.device)
+            if c.nce_in_batch != "all":  # fewer batch items as negatives (the row's own w stays its positive)
+                kept = batch.is_extra | (batch.is_chosen if c.nce_in_batch == "chosen" else False)
+                exclude |= ~kept.to(all_scores.device).unsqueeze(0)
             nce = nce_loss(all_scores, batch.pos_w.to(all_scores.device), exclude, c.nce_temperature)
             loss = loss + c.nce_weight * nce
             stats["nce"] = nce.item()

@@ -112,9 +112,38 @@ def test_nce_term_and_expert_utilisation(sft, tmp_path):
     assert util["no_expert_starved"] == (util["min"] > 0.05)
 
 
+@pytest.mark.parametrize("in_batch", ["all", "chosen", "none"])
+def test_nce_in_batch_decides_which_items_are_the_anchors_negatives(sft, tmp_path, monkeypatch, in_batch):
+    """`nce_in_batch`: a row's NCE negatives are every batch item ('all'), the other rows' chosen items
+    and the uniform draws ('chosen'), or the uniform draws alone ('none'); never the user's positives."""
+    from embsum.alignment import align_trainer
+
+    seen = {}
+    nce, with_rejected = align_trainer.nce_loss, align_trainer.Batch.with_rejected
+
+    def record_batch(self, rejected, extra=None):
+        with_rejected(self, rejected, extra)
+        seen.update(batch=self, extra=set(extra.tolist()))
+
+    monkeypatch.setattr(align_trainer, "nce_loss", lambda scores, pos, exclude, t: seen.update(
+        exclude=exclude.clone()) or nce(scores, pos, exclude, t))
+    monkeypatch.setattr(align_trainer.Batch, "with_rejected", record_batch)
+    cfg = config(tmp_path, nce_weight=1.0, nce_negatives=4, nce_in_batch=in_batch, strategy="random")
+    trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, tiny_data(sft))
+    examples = trainer.data.examples[:4]
+    assert trainer.train_step(examples)["nce"] > 0
+    ids = seen["batch"].item_ids.tolist()
+    for row, (user, _, chosen) in enumerate(examples):
+        positives = set(trainer.data.positives[user])
+        negatives = {i for i, out in zip(ids, seen["exclude"][row].tolist()) if not out} - {chosen}
+        assert not negatives & positives
+        expected = {"all": set(ids), "chosen": seen["extra"] | {ex[2] for ex in examples}, "none": seen["extra"]}
+        assert negatives == expected[in_batch] - positives
+
+
 @pytest.mark.parametrize("bad", [{"strategy": "hardest"}, {"beta": 0}, {"top_k": 5}, {"lora_r": 0},
                                  {"pool_shortlist": 10}, {"pool_shortlist": -1}, {"label_smoothing": 0.5},
-                                 {"label_smoothing": -0.1}])
+                                 {"label_smoothing": -0.1}, {"nce_in_batch": "some"}])
 def test_config_errors_are_one_line(bad):
     with pytest.raises(ConfigError):
         AlignConfig(**bad)
