@@ -9,7 +9,9 @@ from the aligned model. No timings: score shifts and the nDCG@10 change they mak
 Why it exists: on MovieLens-100K, RoDPO lost the uniform list while it won the pop list. This
 shows whether the aligned model learned a popularity trend (popular items down, rare ones up: the
 target, usually popular, falls among a uniform list's mostly rare candidates, while on the pop
-list, whose candidates are drawn by popularity, the same trend helps) and which side carries it.
+list, whose candidates are drawn by popularity, the same trend helps) and which side carries it;
+then both models with the prior's weight moved: if the aligned model only learned that trend, it
+sits on the SFT model's curve (a negative w buys the SFT model the same trade).
 Mixed sides are meaningful because the policy starts as the SFT model (zero-initialised adapters
 and a residual MoE at identity). Evaluate on dev users or a dev holdout, never to choose on test.
 """
@@ -32,6 +34,8 @@ from embsum.model.checkpoint import load_checkpoint
 
 # popularity groups: quantiles of log(1 + n_i) over the catalog's items
 GROUPS = ((0.0, 0.5, "rarest half"), (0.5, 0.9, "50-90%"), (0.9, 1.0, "top decile"))
+# moves of the prior's w for the frontier table (scores are cosines: 0.01 * log(1 + 1000) = 0.07)
+FRONTIER = (-0.01, -0.005, 0.0, 0.005, 0.01)
 
 
 def vectors(checkpoint: Path, eval_set, item_texts):
@@ -43,11 +47,11 @@ def vectors(checkpoint: Path, eval_set, item_texts):
     return (encode_user_histories(model, histories, progress=False), cpe, cpe_prime), model.config.popularity_weight
 
 
-def list_ndcg(scores: np.ndarray, eval_set, name: str) -> np.ndarray:
-    """Per case nDCG@10 of the target on the `name` candidate list (target first) under `scores`."""
+def list_ndcg(scores: np.ndarray, eval_set, name: str, k: int = 10) -> np.ndarray:
+    """Per case nDCG@k of the target on the `name` candidate list (target first) under `scores`."""
     cands = np.stack([eval_set.positions(getattr(u, name)) for u in eval_set.users])
     picked = np.take_along_axis(scores, cands, axis=1)
-    return metrics.ndcg_gains(metrics.target_ranks(picked[:, 0], picked[:, 1:]), 10)
+    return metrics.ndcg_gains(metrics.target_ranks(picked[:, 0], picked[:, 1:]), k)
 
 
 def main() -> None:
@@ -82,10 +86,22 @@ def main() -> None:
         rows.append([label, f"{np.corrcoef(shift, log_pop)[0, 1]:+.3f}"]
                     + [f"{shift[g].mean():+.4f}" for g in groups]
                     + [f"{(list_ndcg(scores, eval_set, n) - base_ndcg[n]).mean():+.4f}" for n in ("uniform", "pop")])
+    # The popularity frontier: each model with its prior moved by dw, against the SFT model as served. A model
+    # that only learned a popularity trend sits on the SFT model's curve; one above it learned more.
+    full = {"SFT": base, "aligned": np.asarray(poly_scorer(*aligned)(users, None)) + prior}
+    frontier = []
+    for dw in FRONTIER:
+        for name, scores in full.items():
+            moved = scores + dw * log_pop
+            frontier.append([name, f"{weight + dw:g}"] + [
+                f"{(list_ndcg(moved, eval_set, n, k) - list_ndcg(base, eval_set, n, k)).mean():+.4f}"
+                for n, k in (("uniform", 10), ("pop", 5), ("pop", 10))])
     print(f"{len(eval_set.users)} cases ({eval_set.split}), {len(log_pop)} items, popularity prior w {weight:g} (the "
           "aligned model keeps the SFT one's); score shift = aligned minus SFT, mean over users")
     print(table(["scores from", "corr(shift, log pop)"] + [f"shift, {g[2]}" for g in GROUPS]
                 + ["uniform nDCG@10", "pop nDCG@10"], rows))
+    print("\nthe popularity frontier: each model with the prior's w moved, minus the SFT model as served")
+    print(table(["model", "w", "uniform nDCG@10", "pop nDCG@5", "pop nDCG@10"], frontier))
 
 
 if __name__ == "__main__":
