@@ -86,6 +86,11 @@ def pool_prior(sft, data: CatalogData) -> torch.Tensor | None:
     return torch.from_numpy(popularity_prior(counts, weight)).float()
 
 
+def log_popularity(data: CatalogData) -> torch.Tensor:
+    """log(1 + n_i) per item (catalog order, n_i over the train users)."""
+    return torch.from_numpy(popularity_prior(train_popularity(data.histories, data.index), 1.0)).float()
+
+
 def negative_weights(data: CatalogData, exponent: float) -> torch.Tensor | None:
     """(n_i + 1)^exponent per item (catalog order, n_i over the train users as the pop candidate
     list counts them); None at exponent 0 (unweighted draws)."""
@@ -166,6 +171,7 @@ def align(sft, sft_hash: str, data: CatalogData, cfg: AlignConfig, progress=None
     adata = align_data(data, cfg)
     adata.pool_prior = pool_prior(sft, data) if cfg.pool_prior and cfg.strategy != "random" else None
     adata.negative_weights = negative_weights(data, cfg.negative_popularity)
+    adata.log_popularity = log_popularity(data) if cfg.popularity_tilt_weight > 0 else None
     frozen_encoder = cfg.lora_scope == "decoder"
     adata.cache = (cache if cache is not None else StateCache()) if frozen_encoder else None
     if frozen_encoder and token_states is not None:

@@ -57,6 +57,12 @@ class AlignConfig(_Base):
         "excluded, as 'random' draws) instead of from the strategy's pool: the pool's near-misses "
         "teach the pop list, uniform draws keep the target above far-away items (the uniform list). "
         "0: off. No effect for 'random'.")})
+    popularity_tilt_weight: float = field(default=0.0, metadata={"help": (
+        "Weight of a penalty on the popularity tilt of the policy's score changes: each step, the "
+        "least-squares slope, over the batch's items, of (policy minus reference score, averaged over "
+        "the batch's users) on log(1 + n_i), squared. Aligned scores that fall with popularity move "
+        "the model off the popularity prior it keeps from the SFT model (the target falls among the "
+        "rare items of a uniform list). 0: off.")})
     aux_weight: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss."})
     nce_weight: float = field(default=0.0, metadata={"help": "Weight of the SFT NCE loss kept during alignment (0: off)."})
     nce_temperature: float = field(default=0.05, metadata={"help": "NCE softmax temperature (as in training)."})
@@ -120,7 +126,8 @@ class AlignConfig(_Base):
         _check(self.negative_popularity >= 0, "negative_popularity must be >= 0")
         for name in ("dislike_share", "catalog_share"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]")
-        _check(self.aux_weight >= 0 and self.nce_weight >= 0, "aux_weight and nce_weight must be >= 0")
+        _check(self.aux_weight >= 0 and self.nce_weight >= 0 and self.popularity_tilt_weight >= 0,
+               "aux_weight, nce_weight and popularity_tilt_weight must be >= 0")
         _check(self.nce_temperature > 0, "nce_temperature must be > 0")
         _check(self.nce_in_batch in NCE_IN_BATCH,
                f"nce_in_batch must be one of {', '.join(NCE_IN_BATCH)}, not {self.nce_in_batch!r}")

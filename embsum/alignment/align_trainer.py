@@ -74,6 +74,8 @@ class AlignData:
     pool_prior: torch.Tensor | None = None
     # per-item weight [I] of rejected-item draws (AlignConfig.negative_popularity), None: unweighted
     negative_weights: torch.Tensor | None = None
+    # log(1 + n_i) per item [I] (AlignConfig.popularity_tilt_weight), None: not needed
+    log_popularity: torch.Tensor | None = None
 
 
 def build_bank(model, texts: Sequence[str], batch_size: int, device, bf16: bool, progress: bool = True,
@@ -208,6 +210,20 @@ def pool_candidates(upe: torch.Tensor, bank: tuple[torch.Tensor, torch.Tensor], 
     return scores_to_candidates(scores, excluded, k)
 
 
+def all_pairs_scores(upe: torch.Tensor, cpe: torch.Tensor, cpe_prime: torch.Tensor) -> torch.Tensor:
+    """Poly scores [B, I] of every user of `upe` [B, m, d] against every item of (cpe, cpe_prime) [I, n, d]."""
+    return poly_score(upe.unsqueeze(1), cpe.unsqueeze(0), cpe_prime.unsqueeze(0))
+
+
+def popularity_tilt(policy: torch.Tensor, reference: torch.Tensor, log_popularity: torch.Tensor) -> torch.Tensor:
+    """The least-squares slope, over the items, of the score change (policy minus reference [B, I],
+    averaged over the B users) on the items' log popularity [I]: 0 when the change is the same for
+    popular and rare items (or the items are equally popular)."""
+    change = (policy.float() - reference.float()).mean(dim=0)
+    x = log_popularity.float() - log_popularity.float().mean()
+    return (x * (change - change.mean())).sum() / x.square().sum().clamp_min(1e-12)
+
+
 class AlignTrainer(TrainingMethod):
     name = "align"
     progress_keys = ("loss", "reward_acc")
@@ -228,6 +244,8 @@ class AlignTrainer(TrainingMethod):
         self._bank_centres: torch.Tensor | None = None  # bank_centres(), computed on first use
         self._order: tuple[int, list[int]] | None = None  # (epoch, shuffled example order)
         self.reference = ReferenceVectors()
+        if config.popularity_tilt_weight > 0 and data.log_popularity is None:
+            raise ValueError("popularity_tilt_weight needs the items' log popularity (AlignData.log_popularity)")
         self.device = resolve_device(config.device)
         policy.to(self.device)  # before the loop builds the optimizer over its parameters
         total = schedule_length(config.max_steps, config.epochs, len(data.examples), config.batch_size,
@@ -347,18 +365,23 @@ class AlignTrainer(TrainingMethod):
         s_w, s_l = batch.pair_scores(upe, cpe, cpe_prime)
         aux = self.policy.pop_aux()
         with self.policy.reference() as ref:
-            r_w, r_l = batch.pair_scores(self.reference.upe(batch, list(shard), ref, device),
-                                         *self.reference.cpe(batch, ref, device))
+            ref_vectors = (self.reference.upe(batch, list(shard), ref, device), *self.reference.cpe(batch, ref, device))
+            r_w, r_l = batch.pair_scores(*ref_vectors)
         self._update_bank((batch.item_ids, cpe.detach().float().cpu(), cpe_prime.detach().float().cpu()))
         pair = [t.float() for t in (s_w, s_l, r_w, r_l)]  # policy w, l; reference w, l
         dpo = dpo_loss(*pair, c.beta, c.label_smoothing)
         loss = dpo + c.aux_weight * aux
         stats = {"dpo": dpo.item(), "aux": aux.item(), **dpo_stats(*pair)}
+        if c.popularity_tilt_weight > 0:
+            tilt = popularity_tilt(all_pairs_scores(upe, cpe, cpe_prime), all_pairs_scores(*ref_vectors),
+                                   self.data.log_popularity[batch.item_ids].to(upe.device))
+            loss = loss + c.popularity_tilt_weight * tilt.square()
+            stats["tilt"] = tilt.item()
         if c.nce_weight > 0:
             # The SFT objective: each user's w against the other items of the batch (the others' chosen
             # and rejected items as nce_in_batch keeps them, and nce_negatives uniform ones), the
             # user's positives excluded.
-            all_scores = poly_score(upe.unsqueeze(1), cpe.unsqueeze(0), cpe_prime.unsqueeze(0))
+            all_scores = all_pairs_scores(upe, cpe, cpe_prime)
             ids = batch.item_ids.tolist()
             positive_sets = [set(p) for p in positives]  # once per user, not once per (user, item)
             exclude = torch.tensor([[i in p for i in ids] for p in positive_sets], device=all_scores.device)

@@ -345,3 +345,27 @@ def test_pool_fraction_caps_k_on_a_small_catalog(sft, tmp_path):
     data = tiny_data(sft)
     trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, data)
     assert trainer.sampler.pool_size == max(1, round(0.25 * len(data.item_texts))) < 8
+
+
+def test_popularity_tilt_is_the_slope_of_the_score_change_on_log_popularity(sft, tmp_path):
+    """A change of a + b * log(1 + n_i) for every user has tilt b; the same change for every item, 0.
+    With `popularity_tilt_weight` the penalty reaches the loss (0 at the first step: policy == reference)."""
+    from embsum.alignment.align_trainer import popularity_tilt
+
+    log_pop = torch.tensor([0.0, 1.0, 2.5, 4.0, 6.0])
+    reference = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    tilted = reference + 0.3 - 0.02 * log_pop
+    assert popularity_tilt(tilted, reference, log_pop).item() == pytest.approx(-0.02, abs=1e-6)
+    assert popularity_tilt(reference + 0.3, reference, log_pop).item() == pytest.approx(0.0, abs=1e-6)
+    cfg = config(tmp_path, popularity_tilt_weight=1000.0)
+    policy = Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d))
+    with pytest.raises(ValueError, match="log popularity"):
+        AlignTrainer(policy, cfg, tiny_data(sft))
+    data = tiny_data(sft)
+    data.log_popularity = torch.linspace(0, 5, len(TEXTS))
+    trainer = AlignTrainer(policy, cfg, data)
+    first = trainer.train_step(data.examples[:4])
+    assert first["tilt"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(first["dpo"] + 0.01 * first["aux"], abs=1e-5)
+    later = [trainer.train_step(data.examples[:4]) for _ in range(3)]
+    assert any(abs(s["tilt"]) > 0 for s in later)
