@@ -372,8 +372,10 @@ class AlignTrainer(TrainingMethod):
         dpo = dpo_loss(*pair, c.beta, c.label_smoothing)
         loss = dpo + c.aux_weight * aux
         stats = {"dpo": dpo.item(), "aux": aux.item(), **dpo_stats(*pair)}
+        # every (user, batch item) score of the policy: what the tilt penalty and the NCE anchor read
+        all_scores = all_pairs_scores(upe, cpe, cpe_prime) if c.popularity_tilt_weight > 0 or c.nce_weight > 0 else None
         if c.popularity_tilt_weight > 0:
-            tilt = popularity_tilt(all_pairs_scores(upe, cpe, cpe_prime), all_pairs_scores(*ref_vectors),
+            tilt = popularity_tilt(all_scores, all_pairs_scores(*ref_vectors),
                                    self.data.log_popularity[batch.item_ids].to(upe.device))
             loss = loss + c.popularity_tilt_weight * tilt.square()
             stats["tilt"] = tilt.item()
@@ -381,7 +383,6 @@ class AlignTrainer(TrainingMethod):
             # The SFT objective: each user's w against the other items of the batch (the others' chosen
             # and rejected items as nce_in_batch keeps them, and nce_negatives uniform ones), the
             # user's positives excluded.
-            all_scores = all_pairs_scores(upe, cpe, cpe_prime)
             ids = batch.item_ids.tolist()
             positive_sets = [set(p) for p in positives]  # once per user, not once per (user, item)
             exclude = torch.tensor([[i in p for i in ids] for p in positive_sets], device=all_scores.device)
