@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="", help="Comma-separated align seeds: every --run once per seed.")
     parser.add_argument("--per-user-out", type=Path, default=None, help=(
         "Also save every row's per-user metrics (embsum evaluate --per-user-out's format)."))
+    parser.add_argument("--keep-last", action="store_true", help=(
+        "Keep each run's OUT/last (the train state a resumed alignment continues from). Without it, a run's "
+        "last/ is removed once its best/ is evaluated: the sweep aligns from scratch anyway, and dozens of runs' "
+        "optimizer states fill a disk."))
     parser.add_argument("--out", type=Path, default=Path("bench-out/align-sweep"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -159,6 +164,8 @@ def main() -> None:
         print(markdown_table(report), flush=True)
         if args.per_user_out is not None:
             evaluation.save_per_user(args.per_user_out)
+        if not args.keep_last:
+            shutil.rmtree(folder / "last", ignore_errors=True)
     if seeds:
         summary = seed_means(report, settings)
         (args.out / "seed_means.md").write_text("\n".join(summary) + "\n")
