@@ -47,9 +47,9 @@ def vectors(checkpoint: Path, eval_set, item_texts):
     return (encode_user_histories(model, histories, progress=False), cpe, cpe_prime), model.config.popularity_weight
 
 
-def list_ndcg(scores: np.ndarray, eval_set, name: str, k: int = 10) -> np.ndarray:
-    """Per case nDCG@k of the target on the `name` candidate list (target first) under `scores`."""
-    cands = np.stack([eval_set.positions(getattr(u, name)) for u in eval_set.users])
+def list_ndcg(scores: np.ndarray, cands: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per case nDCG@k of the target on a candidate list `cands` [cases, 1 + N] (item positions,
+    target first) under `scores` [cases, items]."""
     picked = np.take_along_axis(scores, cands, axis=1)
     return metrics.ndcg_gains(metrics.target_ranks(picked[:, 0], picked[:, 1:]), k)
 
@@ -76,7 +76,9 @@ def main() -> None:
     base = np.asarray(poly_scorer(*sft)(users, None)) + prior
     bounds = np.quantile(log_pop, [0.0, 0.5, 0.9, 1.0])
     groups = [(log_pop >= bounds[i]) & (log_pop <= bounds[i + 1]) for i in range(3)]
-    base_ndcg = {name: list_ndcg(base, eval_set, name) for name in ("uniform", "pop")}
+    cands = {name: np.stack([eval_set.positions(getattr(u, name)) for u in eval_set.users]) for name in ("uniform", "pop")}
+    columns = (("uniform", 10), ("pop", 5), ("pop", 10))  # the frontier's; the first and last are the shift table's
+    base_ndcg = {(n, k): list_ndcg(base, cands[n], k) for n, k in columns}
     rows = []
     for label, (upe, cpe, cpe_prime) in (("user side only", (aligned[0], sft[1], sft[2])),
                                          ("item side only", (sft[0], aligned[1], aligned[2])),
@@ -85,7 +87,7 @@ def main() -> None:
         shift = (scores - base).mean(axis=0)  # per item, over the users
         rows.append([label, f"{np.corrcoef(shift, log_pop)[0, 1]:+.3f}"]
                     + [f"{shift[g].mean():+.4f}" for g in groups]
-                    + [f"{(list_ndcg(scores, eval_set, n) - base_ndcg[n]).mean():+.4f}" for n in ("uniform", "pop")])
+                    + [f"{(list_ndcg(scores, cands[n]) - base_ndcg[n, 10]).mean():+.4f}" for n in ("uniform", "pop")])
     # The popularity frontier: each model with its prior moved by dw, against the SFT model as served. A model
     # that only learned a popularity trend sits on the SFT model's curve; one above it learned more.
     full = {"SFT": base, "aligned": np.asarray(poly_scorer(*aligned)(users, None)) + prior}
@@ -94,8 +96,7 @@ def main() -> None:
         for name, scores in full.items():
             moved = scores + dw * log_pop
             frontier.append([name, f"{weight + dw:g}"] + [
-                f"{(list_ndcg(moved, eval_set, n, k) - list_ndcg(base, eval_set, n, k)).mean():+.4f}"
-                for n, k in (("uniform", 10), ("pop", 5), ("pop", 10))])
+                f"{(list_ndcg(moved, cands[n], k) - base_ndcg[n, k]).mean():+.4f}" for n, k in columns])
     print(f"{len(eval_set.users)} cases ({eval_set.split}), {len(log_pop)} items, popularity prior w {weight:g} (the "
           "aligned model keeps the SFT one's); score shift = aligned minus SFT, mean over users")
     print(table(["scores from", "corr(shift, log pop)"] + [f"shift, {g[2]}" for g in GROUPS]
