@@ -85,7 +85,8 @@ def main() -> None:
                                          ("both (the aligned model)", aligned)):
         scores = np.asarray(poly_scorer(upe, cpe, cpe_prime)(users, None)) + prior
         shift = (scores - base).mean(axis=0)  # per item, over the users
-        rows.append([label, f"{np.corrcoef(shift, log_pop)[0, 1]:+.3f}"]
+        slope = np.polyfit(log_pop, shift, 1)[0]  # what AlignConfig.popularity_tilt_weight penalises, per log(1+n)
+        rows.append([label, f"{np.corrcoef(shift, log_pop)[0, 1]:+.3f}", f"{slope:+.5f}"]
                     + [f"{shift[g].mean():+.4f}" for g in groups]
                     + [f"{(list_ndcg(scores, cands[n]) - base_ndcg[n, 10]).mean():+.4f}" for n in ("uniform", "pop")])
     # The popularity frontier: each model with its prior moved by dw, against the SFT model as served. A model
@@ -99,7 +100,7 @@ def main() -> None:
                 f"{(list_ndcg(moved, cands[n], k) - base_ndcg[n, k]).mean():+.4f}" for n, k in columns])
     print(f"{len(eval_set.users)} cases ({eval_set.split}), {len(log_pop)} items, popularity prior w {weight:g} (the "
           "aligned model keeps the SFT one's); score shift = aligned minus SFT, mean over users")
-    print(table(["scores from", "corr(shift, log pop)"] + [f"shift, {g[2]}" for g in GROUPS]
+    print(table(["scores from", "corr(shift, log pop)", "slope on log(1+n)"] + [f"shift, {g[2]}" for g in GROUPS]
                 + ["uniform nDCG@10", "pop nDCG@10"], rows))
     print("\nthe popularity frontier: each model with the prior's w moved, minus the SFT model as served")
     print(table(["model", "w", "uniform nDCG@10", "pop nDCG@5", "pop nDCG@10"], frontier))

@@ -224,6 +224,11 @@ def popularity_tilt(policy: torch.Tensor, reference: torch.Tensor, log_popularit
     return (x * (change - change.mean())).sum() / x.square().sum().clamp_min(1e-12)
 
 
+def tilt_penalty(tilt: torch.Tensor, budget: float) -> torch.Tensor:
+    """(|tilt| - budget)^2 beyond the budget, 0 inside it (AlignConfig.popularity_tilt_budget)."""
+    return torch.relu(tilt.abs() - budget).square()
+
+
 class AlignTrainer(TrainingMethod):
     name = "align"
     progress_keys = ("loss", "reward_acc")
@@ -377,7 +382,7 @@ class AlignTrainer(TrainingMethod):
         if c.popularity_tilt_weight > 0:
             tilt = popularity_tilt(all_scores, all_pairs_scores(*ref_vectors),
                                    self.data.log_popularity[batch.item_ids].to(upe.device))
-            loss = loss + c.popularity_tilt_weight * tilt.square()
+            loss = loss + c.popularity_tilt_weight * tilt_penalty(tilt, c.popularity_tilt_budget)
             stats["tilt"] = tilt.item()
         if c.nce_weight > 0:
             # The SFT objective: each user's w against the other items of the batch (the others' chosen

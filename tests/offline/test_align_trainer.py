@@ -369,3 +369,13 @@ def test_popularity_tilt_is_the_slope_of_the_score_change_on_log_popularity(sft,
     assert first["loss"] == pytest.approx(first["dpo"] + 0.01 * first["aux"], abs=1e-5)
     later = [trainer.train_step(data.examples[:4]) for _ in range(3)]
     assert any(abs(s["tilt"]) > 0 for s in later)
+
+
+def test_tilt_budget_leaves_a_small_tilt_alone_and_penalises_the_excess():
+    from embsum.alignment.align_trainer import tilt_penalty
+
+    tilt = torch.tensor([-0.005, -0.002, 0.0, 0.001, 0.004])
+    assert torch.allclose(tilt_penalty(tilt, 0.0), tilt.square(), atol=1e-9)
+    assert torch.allclose(tilt_penalty(tilt, 0.002), torch.tensor([0.003**2, 0.0, 0.0, 0.0, 0.002**2]), atol=1e-9)
+    with pytest.raises(ValueError, match="popularity_tilt_budget"):
+        AlignConfig(popularity_tilt_budget=-0.001)
