@@ -229,6 +229,14 @@ def tilt_penalty(tilt: torch.Tensor, budget: float) -> torch.Tensor:
     return torch.relu(tilt.abs() - budget).square()
 
 
+def uniform_gap(policy: torch.Tensor, reference: torch.Tensor, positive: torch.Tensor, exclude: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """NCE loss of each row's positive column under the policy's scores [B, C] minus under the
+    reference's, on the same candidates (`exclude` [B, C] as nce_loss): > 0 when the policy ranks
+    the positives lower among those candidates than the reference does (AlignConfig.uniform_guard_weight)."""
+    return nce_loss(policy, positive, exclude, temperature) - nce_loss(reference, positive, exclude, temperature)
+
+
 class AlignTrainer(TrainingMethod):
     name = "align"
     progress_keys = ("loss", "reward_acc")
@@ -360,7 +368,7 @@ class AlignTrainer(TrainingMethod):
         dislikes = [self.data.dislikes.get(u, []) for u in all_users] if self.data.dislikes else None
         rejected = self.sampler.sample(all_users, all_positives, step, pool_fn, dislikes)[mine]
         extra = None
-        if c.nce_weight > 0 and c.nce_negatives > 0:
+        if (c.nce_weight > 0 or c.uniform_guard_weight > 0) and c.nce_negatives > 0:
             extra = torch.randint(len(self.data.item_texts), (c.nce_negatives,), generator=self.sampler.generator)
         if batch is None:  # a short last batch left this rank no rows: only the bank's exchange
             self._update_bank(None)
@@ -377,26 +385,39 @@ class AlignTrainer(TrainingMethod):
         dpo = dpo_loss(*pair, c.beta, c.label_smoothing)
         loss = dpo + c.aux_weight * aux
         stats = {"dpo": dpo.item(), "aux": aux.item(), **dpo_stats(*pair)}
-        # every (user, batch item) score of the policy: what the tilt penalty and the NCE anchor read
-        all_scores = all_pairs_scores(upe, cpe, cpe_prime) if c.popularity_tilt_weight > 0 or c.nce_weight > 0 else None
+        # every (user, batch item) score of the policy (and of the reference): what the tilt penalty, the NCE
+        # anchor and the uniform guard read
+        all_scores = all_pairs_scores(upe, cpe, cpe_prime) if c.nce_weight > 0 or c.popularity_tilt_weight > 0 \
+            or c.uniform_guard_weight > 0 else None
+        ref_scores = all_pairs_scores(*ref_vectors) if c.popularity_tilt_weight > 0 or c.uniform_guard_weight > 0 \
+            else None
         if c.popularity_tilt_weight > 0:
-            tilt = popularity_tilt(all_scores, all_pairs_scores(*ref_vectors),
-                                   self.data.log_popularity[batch.item_ids].to(upe.device))
+            tilt = popularity_tilt(all_scores, ref_scores, self.data.log_popularity[batch.item_ids].to(upe.device))
             loss = loss + c.popularity_tilt_weight * tilt_penalty(tilt, c.popularity_tilt_budget)
             stats["tilt"] = tilt.item()
+        if c.nce_weight > 0 or c.uniform_guard_weight > 0:
+            ids = batch.item_ids.tolist()
+            positive_sets = [set(p) for p in positives]  # once per user, not once per (user, item)
+            own = torch.tensor([[i in p for i in ids] for p in positive_sets], device=all_scores.device)
+            pos_w = batch.pos_w.to(all_scores.device)
         if c.nce_weight > 0:
             # The SFT objective: each user's w against the other items of the batch (the others' chosen
             # and rejected items as nce_in_batch keeps them, and nce_negatives uniform ones), the
             # user's positives excluded.
-            ids = batch.item_ids.tolist()
-            positive_sets = [set(p) for p in positives]  # once per user, not once per (user, item)
-            exclude = torch.tensor([[i in p for i in ids] for p in positive_sets], device=all_scores.device)
+            exclude = own
             if c.nce_in_batch != "all":  # fewer batch items as negatives (the row's own w stays its positive)
                 kept = batch.is_extra | (batch.is_chosen if c.nce_in_batch == "chosen" else False)
-                exclude |= ~kept.to(all_scores.device).unsqueeze(0)
-            nce = nce_loss(all_scores, batch.pos_w.to(all_scores.device), exclude, c.nce_temperature)
+                exclude = own | ~kept.to(all_scores.device).unsqueeze(0)
+            nce = nce_loss(all_scores, pos_w, exclude, c.nce_temperature)
             loss = loss + c.nce_weight * nce
             stats["nce"] = nce.item()
+        if c.uniform_guard_weight > 0:
+            # each w against the uniform draws only, policy minus reference on the same draws: > 0 when the
+            # users' items fell among random ones (what a uniform candidate list measures)
+            exclude = own | ~batch.is_extra.to(all_scores.device).unsqueeze(0)
+            gap = uniform_gap(all_scores, ref_scores, pos_w, exclude, c.nce_temperature)
+            loss = loss + c.uniform_guard_weight * torch.relu(gap)
+            stats["guard"] = gap.item()
         stats["loss"] = loss.item()
         return loss, stats
 

@@ -379,3 +379,33 @@ def test_tilt_budget_leaves_a_small_tilt_alone_and_penalises_the_excess():
     assert torch.allclose(tilt_penalty(tilt, 0.002), torch.tensor([0.003**2, 0.0, 0.0, 0.0, 0.002**2]), atol=1e-9)
     with pytest.raises(ValueError, match="popularity_tilt_budget"):
         AlignConfig(popularity_tilt_budget=-0.001)
+
+
+def test_uniform_guard_counts_only_a_fall_of_the_positives_among_the_uniform_draws(sft, tmp_path):
+    """uniform_gap is the policy's NCE loss minus the reference's on the same candidates: 0 for the same
+    scores, < 0 when the positives rise, > 0 when they fall; the guard (its positive part) reaches the loss."""
+    from embsum.alignment.align_trainer import uniform_gap
+
+    reference = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    positive = torch.tensor([0, 2, 5])
+    exclude = torch.zeros(3, 6, dtype=torch.bool)
+    exclude[0, 1] = True
+    assert uniform_gap(reference, reference, positive, exclude, 0.05).item() == pytest.approx(0.0, abs=1e-6)
+    lift = torch.nn.functional.one_hot(positive, 6).float() * 0.1
+    assert uniform_gap(reference + lift, reference, positive, exclude, 0.05).item() < -0.1
+    assert uniform_gap(reference - lift, reference, positive, exclude, 0.05).item() > 0.1
+    # an excluded column does not count: moving it changes nothing
+    moved = reference.clone()
+    moved[0, 1] += 5.0
+    assert uniform_gap(moved, reference, positive, exclude, 0.05).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="nce_negatives"):
+        AlignConfig(uniform_guard_weight=1.0, nce_negatives=0)
+    cfg = config(tmp_path, uniform_guard_weight=5.0, nce_negatives=4)
+    data = tiny_data(sft)
+    trainer = AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, data)
+    first = trainer.train_step(data.examples[:4])
+    assert first["guard"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the first step
+    later = [trainer.train_step(data.examples[:4]) for _ in range(3)]
+    assert any(abs(s["guard"]) > 0 for s in later)
+    for s in later:  # nce_weight 0: the loss is DPO, aux and the guard's positive part
+        assert s["loss"] == pytest.approx(s["dpo"] + 0.01 * s["aux"] + 5.0 * max(s["guard"], 0.0), abs=1e-4)
