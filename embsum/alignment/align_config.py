@@ -68,6 +68,11 @@ class AlignConfig(_Base):
         "(|slope| - budget)^2 beyond it. Part of what alignment learns is a tilt (the pop list, whose "
         "negatives are popular, rewards it); a budget leaves a small one alone and stops a large one. "
         "0: every tilt is penalised.")})
+    popularity_tilt_trigger: float = field(default=0.0, metadata={"help": (
+        "Switch the popularity tilt penalty on only once the running mean of the batch tilt (an "
+        "exponential mean over steps, decay 0.9) exceeds this in magnitude; from then on it stays on "
+        "(kept in the resumable state). Until then nothing is added, so a catalog whose alignment "
+        "tilts little trains exactly as without the penalty. 0: on from the first step.")})
     uniform_guard_weight: float = field(default=0.0, metadata={"help": (
         "Weight of a guard on the uniform candidate list: each step, the NCE loss of the batch's "
         "chosen items against the step's nce_negatives uniform draws only, under the policy minus "
@@ -139,9 +144,8 @@ class AlignConfig(_Base):
         for name in ("dislike_share", "catalog_share"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]")
         _check(min(self.aux_weight, self.nce_weight, self.popularity_tilt_weight, self.popularity_tilt_budget,
-                   self.uniform_guard_weight) >= 0,
-               "aux_weight, nce_weight, popularity_tilt_weight, popularity_tilt_budget and uniform_guard_weight "
-               "must be >= 0")
+                   self.popularity_tilt_trigger, self.uniform_guard_weight) >= 0,
+               "aux_weight, nce_weight, uniform_guard_weight and the popularity_tilt_ settings must be >= 0")
         _check(self.uniform_guard_weight == 0 or self.nce_negatives > 0,
                "uniform_guard_weight needs nce_negatives > 0 (the uniform draws it compares on)")
         _check(self.nce_temperature > 0, "nce_temperature must be > 0")

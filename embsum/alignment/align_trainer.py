@@ -24,6 +24,7 @@ adapters alone.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -50,6 +51,8 @@ from embsum.model.scoring import poly_score, poly_score_matrix, shortlist_poly_s
 from embsum.training.distributed import as_shard
 from embsum.training.loop import LoopConfig, ResumeError, TrainingLoop, TrainingMethod, schedule_length
 from embsum.training.losses import nce_loss
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -224,6 +227,9 @@ def popularity_tilt(policy: torch.Tensor, reference: torch.Tensor, log_popularit
     return (x * (change - change.mean())).sum() / x.square().sum().clamp_min(1e-12)
 
 
+TILT_MEAN_DECAY = 0.9  # the running mean of the batch tilt that AlignConfig.popularity_tilt_trigger reads (~10 steps)
+
+
 def tilt_penalty(tilt: torch.Tensor, budget: float) -> torch.Tensor:
     """(|tilt| - budget)^2 beyond the budget, 0 inside it (AlignConfig.popularity_tilt_budget)."""
     return torch.relu(tilt.abs() - budget).square()
@@ -257,6 +263,10 @@ class AlignTrainer(TrainingMethod):
         self._bank_centres: torch.Tensor | None = None  # bank_centres(), computed on first use
         self._order: tuple[int, list[int]] | None = None  # (epoch, shuffled example order)
         self.reference = ReferenceVectors()
+        # the tilt penalty's switch (AlignConfig.popularity_tilt_trigger): the running mean of the batch tilt, and
+        # the step it switched on at (0: on from the start; None: still off)
+        self.tilt_mean = 0.0
+        self.tilt_on_step: int | None = 0 if config.popularity_tilt_trigger == 0 else None
         if config.popularity_tilt_weight > 0 and data.log_popularity is None:
             raise ValueError("popularity_tilt_weight needs the items' log popularity (AlignData.log_popularity)")
         self.device = resolve_device(config.device)
@@ -292,8 +302,18 @@ class AlignTrainer(TrainingMethod):
         return None if self.evaluate_fn is None else self.evaluate_fn(self.policy.model)
 
     def checkpoint_meta(self) -> dict:
+        tilt = {"tilt_penalty_from_step": self.tilt_on_step} if self.config.popularity_tilt_weight > 0 else {}
         return {"align_config": self.config.to_dict(), "expert_shares": self.policy.moe.expert_shares(),
-                **self.run_meta}
+                **tilt, **self.run_meta}
+
+    def after_step(self, stats: dict[str, float]) -> None:
+        if self.tilt_on_step is not None or "tilt" not in stats:
+            return
+        self.tilt_mean = TILT_MEAN_DECAY * self.tilt_mean + (1 - TILT_MEAN_DECAY) * stats["tilt"]
+        if abs(self.tilt_mean) > self.config.popularity_tilt_trigger:
+            self.tilt_on_step = self.step
+            log.info("align: popularity tilt penalty on from step %d (running tilt %+.4f beyond %g)", self.step,
+                     self.tilt_mean, self.config.popularity_tilt_trigger)
 
     def log_extra(self) -> str:
         return " experts " + " ".join(f"{s:.2f}" for s in self.policy.moe.expert_shares())
@@ -310,7 +330,7 @@ class AlignTrainer(TrainingMethod):
         return out
 
     def resume_state(self) -> dict:
-        return {"sampler": self.sampler.state()[1]}
+        return {"sampler": self.sampler.state()[1], "tilt": [self.tilt_mean, self.tilt_on_step]}
 
     def shared_buffers(self) -> list[torch.Tensor]:
         # The MoE's routing statistics follow the vectors each rank saw: averaged after each
@@ -325,6 +345,7 @@ class AlignTrainer(TrainingMethod):
         if loaded.unexpected_keys:
             raise ResumeError(f"{directory} does not match this policy: unexpected {loaded.unexpected_keys[:3]}")
         self.sampler.load_state(part("sampler."), state["sampler"])
+        self.tilt_mean, self.tilt_on_step = state.get("tilt", [self.tilt_mean, self.tilt_on_step])
         bank = part("bank.")
         if bank and self.data.bank is not None:
             self.data.bank[0][bank["rows"]] = bank["cpe"]
@@ -393,7 +414,8 @@ class AlignTrainer(TrainingMethod):
             else None
         if c.popularity_tilt_weight > 0:
             tilt = popularity_tilt(all_scores, ref_scores, self.data.log_popularity[batch.item_ids].to(upe.device))
-            loss = loss + c.popularity_tilt_weight * tilt_penalty(tilt, c.popularity_tilt_budget)
+            if self.tilt_on_step is not None:
+                loss = loss + c.popularity_tilt_weight * tilt_penalty(tilt, c.popularity_tilt_budget)
             stats["tilt"] = tilt.item()
         if c.nce_weight > 0 or c.uniform_guard_weight > 0:
             ids = batch.item_ids.tolist()

@@ -377,7 +377,7 @@ def test_tilt_budget_leaves_a_small_tilt_alone_and_penalises_the_excess():
     tilt = torch.tensor([-0.005, -0.002, 0.0, 0.001, 0.004])
     assert torch.allclose(tilt_penalty(tilt, 0.0), tilt.square(), atol=1e-9)
     assert torch.allclose(tilt_penalty(tilt, 0.002), torch.tensor([0.003**2, 0.0, 0.0, 0.0, 0.002**2]), atol=1e-9)
-    with pytest.raises(ValueError, match="popularity_tilt_budget"):
+    with pytest.raises(ValueError, match="popularity_tilt_"):
         AlignConfig(popularity_tilt_budget=-0.001)
 
 
@@ -409,3 +409,40 @@ def test_uniform_guard_counts_only_a_fall_of_the_positives_among_the_uniform_dra
     assert any(abs(s["guard"]) > 0 for s in later)
     for s in later:  # nce_weight 0: the loss is DPO, aux and the guard's positive part
         assert s["loss"] == pytest.approx(s["dpo"] + 0.01 * s["aux"] + 5.0 * max(s["guard"], 0.0), abs=1e-4)
+
+
+def test_tilt_trigger_keeps_the_penalty_off_until_the_running_tilt_passes_it(tiny_checkpoint, tmp_path):
+    """Under the trigger the loss has no penalty (the run is the one without it); once the running
+    tilt passes it, the penalty is on from that step, for good, and the switch is in the resumable
+    state and in the checkpoint's metadata."""
+    def trainer_with(trigger):
+        sft = load_checkpoint(tiny_checkpoint)[0]  # the policy wraps its model in place: one each
+        data = tiny_data(sft)
+        data.log_popularity = torch.linspace(0, 5, len(TEXTS))
+        cfg = config(tmp_path, popularity_tilt_weight=1e6, popularity_tilt_trigger=trigger)
+        return AlignTrainer(Policy(sft, cfg.lora_settings(), cfg.moe_config(sft.d)), cfg, data)
+
+    never = trainer_with(10.0)
+    data = never.data
+    steps = [never.train_step(data.examples[:4]) for _ in range(4)]
+    assert any(abs(s["tilt"]) > 0 for s in steps) and never.tilt_on_step is None
+    for s in steps:  # no penalty: DPO and aux only, however large the weight
+        assert s["loss"] == pytest.approx(s["dpo"] + 0.01 * s["aux"], abs=1e-5)
+    assert never.checkpoint_meta()["tilt_penalty_from_step"] is None
+
+    soon = trainer_with(1e-9)
+    data = soon.data
+    first = soon.train_step(data.examples[:4])
+    assert first["tilt"] == pytest.approx(0.0, abs=1e-9) and soon.tilt_on_step is None  # policy == reference
+    for _ in range(3):
+        soon.train_step(data.examples[:4])
+        if soon.tilt_on_step is not None:
+            break
+    switched = soon.tilt_on_step
+    assert switched is not None and switched >= 2
+    after = soon.train_step(data.examples[:4])
+    penalty = 1e6 * (abs(after["tilt"])) ** 2
+    assert after["loss"] == pytest.approx(after["dpo"] + 0.01 * after["aux"] + penalty, rel=1e-3, abs=1e-5)
+    assert soon.tilt_on_step == switched  # latched
+    assert soon.resume_state()["tilt"] == [soon.tilt_mean, switched]
+    assert soon.checkpoint_meta()["tilt_penalty_from_step"] == switched
