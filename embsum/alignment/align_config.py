@@ -63,23 +63,6 @@ class AlignConfig(_Base):
         "the batch's users) on log(1 + n_i), squared. Aligned scores that fall with popularity move "
         "the model off the popularity prior it keeps from the SFT model (the target falls among the "
         "rare items of a uniform list). 0: off.")})
-    popularity_tilt_budget: float = field(default=0.0, metadata={"help": (
-        "Slope the popularity tilt may reach for free: popularity_tilt_weight penalises only "
-        "(|slope| - budget)^2 beyond it. Part of what alignment learns is a tilt (the pop list, whose "
-        "negatives are popular, rewards it); a budget leaves a small one alone and stops a large one. "
-        "0: every tilt is penalised.")})
-    popularity_tilt_trigger: float = field(default=0.0, metadata={"help": (
-        "Switch the popularity tilt penalty on only once the running mean of the batch tilt (an "
-        "exponential mean over steps, decay 0.9) exceeds this in magnitude; from then on it stays on "
-        "(kept in the resumable state). Until then nothing is added, so a catalog whose alignment "
-        "tilts little trains exactly as without the penalty. 0: on from the first step.")})
-    uniform_guard_weight: float = field(default=0.0, metadata={"help": (
-        "Weight of a guard on the uniform candidate list: each step, the NCE loss of the batch's "
-        "chosen items against the step's nce_negatives uniform draws only, under the policy minus "
-        "under the reference (the same draws), counted only where it is positive. A one-sided "
-        "constraint: it acts when alignment ranks the users' items below random ones worse than the "
-        "SFT model did, and adds nothing where alignment already helps that list. Needs "
-        "nce_negatives > 0. 0: off.")})
     aux_weight: float = field(default=0.01, metadata={"help": "Weight of the MoE load-balancing loss."})
     nce_weight: float = field(default=0.0, metadata={"help": "Weight of the SFT NCE loss kept during alignment (0: off)."})
     nce_temperature: float = field(default=0.05, metadata={"help": "NCE softmax temperature (as in training)."})
@@ -143,11 +126,8 @@ class AlignConfig(_Base):
         _check(self.negative_popularity >= 0, "negative_popularity must be >= 0")
         for name in ("dislike_share", "catalog_share"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]")
-        _check(min(self.aux_weight, self.nce_weight, self.popularity_tilt_weight, self.popularity_tilt_budget,
-                   self.popularity_tilt_trigger, self.uniform_guard_weight) >= 0,
-               "aux_weight, nce_weight, uniform_guard_weight and the popularity_tilt_ settings must be >= 0")
-        _check(self.uniform_guard_weight == 0 or self.nce_negatives > 0,
-               "uniform_guard_weight needs nce_negatives > 0 (the uniform draws it compares on)")
+        _check(self.aux_weight >= 0 and self.nce_weight >= 0 and self.popularity_tilt_weight >= 0,
+               "aux_weight, nce_weight and popularity_tilt_weight must be >= 0")
         _check(self.nce_temperature > 0, "nce_temperature must be > 0")
         _check(self.nce_in_batch in NCE_IN_BATCH,
                f"nce_in_batch must be one of {', '.join(NCE_IN_BATCH)}, not {self.nce_in_batch!r}")

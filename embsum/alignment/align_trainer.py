@@ -24,7 +24,6 @@ adapters alone.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -51,8 +50,6 @@ from embsum.model.scoring import poly_score, poly_score_matrix, shortlist_poly_s
 from embsum.training.distributed import as_shard
 from embsum.training.loop import LoopConfig, ResumeError, TrainingLoop, TrainingMethod, schedule_length
 from embsum.training.losses import nce_loss
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -227,22 +224,6 @@ def popularity_tilt(policy: torch.Tensor, reference: torch.Tensor, log_popularit
     return (x * (change - change.mean())).sum() / x.square().sum().clamp_min(1e-12)
 
 
-TILT_MEAN_DECAY = 0.9  # the running mean of the batch tilt that AlignConfig.popularity_tilt_trigger reads (~10 steps)
-
-
-def tilt_penalty(tilt: torch.Tensor, budget: float) -> torch.Tensor:
-    """(|tilt| - budget)^2 beyond the budget, 0 inside it (AlignConfig.popularity_tilt_budget)."""
-    return torch.relu(tilt.abs() - budget).square()
-
-
-def uniform_gap(policy: torch.Tensor, reference: torch.Tensor, positive: torch.Tensor, exclude: torch.Tensor,
-                temperature: float) -> torch.Tensor:
-    """NCE loss of each row's positive column under the policy's scores [B, C] minus under the
-    reference's, on the same candidates (`exclude` [B, C] as nce_loss): > 0 when the policy ranks
-    the positives lower among those candidates than the reference does (AlignConfig.uniform_guard_weight)."""
-    return nce_loss(policy, positive, exclude, temperature) - nce_loss(reference, positive, exclude, temperature)
-
-
 class AlignTrainer(TrainingMethod):
     name = "align"
     progress_keys = ("loss", "reward_acc")
@@ -263,10 +244,6 @@ class AlignTrainer(TrainingMethod):
         self._bank_centres: torch.Tensor | None = None  # bank_centres(), computed on first use
         self._order: tuple[int, list[int]] | None = None  # (epoch, shuffled example order)
         self.reference = ReferenceVectors()
-        # the tilt penalty's switch (AlignConfig.popularity_tilt_trigger): the running mean of the batch tilt, and
-        # the step it switched on at (0: on from the start; None: still off)
-        self.tilt_mean = 0.0
-        self.tilt_on_step: int | None = 0 if config.popularity_tilt_trigger == 0 else None
         if config.popularity_tilt_weight > 0 and data.log_popularity is None:
             raise ValueError("popularity_tilt_weight needs the items' log popularity (AlignData.log_popularity)")
         self.device = resolve_device(config.device)
@@ -302,18 +279,8 @@ class AlignTrainer(TrainingMethod):
         return None if self.evaluate_fn is None else self.evaluate_fn(self.policy.model)
 
     def checkpoint_meta(self) -> dict:
-        tilt = {"tilt_penalty_from_step": self.tilt_on_step} if self.config.popularity_tilt_weight > 0 else {}
         return {"align_config": self.config.to_dict(), "expert_shares": self.policy.moe.expert_shares(),
-                **tilt, **self.run_meta}
-
-    def after_step(self, stats: dict[str, float]) -> None:
-        if self.tilt_on_step is not None or "tilt" not in stats:
-            return
-        self.tilt_mean = TILT_MEAN_DECAY * self.tilt_mean + (1 - TILT_MEAN_DECAY) * stats["tilt"]
-        if abs(self.tilt_mean) > self.config.popularity_tilt_trigger:
-            self.tilt_on_step = self.step
-            log.info("align: popularity tilt penalty on from step %d (running tilt %+.4f beyond %g)", self.step,
-                     self.tilt_mean, self.config.popularity_tilt_trigger)
+                **self.run_meta}
 
     def log_extra(self) -> str:
         return " experts " + " ".join(f"{s:.2f}" for s in self.policy.moe.expert_shares())
@@ -330,7 +297,7 @@ class AlignTrainer(TrainingMethod):
         return out
 
     def resume_state(self) -> dict:
-        return {"sampler": self.sampler.state()[1], "tilt": [self.tilt_mean, self.tilt_on_step]}
+        return {"sampler": self.sampler.state()[1]}
 
     def shared_buffers(self) -> list[torch.Tensor]:
         # The MoE's routing statistics follow the vectors each rank saw: averaged after each
@@ -345,7 +312,6 @@ class AlignTrainer(TrainingMethod):
         if loaded.unexpected_keys:
             raise ResumeError(f"{directory} does not match this policy: unexpected {loaded.unexpected_keys[:3]}")
         self.sampler.load_state(part("sampler."), state["sampler"])
-        self.tilt_mean, self.tilt_on_step = state.get("tilt", [self.tilt_mean, self.tilt_on_step])
         bank = part("bank.")
         if bank and self.data.bank is not None:
             self.data.bank[0][bank["rows"]] = bank["cpe"]
@@ -389,7 +355,7 @@ class AlignTrainer(TrainingMethod):
         dislikes = [self.data.dislikes.get(u, []) for u in all_users] if self.data.dislikes else None
         rejected = self.sampler.sample(all_users, all_positives, step, pool_fn, dislikes)[mine]
         extra = None
-        if (c.nce_weight > 0 or c.uniform_guard_weight > 0) and c.nce_negatives > 0:
+        if c.nce_weight > 0 and c.nce_negatives > 0:
             extra = torch.randint(len(self.data.item_texts), (c.nce_negatives,), generator=self.sampler.generator)
         if batch is None:  # a short last batch left this rank no rows: only the bank's exchange
             self._update_bank(None)
@@ -406,40 +372,26 @@ class AlignTrainer(TrainingMethod):
         dpo = dpo_loss(*pair, c.beta, c.label_smoothing)
         loss = dpo + c.aux_weight * aux
         stats = {"dpo": dpo.item(), "aux": aux.item(), **dpo_stats(*pair)}
-        # every (user, batch item) score of the policy (and of the reference): what the tilt penalty, the NCE
-        # anchor and the uniform guard read
-        all_scores = all_pairs_scores(upe, cpe, cpe_prime) if c.nce_weight > 0 or c.popularity_tilt_weight > 0 \
-            or c.uniform_guard_weight > 0 else None
-        ref_scores = all_pairs_scores(*ref_vectors) if c.popularity_tilt_weight > 0 or c.uniform_guard_weight > 0 \
-            else None
+        # every (user, batch item) score of the policy: what the tilt penalty and the NCE anchor read
+        all_scores = all_pairs_scores(upe, cpe, cpe_prime) if c.popularity_tilt_weight > 0 or c.nce_weight > 0 else None
         if c.popularity_tilt_weight > 0:
-            tilt = popularity_tilt(all_scores, ref_scores, self.data.log_popularity[batch.item_ids].to(upe.device))
-            if self.tilt_on_step is not None:
-                loss = loss + c.popularity_tilt_weight * tilt_penalty(tilt, c.popularity_tilt_budget)
+            tilt = popularity_tilt(all_scores, all_pairs_scores(*ref_vectors),
+                                   self.data.log_popularity[batch.item_ids].to(upe.device))
+            loss = loss + c.popularity_tilt_weight * tilt.square()
             stats["tilt"] = tilt.item()
-        if c.nce_weight > 0 or c.uniform_guard_weight > 0:
-            ids = batch.item_ids.tolist()
-            positive_sets = [set(p) for p in positives]  # once per user, not once per (user, item)
-            own = torch.tensor([[i in p for i in ids] for p in positive_sets], device=all_scores.device)
-            pos_w = batch.pos_w.to(all_scores.device)
         if c.nce_weight > 0:
             # The SFT objective: each user's w against the other items of the batch (the others' chosen
             # and rejected items as nce_in_batch keeps them, and nce_negatives uniform ones), the
             # user's positives excluded.
-            exclude = own
+            ids = batch.item_ids.tolist()
+            positive_sets = [set(p) for p in positives]  # once per user, not once per (user, item)
+            exclude = torch.tensor([[i in p for i in ids] for p in positive_sets], device=all_scores.device)
             if c.nce_in_batch != "all":  # fewer batch items as negatives (the row's own w stays its positive)
                 kept = batch.is_extra | (batch.is_chosen if c.nce_in_batch == "chosen" else False)
-                exclude = own | ~kept.to(all_scores.device).unsqueeze(0)
-            nce = nce_loss(all_scores, pos_w, exclude, c.nce_temperature)
+                exclude |= ~kept.to(all_scores.device).unsqueeze(0)
+            nce = nce_loss(all_scores, batch.pos_w.to(all_scores.device), exclude, c.nce_temperature)
             loss = loss + c.nce_weight * nce
             stats["nce"] = nce.item()
-        if c.uniform_guard_weight > 0:
-            # each w against the uniform draws only, policy minus reference on the same draws: > 0 when the
-            # users' items fell among random ones (what a uniform candidate list measures)
-            exclude = own | ~batch.is_extra.to(all_scores.device).unsqueeze(0)
-            gap = uniform_gap(all_scores, ref_scores, pos_w, exclude, c.nce_temperature)
-            loss = loss + c.uniform_guard_weight * torch.relu(gap)
-            stats["guard"] = gap.item()
         stats["loss"] = loss.item()
         return loss, stats
 

@@ -262,10 +262,6 @@ class TrainingMethod:
     def resume_state(self) -> dict:
         return {}
 
-    def after_step(self, stats: dict[str, float]) -> None:
-        """Called after every optimizer step with its stats (combined over the ranks, so every rank
-        sees the same): a method's own running state (a switch, a schedule) follows them here."""
-
     def log_extra(self) -> str:
         """Appended to the periodic log line."""
         return ""
@@ -369,7 +365,6 @@ class TrainingLoop:
         self.examples_seen += sum(len(b) for b in batches)
         self.train_time += time.time() - t0
         self.losses.append({"step": self.step, **{k: round(v, 5) for k, v in stats.items()}})
-        self.method.after_step(stats)
         return stats
 
     # -- the loop ------------------------------------------------------------------------------
