@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,9 +151,11 @@ def step_train(demo: Demo) -> None:
     # Brief on purpose (the demo must finish in minutes on a laptop CPU): frozen encoder, so the
     # movie token states are computed once; a 2-layer decoder; a few hundred steps. With the encoder
     # frozen, the output map on poly vectors is what lets training reshape them (README, levers).
-    demo.cli("train", "--out", str(demo.checkpoint.parent), "--max-steps", "100", "--freeze-encoder",
+    # 300 steps, not 100: on a MovieLens holdout (README, "The demo") uniform nDCG@10 +0.08 and
+    # Recall@100 +0.12 for about 30 s more.
+    demo.cli("train", "--out", str(demo.checkpoint.parent), "--max-steps", "300", "--freeze-encoder",
              "--freeze-embeddings", "--poly-out-proj", "--decoder-layers", "2", "--item-max-tokens", "48",
-             "--dev-users", "50", "--eval-every", "0", "--save-every", "50")
+             "--dev-users", "50", "--eval-every", "0", "--save-every", "100")
 
 
 def step_align(demo: Demo) -> None:
@@ -214,11 +217,19 @@ def step_show(demo: Demo, n_items: int = 5) -> None:
             for user, item in rows:
                 recs.setdefault(user, []).append(item)
         wanted = {i for h in histories.values() for i in h[-n_items:]} | {i for r in recs.values() for i in r}
-        titles = dict(zip(*cat.items(wanted).select(["item_id", "title"]).to_pydict().values()))
+        titles = display_names(dict(zip(*cat.items(wanted).select(["item_id", "title"]).to_pydict().values())))
     for user, history in histories.items():
         click.echo(f"user {user}: {len(history)} liked, latest: {'; '.join(titles[i] for i in history[-n_items:])}")
         if user in recs:
             click.echo(f"  recommended: {'; '.join(titles.get(i, i) for i in recs[user][:n_items])}")
+
+
+def display_names(titles: dict[str, str]) -> dict[str, str]:
+    """item id -> its title, with the id added where two of the items share a title: MovieLens-100K
+    lists some movies twice under two ids (e.g. Chasing Amy), and "Chasing Amy; Chasing Amy" reads
+    like a bug where it is two items."""
+    counts = Counter(titles.values())
+    return {i: f"{t} (item {i})" if counts[t] > 1 else t for i, t in titles.items()}
 
 
 # (name, module the step needs, what it does); a missing module means "not built yet: skip".

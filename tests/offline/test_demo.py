@@ -79,3 +79,10 @@ def test_demo_real_download(tmp_path, db_file):
         assert cat.count("items") == 1682 and cat.count("users") == 943
         assert cat.count("interactions") == 100_000
         assert cat.scalar("SELECT count(*) FROM interactions WHERE label = 1") == 55_375
+
+
+def test_show_names_two_items_with_one_title_by_their_ids():
+    from embsum.offline.commands.demo import display_names
+
+    names = display_names({"246": "Chasing Amy", "268": "Chasing Amy", "1": "Toy Story"})
+    assert names == {"246": "Chasing Amy (item 246)", "268": "Chasing Amy (item 268)", "1": "Toy Story"}
