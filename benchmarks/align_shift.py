@@ -62,6 +62,8 @@ def main() -> None:
     p.add_argument("--split", default="dev", choices=("dev", "test"))
     p.add_argument("--holdout", type=Path, default=None, help="(user, item) targets: protocol holdout-v1")
     p.add_argument("--users", type=int, default=0, help="the first N users only (0: all)")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="also draw the shifts by popularity and the frontier into this PNG")
     args = p.parse_args()
     with Catalog(args.db, read_only=True) as cat:
         data = load_catalog_data(cat)
@@ -79,12 +81,12 @@ def main() -> None:
     cands = {name: np.stack([eval_set.positions(getattr(u, name)) for u in eval_set.users]) for name in ("uniform", "pop")}
     columns = (("uniform", 10), ("pop", 5), ("pop", 10))  # the frontier's; the first and last are the shift table's
     base_ndcg = {(n, k): list_ndcg(base, cands[n], k) for n, k in columns}
-    rows = []
+    rows, shifts = [], {}
     for label, (upe, cpe, cpe_prime) in (("user side only", (aligned[0], sft[1], sft[2])),
                                          ("item side only", (sft[0], aligned[1], aligned[2])),
                                          ("both (the aligned model)", aligned)):
         scores = np.asarray(poly_scorer(upe, cpe, cpe_prime)(users, None)) + prior
-        shift = (scores - base).mean(axis=0)  # per item, over the users
+        shift = shifts[label] = (scores - base).mean(axis=0)  # per item, over the users
         slope = np.polyfit(log_pop, shift, 1)[0]  # what AlignConfig.popularity_tilt_weight penalises, per log(1+n)
         rows.append([label, f"{np.corrcoef(shift, log_pop)[0, 1]:+.3f}", f"{slope:+.5f}"]
                     + [f"{shift[g].mean():+.4f}" for g in groups]
@@ -92,18 +94,52 @@ def main() -> None:
     # The popularity frontier: each model with its prior moved by dw, against the SFT model as served. A model
     # that only learned a popularity trend sits on the SFT model's curve; one above it learned more.
     full = {"SFT": base, "aligned": np.asarray(poly_scorer(*aligned)(users, None)) + prior}
-    frontier = []
-    for dw in FRONTIER:
-        for name, scores in full.items():
-            moved = scores + dw * log_pop
-            frontier.append([name, f"{weight + dw:g}"] + [
-                f"{(list_ndcg(moved, cands[n], k) - base_ndcg[n, k]).mean():+.4f}" for n, k in columns])
+    changes = {(name, dw): [(list_ndcg(scores + dw * log_pop, cands[n], k) - base_ndcg[n, k]).mean()
+                            for n, k in columns] for dw in FRONTIER for name, scores in full.items()}
+    frontier = [[name, f"{weight + dw:g}"] + [f"{c:+.4f}" for c in change] for (name, dw), change in changes.items()]
     print(f"{len(eval_set.users)} cases ({eval_set.split}), {len(log_pop)} items, popularity prior w {weight:g} (the "
           "aligned model keeps the SFT one's); score shift = aligned minus SFT, mean over users")
     print(table(["scores from", "corr(shift, log pop)", "slope on log(1+n)"] + [f"shift, {g[2]}" for g in GROUPS]
                 + ["uniform nDCG@10", "pop nDCG@10"], rows))
     print("\nthe popularity frontier: each model with the prior's w moved, minus the SFT model as served")
     print(table(["model", "w", "uniform nDCG@10", "pop nDCG@5", "pop nDCG@10"], frontier))
+    if args.plot:
+        print(f"plot: {plot(args.plot, log_pop, shifts, changes, weight)}")
+
+
+def plot(path: Path, log_pop: np.ndarray, shifts: dict, changes: dict, weight: float) -> Path:
+    """Left: the mean score shift of items binned by log(1 + n) (20 bins of equal count), one line per
+    side; right: the frontier, uniform nDCG@10 change against pop nDCG@5 change as w moves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    order = np.argsort(log_pop, kind="stable")
+    bins = np.array_split(order, 20)
+    x = [log_pop[b].mean() for b in bins]
+    for label, shift in shifts.items():
+        left.plot(x, [shift[b].mean() for b in bins], marker="o", label=label)
+    left.axhline(0, color="grey", lw=0.8)
+    left.set(xlabel="log(1 + n_i), 20 bins of equal count", ylabel="score shift, aligned minus SFT",
+             title="where alignment moved the scores")
+    left.legend()
+    for name in dict.fromkeys(n for n, _ in changes):
+        pts = [(dw, changes[name, dw]) for dw in FRONTIER]
+        right.plot([c[0] for _, c in pts], [c[1] for _, c in pts], marker="o", label=name)
+        for dw, c in pts:
+            right.annotate(f"w {weight + dw:g}", (c[0], c[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    right.axhline(0, color="grey", lw=0.8)
+    right.axvline(0, color="grey", lw=0.8)
+    right.set(xlabel="uniform nDCG@10 change", ylabel="pop nDCG@5 change",
+              title="the popularity frontier (vs the SFT model as served)")
+    right.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
