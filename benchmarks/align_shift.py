@@ -28,8 +28,7 @@ from embsum.offline.data import load_catalog_data
 from embsum.offline.evaluate import read_holdout_file
 
 from embsum.evaluation import metrics
-from embsum.evaluation.protocol import build_eval_set, build_holdout_eval_set, poly_scorer
-from embsum.inference.encoding import encode_item_texts, encode_user_histories
+from embsum.evaluation.protocol import build_eval_set, build_holdout_eval_set, model_vectors, poly_scorer
 from embsum.model.checkpoint import load_checkpoint
 
 # popularity groups: quantiles of log(1 + n_i) over the catalog's items
@@ -42,9 +41,7 @@ def vectors(checkpoint: Path, eval_set, item_texts):
     """((UPE of the eval users, CPE, CPE') of every catalog item, the w of its popularity prior)."""
     model, _ = load_checkpoint(checkpoint)
     model.eval()
-    cpe, cpe_prime = encode_item_texts(model, list(item_texts), progress=False)
-    histories = [[item_texts[eval_set.item_index[i]] for i in u.history] for u in eval_set.users]
-    return (encode_user_histories(model, histories, progress=False), cpe, cpe_prime), model.config.popularity_weight
+    return model_vectors(model, eval_set, item_texts), model.config.popularity_weight
 
 
 def list_ndcg(scores: np.ndarray, cands: np.ndarray, k: int = 10) -> np.ndarray:

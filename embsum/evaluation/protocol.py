@@ -495,27 +495,36 @@ def train_examples(histories: dict[str, list[str]], mode: str = "prefixes", limi
     return examples
 
 
-def model_scorer(model, eval_set: EvalSet, item_texts: Sequence[str], full_ranking: bool = True, cache=None,
-                 dtype: str = "fp32", device=None, batch_size: int = 64, progress: bool = False) -> Scorer:
-    """A model's poly scores under the protocol, without its popularity prior: CPE of the items
-    (all, or only the candidates when `full_ranking` is off), UPE of the evaluated users from their
-    input histories (encode_item_texts / encode_user_histories, as precompute does).
+def model_vectors(model, eval_set: EvalSet, item_texts: Sequence[str], positions: np.ndarray | None = None,
+                  cache=None, dtype: str = "fp32", device=None, batch_size: int = 64,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(UPE of the evaluated users from their input histories, CPE, CPE' of the items at `positions`
+    (None: every item)), encoded as precompute does (encode_user_histories / encode_item_texts).
     `item_texts` follow eval_set.item_ids; `cache` (a StateCache) shares encoder states."""
     from embsum.inference.encoding import encode_item_texts, encode_user_histories
 
     if len(item_texts) != len(eval_set.item_ids):
         raise ValueError("item_texts must follow eval_set.item_ids (one text per catalog item)")
-    positions = None
-    texts = list(item_texts)
-    if not full_ranking:
-        positions = np.unique(np.concatenate([eval_set.positions(u.uniform + u.pop) for u in eval_set.users]))
-        texts = [item_texts[p] for p in positions]
+    texts = list(item_texts) if positions is None else [item_texts[p] for p in positions]
     cpe, cpe_prime = encode_item_texts(model, texts, batch_size=batch_size, device=device, dtype=dtype,
                                        progress=progress, cache=cache)
     histories = [[item_texts[eval_set.item_index[i]] for i in u.history] for u in eval_set.users]
     upe = encode_user_histories(model, histories, batch_size=batch_size, device=device, dtype=dtype,
                                 progress=progress, cache=cache)
-    return poly_scorer(upe, cpe, cpe_prime, positions)
+    return upe, cpe, cpe_prime
+
+
+def model_scorer(model, eval_set: EvalSet, item_texts: Sequence[str], full_ranking: bool = True, cache=None,
+                 dtype: str = "fp32", device=None, batch_size: int = 64, progress: bool = False) -> Scorer:
+    """A model's poly scores under the protocol, without its popularity prior: CPE of the items
+    (all, or only the candidates when `full_ranking` is off), UPE of the evaluated users
+    (`model_vectors`)."""
+    positions = None
+    if not full_ranking:
+        positions = np.unique(np.concatenate([eval_set.positions(u.uniform + u.pop) for u in eval_set.users]))
+    vectors = model_vectors(model, eval_set, item_texts, positions, cache=cache, dtype=dtype, device=device,
+                            batch_size=batch_size, progress=progress)
+    return poly_scorer(*vectors, positions)
 
 
 def evaluate_model(model, eval_set: EvalSet, item_texts: Sequence[str], full_ranking: bool = True,
